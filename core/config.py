@@ -1,0 +1,184 @@
+"""Typed engine configuration: one object flows YAML/CLI -> builder -> engine.
+
+Importing this module must stay cheap: no torch, no diffusers, no Ray.
+"""
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EMBEDDED_PREFIX = "embedded:"
+# Built-in models that need no download. tiny-* are small random-weight pipelines (noise images);
+# sd15/sdxl are the real architectures at full size with random weights (benchmarks).
+EMBEDDED_MODELS = ("tiny-sd", "tiny-sdxl", "sd15", "sdxl")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("SDSERVE_CACHE_DIR", str(Path.home() / ".cache" / "sdserve"))
+
+
+class Strict(BaseModel):
+    """Base for every config/schema model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MemoryLevel(str, Enum):
+    NONE = "none"
+    BALANCED = "balanced"
+    AGGRESSIVE = "aggressive"
+    ULTRA = "ultra"
+    AUTO = "auto"
+
+
+class OptimizationConfig(Strict):
+    """Speed settings, applied at load in the fixed order documented in core/optimizations.py."""
+
+    attention: Literal["sdpa", "xformers", "auto", "default"] = Field(
+        "sdpa", description="Attention backend: PyTorch SDPA, xformers (if installed), auto (xformers when "
+        "importable else SDPA), or diffusers' default processor.")
+    fuse_qkv: bool = Field(False, description="Fuse the Q/K/V projections of self-attention into one matmul.")
+    channels_last: bool = Field(False, description="Store UNet/VAE weights in channels_last memory format.")
+    vae_slicing: bool = Field(False, description="Decode the batch one image at a time (less VRAM).")
+    vae_tiling: bool = Field(False, description="Decode the latent in tiles (large images, less VRAM).")
+    attention_slicing: bool = Field(False, description="Compute attention in slices (less VRAM, slower).")
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "none", description="torch.compile mode for the UNet (and the VAE decoder when compile_vae).")
+    compile_vae: bool = Field(True, description="Also compile the VAE decoder when compile is not 'none'.")
+    fp8: bool = Field(False, description="FP8 (float8 e4m3, per-row dynamic scaling) matmuls for the UNet's "
+                      "linear layers on Hopper+. Opt-in: changes images slightly.")
+    deepcache_interval: int = Field(1, ge=1, le=10, description="DeepCache-style step caching: recompute the "
+                                    "deep UNet blocks every N steps (1 = off). Opt-in quality/speed trade.")
+    warmup_shapes: list[tuple[int, int, int]] = Field(
+        default_factory=list, description="(width, height, batch) shapes to warm up / compile at load. Empty: "
+        "the default size at batch 1.")
+    warmup_steps: int = Field(2, ge=0, le=50, description="Denoising steps per warm-up call (0 = no warm-up).")
+
+
+class MemoryConfig(Strict):
+    level: MemoryLevel = Field(MemoryLevel.NONE, description="none | balanced | aggressive | ultra | auto.")
+    vram_budget_gib: float | None = Field(
+        None, gt=0, le=4096, description="VRAM budget in GiB. Default: total VRAM x gpu_fraction.")
+    gpu_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the GPU this replica owns "
+                                "(Ray num_gpus); enforced with torch.cuda.set_per_process_memory_fraction.")
+    enforce_budget: bool = Field(True, description="Cap this process's CUDA allocations at the budget.")
+
+
+class LimitsConfig(Strict):
+    max_width: int = Field(2048, ge=64, le=8192, description="Largest accepted width in pixels.")
+    max_height: int = Field(2048, ge=64, le=8192, description="Largest accepted height in pixels.")
+    max_pixels: int = Field(2048 * 2048, ge=64 * 64, le=8192 * 8192, description="Largest width x height.")
+    max_steps: int = Field(150, ge=1, le=1000, description="Most denoising steps per request.")
+    max_images_per_request: int = Field(8, ge=1, le=64, description="Most images one request may ask for.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most images in one pipeline call.")
+    max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="Longest accepted prompt, in characters.")
+
+
+class RequestDefaults(Strict):
+    """Per-model defaults for request fields the client leaves out (None: the family's default)."""
+
+    width: int | None = Field(None, ge=64, le=8192, multiple_of=8, description="Default width.")
+    height: int | None = Field(None, ge=64, le=8192, multiple_of=8, description="Default height.")
+    steps: int | None = Field(None, ge=1, le=1000, description="Default denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="Default CFG scale.")
+    negative_prompt: str = Field("", max_length=10_000, description="Default negative prompt.")
+
+
+class EngineConfig(Strict):
+    """Everything one engine (one model) needs. Loadable from YAML; every key checked."""
+
+    name: str = Field("tiny-sd", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$",
+                      description="Model name that requests and results use.")
+    source: str = Field("embedded:tiny-sd", min_length=1, max_length=4096, description=(
+        "Where the weights come from: 'embedded:tiny-sd|tiny-sdxl|sd15|sdxl', a Hugging Face hub id "
+        "('org/name'), a local diffusers folder, or a single-file .safetensors checkpoint."))
+    family: Literal["auto", "sd15", "sd21", "sdxl"] = Field(
+        "auto", description="Model family; auto detects it from the folder/checkpoint.")
+    single_file_config: str | None = Field(None, max_length=4096, description=(
+        "For a single-file checkpoint: a local diffusers folder or hub id holding the component configs "
+        "(needed offline)."))
+    revision: str | None = Field(None, max_length=256, description="Hub revision.")
+    local_files_only: bool = Field(False, description="Never contact the hub (HF_HUB_OFFLINE also works).")
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = Field(
+        "auto", description="Weights/compute dtype. auto = fp16 on CUDA, fp32 on CPU.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto | cpu | cuda[:N].")
+    scheduler: str = Field("euler", max_length=64, description="Default scheduler name.")
+    cache_dir: str = Field(default_factory=default_cache_dir, description="Where embedded models, hub "
+                           "downloads and compile caches live (shared by replicas).")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for building embedded random weights.")
+    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig, description="Speed settings.")
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Memory level and VRAM budget.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
+    defaults: RequestDefaults = Field(default_factory=RequestDefaults, description="Request defaults.")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        from core.schedulers import check_scheduler_name
+
+        return check_scheduler_name(value)
+
+    @field_validator("source")
+    @classmethod
+    def _known_embedded(cls, value: str) -> str:
+        if value.startswith(EMBEDDED_PREFIX) and value[len(EMBEDDED_PREFIX):] not in EMBEDDED_MODELS:
+            raise ValueError(f"unknown embedded model {value!r}; valid: "
+                             + ", ".join(EMBEDDED_PREFIX + m for m in EMBEDDED_MODELS))
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "EngineConfig":
+        d, lim = self.defaults, self.limits
+        if d.width and d.width > lim.max_width:
+            raise ValueError(f"defaults.width {d.width} exceeds limits.max_width {lim.max_width}")
+        if d.height and d.height > lim.max_height:
+            raise ValueError(f"defaults.height {d.height} exceeds limits.max_height {lim.max_height}")
+        if d.steps and d.steps > lim.max_steps:
+            raise ValueError(f"defaults.steps {d.steps} exceeds limits.max_steps {lim.max_steps}")
+        return self
+
+    @property
+    def embedded_name(self) -> str | None:
+        return self.source[len(EMBEDDED_PREFIX):] if self.source.startswith(EMBEDDED_PREFIX) else None
+
+    @property
+    def is_noise_model(self) -> bool:
+        """True when the weights are random: images are noise (said in logs, results and README)."""
+        return self.embedded_name is not None
+
+
+def format_validation_error(exc: Exception) -> str:
+    """One line per error, naming the key path (e.g. 'limits.max_steps: Input should be <= 1000')."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    lines = []
+    for err in errors():
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(root)"
+        lines.append(f"{loc}: {err.get('msg')}")
+    return "; ".join(lines)
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_engine_config(path: str | os.PathLike | None = None, **overrides: Any) -> EngineConfig:
+    """Read an EngineConfig from YAML (a bare engine config or a file with an `engine:` key)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = load_yaml(path)
+        if "engine" in data and len(data) == 1:
+            data = data["engine"]
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return EngineConfig.model_validate(data)

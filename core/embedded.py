@@ -1,0 +1,142 @@
+"""Embedded models: SD-style pipelines built from configs with seeded random weights, no download.
+
+- tiny-sd / tiny-sdxl: a few MB; written once to the cache dir with `save_pretrained` and then loaded through
+  the same `from_pretrained` path as real checkpoints. They make noise images (random weights).
+- sd15 / sdxl: the real SD1.5 / SDXL architectures at full size with random weights, for benchmarks (speed and
+  memory do not depend on weight values). Built in memory, directly on the target device.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = "v1"  # bump when a config below changes, so stale caches are rebuilt
+
+NOISE_NOTE = "embedded random-weight model: images are noise, not pictures"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode map (the base alphabet of a byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tokenizer():
+    """A real CLIP BPE tokenizer over the byte alphabet (no merges): every prompt tokenizes, 77 tokens max."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for tok in chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]:
+        vocab[tok] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _clip(hidden: int, layers: int, heads: int, inter: int, projection: int, vocab: int = 49408,
+          act: str = "quick_gelu", with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, vocab_size=vocab, max_position_embeddings=77,
+                         projection_dim=projection, hidden_act=act, bos_token_id=0, eos_token_id=2)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
+
+
+def _vae(blocks: tuple[int, ...], groups: int, scaling: float, sample: int, force_upcast: bool):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=blocks, in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * len(blocks),
+                         up_block_types=["UpDecoderBlock2D"] * len(blocks), layers_per_block=2 if blocks[0] >= 128 else 1,
+                         norm_num_groups=groups, sample_size=sample, scaling_factor=scaling, force_upcast=force_upcast)
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # SD1.x/SDXL training schedule; set_alpha_to_one etc. are ignored by Euler.
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+
+
+def build_pipeline(name: str, seed: int = 0):
+    """Build embedded model `name` in memory (fp32, CPU) with weights drawn from `seed`."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    if name == "tiny-sd":
+        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                    attention_head_dim=4, norm_num_groups=8)
+        return StableDiffusionPipeline(vae=_vae((16, 16, 32, 32), 8, 0.18215, 64, False),
+                                       text_encoder=_clip(32, 2, 4, 37, 32, vocab=1000), tokenizer=tok, unet=unet,
+                                       scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    if name == "tiny-sdxl":
+        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                    use_linear_projection=True, addition_embed_type="text_time",
+                                    addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                                    projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+                                    norm_num_groups=8)
+        return StableDiffusionXLPipeline(
+            vae=_vae((16, 16, 32, 32), 8, 0.13025, 64, False),
+            text_encoder=_clip(32, 2, 4, 37, 32, vocab=1000), tokenizer=tok,
+            text_encoder_2=_clip(32, 2, 4, 37, 32, vocab=1000, act="gelu", with_projection=True),
+            tokenizer_2=build_tokenizer(), unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
+    if name == "sd15":
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+        return StableDiffusionPipeline(vae=_vae((128, 256, 512, 512), 32, 0.18215, 512, False),
+                                       text_encoder=_clip(768, 12, 12, 3072, 768), tokenizer=tok, unet=unet,
+                                       scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    if name == "sdxl":
+        unet = UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+        # force_upcast=False: behaves like the fp16-fixed SDXL VAE that production deployments use.
+        return StableDiffusionXLPipeline(
+            vae=_vae((128, 256, 512, 512), 32, 0.13025, 1024, False),
+            text_encoder=_clip(768, 12, 12, 3072, 768), tokenizer=tok,
+            text_encoder_2=_clip(1280, 32, 20, 5120, 1280, act="gelu", with_projection=True),
+            tokenizer_2=build_tokenizer(), unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
+    raise ValueError(f"unknown embedded model {name!r}")
+
+
+def ensure_saved(name: str, cache_dir: str, seed: int = 0) -> Path:
+    """Write embedded model `name` to the cache once (atomically: replicas may race) and return its folder."""
+    target = Path(cache_dir) / "embedded" / f"{name}-seed{seed}-{FORMAT_VERSION}"
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("building embedded model %s (%s) in %s", name, NOISE_NOTE, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build_pipeline(name, seed).save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is identical
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,360 @@
+"""The engine: one resident model, `generate(requests) -> results`, used unchanged by Serve, jobs and Ray Data.
+
+Each pipeline call gets its own shallow pipeline copy and a fresh scheduler (diffusers schedulers and the
+pipeline's per-call attributes are not thread-safe), per-sample prompts and per-sample CPU generators, so an
+image depends only on its own request and seed - alone or inside any batch, on any device.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import secrets
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Hashable, Sequence
+
+from core.batching import Sample, plan_batches
+from core.config import EngineConfig, MemoryLevel
+from core.schemas import MEDIA_TYPES, MAX_SEED, GeneratedImage, GenerationCancelled, GenerationError, \
+    GenerationRequest, GenerationResult, Timings
+
+log = logging.getLogger(__name__)
+
+# (width, height, steps, guidance) when neither the request nor the config says.
+FAMILY_DEFAULTS = {"sd15": (512, 512, 30, 7.5), "sd21": (768, 768, 30, 7.5), "sdxl": (1024, 1024, 30, 5.0)}
+TINY_DEFAULTS = (64, 64, 4, 5.0)  # embedded tiny models: small and quick, they make noise anyway
+
+StepCallback = Callable[[Sequence[int], int, int], None]  # (request indices, step done, total steps)
+Outcome = GenerationResult | GenerationError
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.pipe = None
+        self.family: str | None = None
+        self.level: MemoryLevel = config.memory.level
+        self.applied: dict = {}
+        self.broken: str | None = None  # set after an unrecoverable (CUDA) error; check_health reports it
+        self.budget: int | None = None
+        self.footprint = None
+        self._vae_lock = threading.Lock()
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self.note = None
+        self.load_s = self.warmup_s = 0.0
+
+    # ------------------------------------------------------------------ loading
+    def load(self) -> "Engine":
+        """Load once, optimize in the documented order, place per memory level, warm up. Idempotent."""
+        if self.pipe is not None:
+            return self
+        from core import memory, optimizations
+        from core.embedded import NOISE_NOTE
+        from core.loading import load_pipeline, resolve_device, resolve_dtype
+
+        t0 = time.perf_counter()
+        cfg = self.config
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        pipe, self.family = load_pipeline(cfg, self.device, self.dtype)   # 1. dtype
+        pipe.set_progress_bar_config(disable=True)
+        self.base_scheduler_config = pipe.scheduler.config
+        self.footprint = memory.footprint_of(pipe)
+        self.budget = memory.enforce_budget(cfg.memory, self.device)
+        self.applied = optimizations.apply_pre_placement(pipe, cfg.optimization, self.device)  # 2-6
+        if self.level == MemoryLevel.AUTO:
+            w, h, *_ = self.family_defaults()
+            self.level = memory.pick_level(self.footprint, self.family, self.budget, w, h)
+            log.info("memory level AUTO -> %s (budget %s)", self.level.value, self.budget)
+        memory.apply_level(pipe, self.level, self.device, self.dtype)  # 7
+        self.applied["memory_level"] = self.level.value
+        self.pipe = pipe
+        from core.fastpath import install_fastpath
+
+        self.applied.update(install_fastpath(self))  # 8. fp8 / step caching / compile
+        self.monitor = memory.MemoryMonitor(self.device, release_after_call=self.level != MemoryLevel.NONE)
+        if cfg.is_noise_model:
+            self.note = NOISE_NOTE
+        self.load_s = time.perf_counter() - t0
+        self.warmup()
+        log.info("model %s (%s) ready on %s %s in %.1fs (+%.1fs warm-up): %s", cfg.name, self.family, self.device,
+                 str(self.dtype).replace("torch.", ""), self.load_s, self.warmup_s, self.applied)
+        return self
+
+    def family_defaults(self) -> tuple[int, int, int, float]:
+        if self.config.embedded_name in ("tiny-sd", "tiny-sdxl"):
+            return TINY_DEFAULTS
+        return FAMILY_DEFAULTS[self.family or "sd15"]
+
+    def warmup_shapes(self) -> list[tuple[int, int, int]]:
+        w, h, *_ = self.family_defaults()
+        d = self.config.defaults
+        return list(self.config.optimization.warmup_shapes) or [(d.width or w, d.height or h, 1)]
+
+    def warmup(self) -> None:
+        steps = self.config.optimization.warmup_steps
+        if steps == 0:
+            return
+        from core.fastpath import batch_buckets
+
+        t0 = time.perf_counter()
+        self._warming = True  # compiled: every batch bucket up to b is compiled (and recorded) now, not mid-serving
+        try:
+            for w, h, b in self.warmup_shapes():
+                sizes = [n for n in batch_buckets(self.config.limits.max_batch_size) if n <= b] if self.compiled else [b]
+                for n in sizes:
+                    req = GenerationRequest(prompt="warm-up", width=w, height=h, steps=steps, seed=0, num_images=n)
+                    for out in self.generate([req], _warmup=True):
+                        if isinstance(out, GenerationError):
+                            raise RuntimeError(f"warm-up at {w}x{h} batch {n} failed: {out.message}")
+        finally:
+            self._warming = False
+        self.warmup_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ requests
+    def resolve(self, req: GenerationRequest) -> GenerationRequest:
+        """Fill defaults and enforce this model's limits. Raises GenerationError(kind='validation', field=...)."""
+        cfg, lim = self.config, self.config.limits
+        if req.model is not None and req.model != cfg.name:
+            raise GenerationError(f"unknown model {req.model!r}; this engine serves {cfg.name!r}", "validation", "model")
+        w, h, steps, guidance = self.family_defaults()
+        d = cfg.defaults
+        fill = {
+            "width": req.width or d.width or w, "height": req.height or d.height or h,
+            "steps": req.steps or d.steps or steps,
+            "guidance_scale": req.guidance_scale if req.guidance_scale is not None else (
+                d.guidance_scale if d.guidance_scale is not None else guidance),
+            "scheduler": req.scheduler or cfg.scheduler,
+            "negative_prompt": req.negative_prompt if req.negative_prompt is not None else d.negative_prompt,
+            "seed": req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1),
+            "model": cfg.name,
+        }
+        checks = [
+            ("prompt", len(req.prompt) <= lim.max_prompt_chars, f"at most {lim.max_prompt_chars} characters"),
+            ("width", fill["width"] <= lim.max_width, f"must be <= {lim.max_width}"),
+            ("height", fill["height"] <= lim.max_height, f"must be <= {lim.max_height}"),
+            ("width", fill["width"] * fill["height"] <= lim.max_pixels,
+             f"width x height = {fill['width'] * fill['height']} exceeds max_pixels {lim.max_pixels}"),
+            ("steps", fill["steps"] <= lim.max_steps, f"must be <= {lim.max_steps}"),
+            ("num_images", req.num_images <= lim.max_images_per_request,
+             f"must be <= {lim.max_images_per_request}"),
+        ]
+        for field, ok, why in checks:
+            if not ok:
+                raise GenerationError(f"{field}: {why} for model {cfg.name}", "validation", field)
+        return req.model_copy(update=fill)
+
+    def generate(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
+                 queue_s: Sequence[float] | None = None, _warmup: bool = False) -> list[Outcome]:
+        """One outcome per request, in order: a GenerationResult, or a GenerationError for that request alone."""
+        if self.pipe is None:
+            self.load()
+        t_start = time.perf_counter()
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        resolved: list[tuple[int, GenerationRequest]] = []
+        for i, req in enumerate(requests):
+            try:
+                resolved.append((i, self.resolve(req)))
+            except GenerationError as err:
+                outcomes[i] = err
+        by_index = dict(resolved)
+        pixels: dict[int, dict[int, object]] = {i: {} for i in by_index}   # request -> image index -> uint8 array
+        stage: dict[int, dict] = {i: {"denoise_s": 0.0, "decode_s": 0.0, "batch": 0, "peak": None} for i in by_index}
+        encodes: list[tuple[int, Sample, Future]] = []
+        for key, samples in plan_batches(resolved, self.effective_max_batch(by_index)):
+            live = [s for s in samples if outcomes[s.request_index] is None]
+            if not live:
+                continue
+            for chunk, result in self._run_with_oom_retry(key, live, step_callback):
+                rids = sorted({s.request_index for s in chunk})
+                if isinstance(result, GenerationError):
+                    for r in rids:
+                        outcomes[r] = result
+                    continue
+                images, denoise_s, decode_s, peak = result
+                for r in rids:
+                    st = stage[r]
+                    st["denoise_s"] += denoise_s
+                    st["decode_s"] += decode_s
+                    st["batch"] = max(st["batch"], len(chunk))
+                    st["peak"] = max(st["peak"] or 0, peak) if peak is not None else st["peak"]
+                # Encoding runs on a thread pool, overlapped with the next chunk's GPU work.
+                for sample, img in zip(chunk, images):
+                    if _warmup:
+                        continue
+                    req = by_index[sample.request_index]
+                    encodes.append((sample.request_index, sample,
+                                    self._encoder.submit(self._encode, img, req, sample.seed)))
+        encoded: dict[int, list[tuple[int, GeneratedImage, float]]] = {}
+        for rid, sample, fut in encodes:
+            data, enc_s = fut.result()
+            encoded.setdefault(rid, []).append(
+                (sample.image_index, GeneratedImage(data=data, seed=sample.seed,
+                                                    media_type=MEDIA_TYPES[by_index[rid].output_format]), enc_s))
+        total = time.perf_counter() - t_start
+        for rid, req in by_index.items():
+            if outcomes[rid] is not None or _warmup:
+                continue
+            imgs = sorted(encoded.get(rid, []), key=lambda t: t[0])
+            st = stage[rid]
+            timings = Timings(queue_s=(queue_s[rid] if queue_s else 0.0), denoise_s=st["denoise_s"],
+                              decode_s=st["decode_s"], encode_s=sum(t[2] for t in imgs), total_s=total)
+            outcomes[rid] = GenerationResult(
+                images=[t[1] for t in imgs], width=req.width, height=req.height, steps=req.steps,
+                guidance_scale=req.guidance_scale, scheduler=req.scheduler, model=req.model,
+                output_format=req.output_format, batch_size=st["batch"], timings=timings,
+                peak_vram_bytes=st["peak"], note=self.note)
+        if _warmup:
+            return [o for o in outcomes if o is not None]
+        return outcomes  # type: ignore[return-value]
+
+    def effective_max_batch(self, by_index: dict[int, GenerationRequest]) -> int:
+        from core.memory import max_batch_within
+
+        cap = self.config.limits.max_batch_size
+        if self.budget is None or not by_index:
+            return cap
+        w = max(r.width for r in by_index.values())
+        h = max(r.height for r in by_index.values())
+        return max(1, max_batch_within(self.footprint, self.family, self.level, self.budget, w, h, cap))
+
+    # ------------------------------------------------------------------ one pipeline call
+    def _run_with_oom_retry(self, key: Hashable, samples: list[Sample], cb: StepCallback | None):
+        """[(samples, result or GenerationError)]. On CUDA OOM: free, split the batch in two, tile the VAE, retry once."""
+        import torch
+
+        from core.memory import free_memory
+
+        try:
+            return [(samples, self._run_chunk(key, samples, cb))]
+        except GenerationCancelled as err:
+            return [(samples, err)]
+        except torch.cuda.OutOfMemoryError:
+            log.warning("CUDA OOM at batch %d of %s; retrying split with VAE tiling", len(samples), key)
+        except Exception as err:  # noqa: BLE001 - one bad call must not take the engine down
+            return [(samples, self._internal_error(err))]
+        free_memory()
+        half = max(1, len(samples) // 2)
+        out = []
+        for part in (samples[:half], samples[half:]):
+            if not part:
+                continue
+            try:
+                out.append((part, self._run_chunk(key, part, cb, force_tiling=True)))
+            except GenerationCancelled as err:
+                out.append((part, err))
+            except torch.cuda.OutOfMemoryError:
+                free_memory()
+                out.append((part, GenerationError(
+                    f"out of GPU memory at {key[1]}x{key[2]} even at batch {len(part)} with VAE tiling; "
+                    "use a smaller size or a lower-memory level", "oom", None)))
+            except Exception as err:  # noqa: BLE001
+                out.append((part, self._internal_error(err)))
+        return out
+
+    def _internal_error(self, err: Exception) -> GenerationError:
+        log.exception("generation failed: %s", err)
+        if "CUDA error" in str(err) or "CUBLAS" in str(err):
+            self.broken = f"CUDA error: {err}"  # the context is unusable; check_health makes Serve replace us
+        return GenerationError(f"generation failed: {type(err).__name__}: {err}", "internal", None)
+
+    def _run_chunk(self, key: Hashable, samples: list[Sample], cb: StepCallback | None, force_tiling=False):
+        """Denoise + decode one compatible chunk. Returns (uint8 images, denoise_s, decode_s, peak bytes)."""
+        import torch
+
+        from core.fastpath import bucket_samples
+        from core.schedulers import make_scheduler
+
+        _model, width, height, steps, scheduler, guidance = key
+        run = bucket_samples(self, samples)  # padded to a compiled batch bucket (extra outputs dropped)
+        pipe = copy.copy(self.pipe)  # per-call pipeline state (_guidance_scale, _interrupt, scheduler...)
+        pipe.scheduler = make_scheduler(scheduler, self.base_scheduler_config)
+        rids = sorted({s.request_index for s in samples})
+
+        def on_step(p, i, t, kw):
+            if cb is not None:
+                cb(rids, i + 1, p.num_timesteps)  # may raise GenerationCancelled: stops at this step
+            return kw
+
+        with self.monitor.track(), self.fastpath_context(width, height, len(run)):
+            t0 = time.perf_counter()
+            latents = pipe(prompt=[s.prompt for s in run], negative_prompt=[s.negative_prompt for s in run],
+                           width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
+                           generator=[torch.Generator("cpu").manual_seed(s.seed) for s in run],
+                           output_type="latent", callback_on_step_end=on_step).images
+            self._sync()
+            t1 = time.perf_counter()
+            images = self._decode(latents[: len(samples)], force_tiling)
+            t2 = time.perf_counter()
+        return images, t1 - t0, t2 - t1, self.monitor.last_peak
+
+    def fastpath_context(self, width: int, height: int, batch: int):
+        from core.fastpath import shape_context
+
+        return shape_context(self, width, height, batch)
+
+    def _decode(self, latents, force_tiling: bool):
+        """VAE decode to HxWx3 uint8 arrays; the float->uint8 conversion runs on the device (4x less to copy)."""
+        import torch
+
+        vae = self.pipe.vae
+        cfg = vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        with self._vae_lock:  # upcast/tiling toggles mutate the shared VAE
+            upcast = vae.dtype == torch.float16 and getattr(cfg, "force_upcast", False)
+            was_tiling = getattr(vae, "use_tiling", False)
+            if upcast:
+                vae.to(dtype=torch.float32)
+            if force_tiling:
+                vae.enable_tiling()
+            try:
+                dtype = next(vae.post_quant_conv.parameters()).dtype
+                latents = latents.to(dtype)
+                if mean is not None and std is not None:
+                    m = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+                    s = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+                    latents = latents * s / cfg.scaling_factor + m
+                else:
+                    latents = latents / cfg.scaling_factor
+                with torch.inference_mode():
+                    image = vae.decode(latents, return_dict=False)[0]
+                    image = torch.nan_to_num(image.float(), nan=-1.0, posinf=1.0, neginf=-1.0)
+                    image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+                    image = image.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+            finally:
+                if upcast:
+                    vae.to(dtype=torch.float16)
+                if force_tiling and not was_tiling:
+                    vae.disable_tiling()
+        return list(image)
+
+    def _encode(self, pixels, req: GenerationRequest, seed: int) -> tuple[bytes, float]:
+        from core.encoding import encode_image
+
+        t0 = time.perf_counter()
+        params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
+                  "scheduler": req.scheduler, "guidance_scale": req.guidance_scale, "seed": seed,
+                  "width": req.width, "height": req.height, "model": req.model}
+        if self.note:
+            params["note"] = self.note
+        return encode_image(pixels, req.output_format, params), time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ health / info
+    def check_health(self) -> None:
+        if self.pipe is None:
+            raise RuntimeError("engine not loaded")
+        if self.broken:
+            raise RuntimeError(self.broken)
+
+    def info(self) -> dict:
+        return {"name": self.config.name, "family": self.family, "source": self.config.source,
+                "device": getattr(self, "device", None), "dtype": str(getattr(self, "dtype", "")).replace("torch.", ""),
+                "optimizations": self.applied, "vram_budget_bytes": self.budget, "note": self.note,
+                "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3)}

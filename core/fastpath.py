@@ -1,0 +1,68 @@
+"""The fast path: compile, fixed shape buckets, fp8 and step caching hooks.
+
+Shape buckets: a compiled UNet (and its CUDA graphs) is specialised per (width, height, batch). Batches are
+padded up to a power-of-two bucket, and a size that was not warmed up runs eagerly
+(`torch.compiler.set_stance("force_eager")`) instead of recompiling in the middle of serving.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return out + [max_batch]
+
+
+def install_fastpath(engine) -> dict:
+    """Step 8 of the optimization order: fp8 linears, step caching, torch.compile."""
+    from core.optimizations import apply_compile
+
+    opt = engine.config.optimization
+    applied: dict = {}
+    if opt.fp8:
+        from core.fp8 import apply_fp8
+
+        applied.update(apply_fp8(engine.pipe.unet, engine.device))
+    if opt.deepcache_interval > 1:
+        from core.stepcache import enable_step_cache
+
+        applied.update(enable_step_cache(engine.pipe, opt.deepcache_interval))
+    applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
+    engine.compiled = "compile" in applied
+    engine.warmed: set[tuple[int, int, int]] = set()
+    return applied
+
+
+def bucket_samples(engine, samples: list) -> list:
+    """Pad a chunk to its batch bucket when compiled (the padding's outputs are dropped)."""
+    if not getattr(engine, "compiled", False):
+        return samples
+    target = next(b for b in batch_buckets(engine.config.limits.max_batch_size) if b >= len(samples))
+    return samples + [samples[-1]] * (target - len(samples))
+
+
+@contextlib.contextmanager
+def shape_context(engine, width: int, height: int, batch: int):
+    """During warm-up, record compiled shapes; while serving, run unseen shapes eagerly (no recompile)."""
+    if not getattr(engine, "compiled", False):
+        yield
+        return
+    import torch
+
+    shape = (width, height, batch)
+    if getattr(engine, "_warming", False):
+        engine.warmed.add(shape)
+        yield
+    elif shape in engine.warmed:
+        yield
+    else:
+        log.info("shape %s was not warmed up: running eagerly instead of recompiling", shape)
+        with torch.compiler.set_stance("force_eager"):
+            yield

@@ -1,0 +1,192 @@
+"""Memory levels, VRAM budgets, estimates and the per-call memory monitor.
+
+Levels (fastest first):
+  NONE        everything resident on the GPU.
+  BALANCED    model CPU offload (one component on the GPU at a time) + VAE tiling.
+  AGGRESSIVE  leaf-level sequential offload + attention/VAE slicing + VAE tiling.
+  ULTRA       diffusers group offloading (leaf level, CUDA streams prefetching the next group) + fp8
+              layerwise weight storage + all slicing/tiling.
+  AUTO        the fastest level whose estimated peak fits the VRAM budget.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from core.config import MemoryConfig, MemoryLevel
+
+log = logging.getLogger(__name__)
+GiB = 1024**3
+LEVEL_ORDER = (MemoryLevel.NONE, MemoryLevel.BALANCED, MemoryLevel.AGGRESSIVE, MemoryLevel.ULTRA)
+
+# Activation peak per megapixel per image (GiB, fp16, SDPA, batch incl. CFG doubling), by family; the VAE decode
+# of the full image dominates. Calibrated on the H100 (benchmarks/results); conservative on purpose.
+ACTIVATION_GIB_PER_MPIX = {"sd15": 1.9, "sd21": 2.1, "sdxl": 2.6}
+TILED_DECODE_GIB = 0.6  # VAE tiling bounds the decode activations to a tile
+# Fraction of the UNet's weights resident at the low levels (streamed groups + fp8 storage halves it again).
+RESIDENT_FRACTION = {MemoryLevel.AGGRESSIVE: 0.05, MemoryLevel.ULTRA: 0.04}
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """Weight bytes per component in the compute dtype."""
+
+    unet: int
+    text_encoders: int
+    vae: int
+
+    @property
+    def total(self) -> int:
+        return self.unet + self.text_encoders + self.vae
+
+
+def footprint_of(pipe) -> ModelFootprint:
+    def nbytes(module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+
+    te = nbytes(getattr(pipe, "text_encoder", None)) + nbytes(getattr(pipe, "text_encoder_2", None))
+    return ModelFootprint(unet=nbytes(pipe.unet), text_encoders=te, vae=nbytes(pipe.vae))
+
+
+def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, width: int, height: int,
+                        batch: int) -> int:
+    """Estimated peak allocated VRAM for one pipeline call at `level` (CFG on)."""
+    mpix = width * height / 1e6
+    per_img = ACTIVATION_GIB_PER_MPIX.get(family, 2.6) * mpix * GiB
+    if level == MemoryLevel.NONE:
+        return int(fp.total + per_img * batch)
+    # VAE tiling from BALANCED on: decode bounded by a tile; the UNet's activations still scale with the batch.
+    unet_act = 0.45 * per_img * batch
+    decode = min(0.55 * per_img * batch, TILED_DECODE_GIB * GiB)
+    if level == MemoryLevel.BALANCED:
+        return int(max(fp.unet, fp.text_encoders, fp.vae) + unet_act + decode)
+    resident = RESIDENT_FRACTION[level] * fp.unet
+    if level == MemoryLevel.ULTRA:
+        resident *= 0.5  # fp8 storage of the streamed weights
+    return int(resident + unet_act + decode + 0.2 * GiB)
+
+
+def pick_level(fp: ModelFootprint, family: str, budget_bytes: int | None, width: int, height: int,
+               batch: int = 1) -> MemoryLevel:
+    """AUTO: the fastest level whose estimate fits the budget (ULTRA when nothing fits)."""
+    if budget_bytes is None:
+        return MemoryLevel.NONE
+    for level in LEVEL_ORDER:
+        if estimate_peak_bytes(fp, family, level, width, height, batch) <= budget_bytes:
+            return level
+    return MemoryLevel.ULTRA
+
+
+def max_batch_within(fp: ModelFootprint, family: str, level: MemoryLevel, budget_bytes: int | None,
+                     width: int, height: int, cap: int) -> int:
+    """Largest batch (<= cap) whose estimate fits the budget; 0 when even one image does not fit."""
+    if budget_bytes is None:
+        return cap
+    best = 0
+    for b in range(1, cap + 1):
+        if estimate_peak_bytes(fp, family, level, width, height, b) > budget_bytes:
+            break
+        best = b
+    return best
+
+
+def total_vram_bytes(device: str) -> int | None:
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory
+
+
+def budget_bytes(cfg: MemoryConfig, device: str) -> int | None:
+    """The replica's VRAM budget: explicit GiB, else total VRAM x gpu_fraction; None on CPU."""
+    total = total_vram_bytes(device)
+    if cfg.vram_budget_gib is not None:
+        return int(cfg.vram_budget_gib * GiB)
+    if total is None:
+        return None
+    return int(total * cfg.gpu_fraction)
+
+
+def enforce_budget(cfg: MemoryConfig, device: str) -> int | None:
+    """Cap this process's CUDA caching allocator at the budget, so a replica cannot take its neighbour's memory."""
+    import torch
+
+    budget, total = budget_bytes(cfg, device), total_vram_bytes(device)
+    if budget is None or total is None or not cfg.enforce_budget:
+        return budget
+    fraction = min(1.0, budget / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device))
+    log.info("VRAM budget %.2f GiB (%.0f%% of %.1f GiB) enforced", budget / GiB, fraction * 100, total / GiB)
+    return budget
+
+
+def apply_level(pipe, level: MemoryLevel, device: str, dtype) -> None:
+    """Place the pipeline according to `level` (the offload step of the optimization order)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        if level not in (MemoryLevel.NONE, MemoryLevel.AUTO):
+            log.warning("memory level %s has no effect on %s (CUDA-only); running fully resident", level.value, device)
+        pipe.to(device)
+        return
+    if level == MemoryLevel.NONE:
+        pipe.to(device)
+        return
+    pipe.vae.enable_tiling()
+    if level == MemoryLevel.BALANCED:
+        pipe.enable_model_cpu_offload(device=device)
+        return
+    pipe.enable_attention_slicing()
+    pipe.vae.enable_slicing()
+    if level == MemoryLevel.AGGRESSIVE:
+        pipe.enable_sequential_cpu_offload(device=device)
+        return
+    # ULTRA: fp8 storage of UNet weights (upcast per layer at compute), then streamed group offloading.
+    if dtype in (torch.float16, torch.bfloat16):
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                              offload_type="leaf_level", use_stream=True)
+
+
+class MemoryMonitor:
+    """Peak VRAM per call, and release of cached blocks after calls at BALANCED and above."""
+
+    def __init__(self, device: str, release_after_call: bool):
+        self.device, self.release = device, release_after_call
+        self.cuda = device.startswith("cuda")
+        self.last_peak: int | None = None
+
+    @contextmanager
+    def track(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            yield self
+        finally:
+            if self.cuda:
+                self.last_peak = int(torch.cuda.max_memory_allocated(self.device))
+                if self.release:
+                    free_memory()
+
+    def snapshot(self) -> dict:
+        import torch
+
+        if not self.cuda:
+            return {"device": self.device}
+        return {"device": self.device, "allocated": torch.cuda.memory_allocated(self.device),
+                "reserved": torch.cuda.memory_reserved(self.device), "last_peak": self.last_peak,
+                "time": time.time()}
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

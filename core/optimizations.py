@@ -1,0 +1,100 @@
+"""Load-time optimizations, applied in one fixed order (documented in README):
+
+  1. dtype                (at load: weights are cast when the pipeline is built/loaded)
+  2. attention backend    sdpa | xformers | auto | default
+  3. fused QKV            one matmul for Q, K and V
+  4. channels_last        UNet + VAE memory format
+  5. VAE slicing/tiling
+  6. attention slicing
+  7. offload              per memory level (core/memory.py)
+  8. fp8 / step caching / torch.compile (+ warm-up over the configured shapes, done by the engine)
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from core.config import MemoryLevel, OptimizationConfig
+
+log = logging.getLogger(__name__)
+
+
+def xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+
+        return True
+    except Exception:  # ImportError, or a build that does not match this torch
+        return False
+
+
+def set_attention(pipe, backend: str, device: str) -> str:
+    """Returns the backend actually used."""
+    if backend == "auto":
+        backend = "xformers" if device.startswith("cuda") and xformers_available() else "sdpa"
+    if backend == "xformers":
+        if not xformers_available():
+            raise RuntimeError("optimization.attention=xformers but xformers is not installed "
+                               "(pip install 'sdserve[xformers]') or does not match this torch")
+        pipe.enable_xformers_memory_efficient_attention()
+    elif backend == "sdpa":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        pipe.vae.set_attn_processor(AttnProcessor2_0())
+    return backend
+
+
+def apply_pre_placement(pipe, opt: OptimizationConfig, device: str) -> dict:
+    """Steps 2-6. Returns what was applied, for logs and /v1/models."""
+    import torch
+
+    applied = {"attention": set_attention(pipe, opt.attention, device)}
+    if opt.fuse_qkv:
+        pipe.fuse_qkv_projections()
+        applied["fuse_qkv"] = True
+    if opt.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        applied["channels_last"] = True
+    if opt.vae_slicing:
+        pipe.vae.enable_slicing()
+        applied["vae_slicing"] = True
+    if opt.vae_tiling:
+        pipe.vae.enable_tiling()
+        applied["vae_tiling"] = True
+    if opt.attention_slicing:
+        pipe.enable_attention_slicing()
+        applied["attention_slicing"] = True
+    return applied
+
+
+def configure_compile_cache(cache_dir: str) -> str:
+    """Inductor's FX-graph/autotune caches in the shared cache dir, so replicas reuse each other's compiles."""
+    path = os.path.join(cache_dir, "inductor")
+    os.makedirs(path, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", path)
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return path
+
+
+def apply_compile(pipe, opt: OptimizationConfig, level: MemoryLevel, cache_dir: str) -> dict:
+    """Step 8: torch.compile in place (nn.Module.compile keeps the module object, hooks and attributes)."""
+    if opt.compile == "none":
+        return {}
+    if level not in (MemoryLevel.NONE,):
+        log.warning("torch.compile skipped: it does not combine with offloading (memory level %s)", level.value)
+        return {}
+    configure_compile_cache(cache_dir)
+    import torch
+
+    torch._inductor.config.conv_1x1_as_mm = True
+    torch._inductor.config.coordinate_descent_tuning = True
+    torch._inductor.config.epilogue_fusion = False
+    pipe.unet.compile(mode=opt.compile, fullgraph=True)
+    applied = {"compile": opt.compile}
+    if opt.compile_vae:
+        pipe.vae.decoder.compile(mode=opt.compile, fullgraph=True)
+        applied["compile_vae"] = True
+    return applied

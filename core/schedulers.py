@@ -1,0 +1,53 @@
+"""Schedulers by name (A1111-style names) -> a fresh diffusers scheduler per call.
+
+Diffusers schedulers keep mutable state (timesteps, step index, solver history) and are not thread-safe,
+so the engine builds a new one from the model's base scheduler config for every pipeline call.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# name -> (diffusers class name, config overrides). All stochastic ones draw their noise through the
+# pipeline's per-sample generators, so an image depends only on its own request's seed.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler",
+                            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "dpmpp_sde_1s": ("DPMSolverSinglestepScheduler", {}),
+    "kdpm2": ("KDPM2DiscreteScheduler", {}),
+    "kdpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
+}
+
+
+class UnknownSchedulerError(ValueError):
+    pass
+
+
+def check_scheduler_name(name: str) -> str:
+    key = name.strip().lower()
+    if key not in SCHEDULERS:
+        raise UnknownSchedulerError(f"unknown scheduler {name!r}; valid: {', '.join(sorted(SCHEDULERS))}")
+    return key
+
+
+def make_scheduler(name: str, base_config: Any):
+    """A new scheduler instance of `name`, built from the model's own scheduler config."""
+    import diffusers
+
+    cls_name, overrides = SCHEDULERS[check_scheduler_name(name)]
+    cls = getattr(diffusers, cls_name)
+    return cls.from_config(base_config, **overrides)

@@ -1,0 +1,113 @@
+"""The one request/result schema, used by HTTP, Python handles and Parquet rows alike.
+
+Fields left out (None) are filled from the model's defaults by `Engine.resolve`; the engine's limits
+(max pixels, steps, images) are checked there too, because they are per-model configuration.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from core.config import Strict
+
+MAX_SEED = 2**32 - 1  # A1111/ComfyUI use 32-bit seeds; also exact in JSON and Parquet int64.
+OutputFormat = Literal["png", "jpeg", "webp"]
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class GenerationRequest(Strict):
+    prompt: str = Field(..., min_length=1, max_length=10_000, description="What to draw (non-empty).")
+    negative_prompt: str | None = Field(None, max_length=10_000, description="What to avoid; model default "
+                                        "when absent.")
+    width: int | None = Field(None, ge=64, le=8192, multiple_of=8, description="Width in pixels, a multiple "
+                              "of 8 within the model's limits; model default when absent.")
+    height: int | None = Field(None, ge=64, le=8192, multiple_of=8, description="Height in pixels, a "
+                               "multiple of 8 within the model's limits; model default when absent.")
+    steps: int | None = Field(None, ge=1, le=1000, description="Denoising steps (<= the model's max_steps).")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale; "
+                                         "<= 1 turns CFG off.")
+    scheduler: str | None = Field(None, max_length=64, description="Scheduler name (euler, euler_a, "
+                                  "dpmpp_2m, dpmpp_2m_karras, unipc, ddim, lcm, ...); model default when absent.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image (image i uses "
+                             "seed+i). Drawn at random and reported when absent.")
+    num_images: int = Field(1, ge=1, le=64, description="Images to generate (<= the model's "
+                            "max_images_per_request).")
+    output_format: OutputFormat = Field("png", description="png | jpeg | webp.")
+    model: str | None = Field(None, max_length=128, description="Model name; the deployment's default when "
+                              "absent.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from core.schedulers import check_scheduler_name
+
+        return check_scheduler_name(value)
+
+
+class Timings(Strict):
+    queue_s: float = Field(0.0, ge=0, description="Waiting before the engine started this request.")
+    denoise_s: float = Field(0.0, ge=0, description="Text encoding + denoising loop (shared by the batch).")
+    decode_s: float = Field(0.0, ge=0, description="VAE decode (shared by the batch).")
+    encode_s: float = Field(0.0, ge=0, description="Image encoding of this request's images.")
+    total_s: float = Field(0.0, ge=0, description="Wall time inside the engine for this request.")
+
+
+class GeneratedImage(Strict):
+    data: bytes = Field(..., description="Encoded image bytes.")
+    seed: int = Field(..., ge=0, le=MAX_SEED, description="Seed that produced this image.")
+    media_type: str = Field(..., description="MIME type of data.")
+
+
+class GenerationResult(Strict):
+    images: list[GeneratedImage] = Field(..., min_length=1, description="One entry per requested image.")
+    width: int = Field(..., description="Width in pixels.")
+    height: int = Field(..., description="Height in pixels.")
+    steps: int = Field(..., description="Denoising steps used.")
+    guidance_scale: float = Field(..., description="CFG scale used.")
+    scheduler: str = Field(..., description="Scheduler used.")
+    model: str = Field(..., description="Model that made the images.")
+    output_format: OutputFormat = Field(..., description="Encoding of images[].data.")
+    batch_size: int = Field(..., ge=1, description="Images in the pipeline call that made these.")
+    timings: Timings = Field(default_factory=Timings, description="Stage timings.")
+    peak_vram_bytes: int | None = Field(None, description="Peak CUDA memory allocated during the call.")
+    note: str | None = Field(None, description="Caveats, e.g. 'random weights: images are noise'.")
+
+    @property
+    def seed(self) -> int:
+        return self.images[0].seed
+
+
+class GenerationError(Exception):
+    """A per-request failure; the engine returns it in place of a result and stays usable.
+
+    kind: 'validation' (bad request, 4xx), 'capacity' (cannot fit the budget, 4xx/503),
+    'oom', 'cancelled', 'internal' (5xx).
+    """
+
+    def __init__(self, message: str, kind: str = "internal", field: str | None = None):
+        super().__init__(message)
+        self.message, self.kind, self.field = message, kind, field
+
+    def __reduce__(self):  # picklable across Ray workers
+        return (GenerationError, (self.message, self.kind, self.field))
+
+    def to_dict(self) -> dict:
+        return {"message": self.message, "kind": self.kind, "field": self.field}
+
+
+class GenerationCancelled(GenerationError):
+    def __init__(self, message: str = "cancelled", kind: str = "cancelled", field: str | None = None):
+        super().__init__(message, kind, field)
+
+    def __reduce__(self):
+        return (GenerationCancelled, (self.message,))
