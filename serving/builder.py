@@ -1,0 +1,127 @@
+"""The one builder: ServingConfig -> Serve application. Used by `sdserve serve`, `serve run
+serving.app:app_builder config=...` and `serve deploy` YAMLs alike.
+
+Modelled on Ray Serve LLM's build_llm_deployment: `model_deployment_options` computes every Serve option
+from the config (inspectable in tests without GPUs), then the deployment is built with `.options(**opts)`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from core.config import EngineConfig
+from serving.config import ModelConfig, ServingConfig
+
+
+def model_deployment_name(model: str) -> str:
+    return "model-" + re.sub(r"[^A-Za-z0-9_-]", "_", model)
+
+
+def resolve_num_gpus(model: ModelConfig, cluster_has_gpus: bool) -> float:
+    gpus = model.deployment.num_gpus
+    if gpus == "auto":
+        return 1.0 if cluster_has_gpus and model.engine.device != "cpu" else 0.0
+    return float(gpus)
+
+
+def replica_engine_config(model: ModelConfig, num_gpus: float) -> EngineConfig:
+    """The engine config a replica loads: VRAM budget fraction = its GPU fraction; CPU when it holds no GPU."""
+    engine = model.engine.model_copy(deep=True)
+    if num_gpus > 0:
+        engine.memory = engine.memory.model_copy(update={"gpu_fraction": min(1.0, num_gpus)})
+    elif engine.device == "auto":
+        engine.device = "cpu"  # no GPU reserved: never touch one that belongs to another replica
+    return engine
+
+
+def model_deployment_options(model: ModelConfig, cluster_has_gpus: bool = False) -> dict[str, Any]:
+    """Serve deployment options for one model, plus the replica's constructor kwargs under 'init_kwargs'."""
+    d = model.deployment
+    num_gpus = resolve_num_gpus(model, cluster_has_gpus)
+    actor: dict[str, Any] = {"num_cpus": d.num_cpus, "num_gpus": num_gpus}
+    if d.runtime_env:
+        actor["runtime_env"] = d.runtime_env
+    opts: dict[str, Any] = {
+        "name": model_deployment_name(model.name),
+        "ray_actor_options": actor,
+        "max_ongoing_requests": d.max_ongoing_requests or 2 * d.max_batch_size,
+        "max_queued_requests": d.max_queued_requests,
+        "health_check_period_s": d.health_check_period_s,
+        "health_check_timeout_s": d.health_check_timeout_s,
+        "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
+        "backpressure_config": {"status_code": 503, "retry_after_s": d.retry_after_s},
+    }
+    if d.autoscaling_config is not None:
+        opts["autoscaling_config"] = d.autoscaling_config.model_dump(exclude_none=True)
+    else:
+        opts["num_replicas"] = d.num_replicas or 1
+    engine = replica_engine_config(model, num_gpus)
+    opts["init_kwargs"] = {"engine_config": engine.model_dump(mode="json"), "max_batch_size": d.max_batch_size,
+                           "batch_wait_timeout_s": d.batch_wait_timeout_s}
+    return opts
+
+
+def ingress_deployment_options(config: ServingConfig) -> dict[str, Any]:
+    i = config.ingress
+    return {"name": "ingress", "num_replicas": i.num_replicas, "ray_actor_options": {"num_cpus": i.num_cpus},
+            "max_ongoing_requests": i.max_ongoing_requests, "max_queued_requests": i.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": 1.0}}
+
+
+def deployment_options(config: ServingConfig, cluster_has_gpus: bool = False) -> dict[str, dict[str, Any]]:
+    """Every deployment's options by deployment name (what tests and `sdserve serve --dry-run` show)."""
+    out = {"ingress": ingress_deployment_options(config)}
+    for m in config.models:
+        opts = model_deployment_options(m, cluster_has_gpus)
+        out[opts["name"]] = opts
+    return out
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_app(config: ServingConfig | dict, cluster_has_gpus: bool | None = None):
+    """The Serve application: one deployment per model behind the FastAPI ingress (plus job workers if on)."""
+    from ray import serve
+    from ray.serve.config import BackpressureConfig
+
+    from serving.ingress import Ingress
+    from serving.model_server import ModelServer
+
+    config = ServingConfig.model_validate(config) if isinstance(config, dict) else config
+    has_gpus = _cluster_has_gpus() if cluster_has_gpus is None else cluster_has_gpus
+    logging_config = {"encoding": config.log_encoding}
+    handles = {}
+    for m in config.models:
+        opts = model_deployment_options(m, has_gpus)
+        init = opts.pop("init_kwargs")
+        opts["backpressure_config"] = BackpressureConfig(**opts["backpressure_config"])
+        dep = serve.deployment(ModelServer).options(**opts, logging_config=logging_config)
+        handles[m.name] = dep.bind(**init)
+    jobs = None
+    if config.jobs is not None:
+        from serving.jobs.builder import build_jobs
+
+        jobs = build_jobs(config, handles, logging_config)
+    iopts = ingress_deployment_options(config)
+    iopts["backpressure_config"] = BackpressureConfig(**iopts["backpressure_config"])
+    return serve.deployment(Ingress).options(**iopts, logging_config=logging_config).bind(
+        config.model_dump(mode="json"), handles, jobs)
+
+
+def model_statuses(config: ServingConfig) -> dict[str, str]:
+    """Each model deployment's Serve status (HEALTHY when every replica loaded); called inside the app."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(serve.get_replica_context().app_name)
+    except Exception as err:  # noqa: BLE001 - the controller may be briefly unreachable
+        return {m.name: f"UNKNOWN ({type(err).__name__})" for m in config.models}
+    out = {}
+    for m in config.models:
+        dep = app.deployments.get(model_deployment_name(m.name)) if app else None
+        out[m.name] = str(getattr(dep.status, "value", dep.status)) if dep else "MISSING"
+    return out

@@ -1,0 +1,153 @@
+"""Typed serving configuration: which models, how each is deployed, and the HTTP front door.
+
+One YAML file (or the `args:` of a `serve deploy` config) validates into `ServingConfig`. Importing this module
+must stay cheap: no torch, no Ray.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from core.config import EngineConfig, Strict, load_yaml
+
+API_KEYS_ENV = "SDSERVE_API_KEYS"  # comma-separated; added to the configured keys
+
+
+class AutoscalingOptions(Strict):
+    """The subset of Ray Serve's autoscaling_config that matters here (passed through unchanged)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0 allows scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most replicas.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time.")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="Ongoing requests per replica to aim for.")
+    upscale_delay_s: float = Field(10.0, ge=0, description="Sustained load before scaling up.")
+    downscale_delay_s: float = Field(300.0, ge=0, description="Sustained idleness before scaling down.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingOptions":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+class DeploymentOptions(Strict):
+    """How one model is deployed: replicas, resources, queueing and dynamic batching."""
+
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count (default 1 unless "
+                                     "autoscaling_config is set; the two are exclusive).")
+    autoscaling_config: AutoscalingOptions | None = Field(None, description="Ray Serve autoscaling.")
+    num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPU fraction per replica (ray_actor_options.num_gpus): 1, 0.5, 0.25... 'auto' = 1 "
+        "when the Ray cluster has GPUs, else 0 (CPU). Also the replica's VRAM budget fraction.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests a replica holds at once (running + waiting to batch). Default: "
+        "2 x max_batch_size, so the next batch gathers while one runs.")
+    max_queued_requests: int = Field(
+        64, ge=1, description="Requests waiting for a replica, per caller; beyond it callers get 503 + "
+        "Retry-After (the queue is never unbounded).")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most images in one @serve.batch call.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long a batch waits to fill.")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with backpressure rejections.")
+    health_check_period_s: float = Field(10.0, gt=0, description="Serve health-check period.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="Serve health-check timeout.")
+    graceful_shutdown_timeout_s: float = Field(60.0, ge=0, description="Time to finish running requests.")
+    runtime_env: dict[str, Any] | None = Field(None, description="Ray runtime_env for the replicas.")
+
+    @model_validator(mode="after")
+    def _exclusive_scaling(self) -> "DeploymentOptions":
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests {self.max_ongoing_requests} < max_batch_size "
+                             f"{self.max_batch_size}: batches could never fill")
+        if isinstance(self.num_gpus, float | int) and not 0 <= self.num_gpus <= 8:
+            raise ValueError("num_gpus must be between 0 and 8")
+        return self
+
+
+class ModelConfig(Strict):
+    """One served model: its engine config and its deployment options."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The engine (core.config).")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions, description="Serve options.")
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+
+class RateLimit(Strict):
+    requests_per_minute: float = Field(..., gt=0, description="Sustained requests per minute per key.")
+    burst: int = Field(10, ge=1, description="Requests allowed back to back before limiting.")
+
+
+class SecurityConfig(Strict):
+    api_keys: list[str] = Field(default_factory=list, description=f"Accepted Bearer keys (plus ${API_KEYS_ENV}). "
+                                "None configured: no auth (local default).")
+    rate_limit: RateLimit | None = Field(None, description="Per-key (or per-client-address without keys) "
+                                         "token bucket, per ingress replica.")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body (413 above).")
+    prompt_blocklist: list[str] = Field(default_factory=list, description="Case-insensitive substrings; a "
+                                        "prompt containing one gets 400.")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _non_empty(cls, keys: list[str]) -> list[str]:
+        if any(not k.strip() for k in keys):
+            raise ValueError("api keys must not be blank")
+        return keys
+
+    def effective_api_keys(self) -> list[str]:
+        env = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+        return list(dict.fromkeys(self.api_keys + env))
+
+
+class IngressOptions(Strict):
+    num_replicas: int = Field(1, ge=1, description="HTTP ingress replicas.")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per ingress replica (it mostly awaits).")
+    max_ongoing_requests: int = Field(256, ge=1, description="Concurrent HTTP requests per ingress replica.")
+    max_queued_requests: int = Field(512, ge=1, description="Requests queued at the proxy for the ingress.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Give up on a model call after this long (504).")
+
+
+class ServingConfig(Strict):
+    """The whole application: models (the first is the default) plus the HTTP ingress."""
+
+    app_name: str = Field("sdserve", pattern=r"^[A-Za-z0-9_-]+$", description="Serve application name.")
+    route_prefix: str = Field("/", description="HTTP route prefix of the application.")
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig()], min_length=1,
+                                      description="Served models; the first is the default.")
+    ingress: IngressOptions = Field(default_factory=IngressOptions, description="HTTP ingress deployment.")
+    security: SecurityConfig = Field(default_factory=SecurityConfig, description="Auth, limits, blocklist.")
+    log_encoding: Literal["TEXT", "JSON"] = Field("JSON", description="Serve log encoding; JSON records carry "
+                                                  "request_id, deployment and replica.")
+    jobs: dict[str, Any] | None = Field(None, description="Asynchronous jobs (serving/jobs; None: off).")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ServingConfig":
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model names: {', '.join(dupes)}")
+        return self
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0].name
+
+
+def load_serving_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServingConfig:
+    """Read a ServingConfig from YAML (None: the embedded tiny-sd default). A bare engine config is accepted
+    as a one-model app, so the engine YAMLs work here too."""
+    data: dict[str, Any] = load_yaml(path) if path is not None else {}
+    if "models" not in data and ("source" in data or "engine" in data):
+        data = {"models": [{"engine": data.get("engine", data)}]}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return ServingConfig.model_validate(data)

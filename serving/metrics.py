@@ -1,0 +1,48 @@
+"""Ray Serve custom metrics of the model replicas (exported with Serve's own metrics, Prometheus format).
+
+Names are prefixed `sdserve_`; every metric is tagged with the model. Created lazily inside a replica (the
+metric objects need a running Ray worker).
+"""
+from __future__ import annotations
+
+from core.schemas import GenerationResult
+
+STAGES = ("queue", "denoise", "decode", "encode", "total")
+LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
+GiB = 1024**3
+
+
+class ModelMetrics:
+    def __init__(self, model: str):
+        from ray.serve import metrics
+
+        self.model = model
+        tags = ("model",)
+        self.latency = metrics.Histogram("sdserve_stage_latency_s", description="Latency per request by stage "
+                                         "(queue, denoise, decode, encode, total).",
+                                         boundaries=LATENCY_BOUNDARIES_S, tag_keys=("model", "stage"))
+        self.batch = metrics.Histogram("sdserve_batch_images", description="Images per engine call (dynamic "
+                                       "batch, all compat groups).", boundaries=BATCH_BOUNDARIES, tag_keys=tags)
+        self.queue = metrics.Gauge("sdserve_queue_length", description="Requests waiting in this replica for a "
+                                   "batch.", tag_keys=tags)
+        self.vram = metrics.Gauge("sdserve_peak_vram_bytes", description="Peak CUDA memory of the last call.",
+                                  tag_keys=tags)
+        self.errors = metrics.Counter("sdserve_errors_total", description="Failed requests by kind "
+                                      "(validation, capacity, oom, cancelled, internal).",
+                                      tag_keys=("model", "kind"))
+        self.images = metrics.Counter("sdserve_images_total", description="Images generated.", tag_keys=tags)
+        for m in (self.batch, self.queue, self.vram, self.images):
+            m.set_default_tags({"model": model})
+
+    def observe_result(self, result: GenerationResult) -> None:
+        t = result.timings
+        for stage, value in (("queue", t.queue_s), ("denoise", t.denoise_s), ("decode", t.decode_s),
+                             ("encode", t.encode_s), ("total", t.total_s)):
+            self.latency.observe(value, tags={"model": self.model, "stage": stage})
+        self.images.inc(len(result.images))
+        if result.peak_vram_bytes is not None:
+            self.vram.set(result.peak_vram_bytes)
+
+    def observe_error(self, kind: str) -> None:
+        self.errors.inc(tags={"model": self.model, "kind": kind})

@@ -1,0 +1,131 @@
+"""The model deployment: one engine per replica, fed by Ray Serve's dynamic batching.
+
+The class is a plain class; `serving.builder` turns it into a Serve deployment with options computed from
+the config, so the same code runs behind HTTP, DeploymentHandles and async jobs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from ray import serve
+
+from core.config import EngineConfig
+from core.schemas import GenerationError, GenerationRequest, GenerationResult
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class _Pending:
+    """One request waiting for a batch. `cap` bounds its weight so a large request still fits a batch."""
+
+    request: GenerationRequest
+    arrived: float
+    cap: int
+
+    @property
+    def weight(self) -> int:
+        return min(self.request.num_images, self.cap)
+
+
+def _batch_images(items: list[_Pending]) -> int:
+    # @serve.batch counts images, not requests: max_batch_size bounds the work of one pipeline call.
+    return sum(item.weight for item in items)
+
+
+class ModelServer:
+    """Serve replica wrapping one `core.engine.Engine`.
+
+    Handle API: `await handle.generate.remote(GenerationRequest(...))` returns a GenerationResult or raises
+    GenerationError; `generate_outcome` returns the error instead of raising (what the ingress uses).
+    """
+
+    def __init__(self, engine_config: dict, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
+        from core.engine import Engine
+        from serving.metrics import ModelMetrics
+
+        self.config = EngineConfig.model_validate(engine_config)
+        self.name = self.config.name
+        self.max_batch_size = max_batch_size
+        self._run_batch.set_max_batch_size(max_batch_size)
+        self._run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.metrics = ModelMetrics(self.name)
+        self._waiting = 0
+        # Load, optimize, compile and warm up here: Serve marks the replica ready only after __init__ returns.
+        self.engine = Engine(self.config).load()
+        log.info("model %s ready: %s", self.name, self.engine.info())
+
+    # ------------------------------------------------------------------ public (handle) API
+    async def generate(self, request: GenerationRequest | dict) -> GenerationResult:
+        outcome = await self.generate_outcome(request)
+        if isinstance(outcome, GenerationError):
+            raise outcome
+        return outcome
+
+    async def generate_outcome(self, request: GenerationRequest | dict) -> GenerationResult | GenerationError:
+        try:
+            req = request if isinstance(request, GenerationRequest) else GenerationRequest.model_validate(request)
+            # Resolve before queueing: limits fail fast, and the seed is fixed before any batching.
+            req = self.engine.resolve(req)
+        except GenerationError as err:
+            self.metrics.observe_error(err.kind)
+            return err
+        except ValueError as err:  # pydantic ValidationError from a dict body
+            from core.config import format_validation_error
+
+            self.metrics.observe_error("validation")
+            return GenerationError(format_validation_error(err), "validation", _first_field(err))
+        self._waiting += 1
+        self.metrics.queue.set(self._waiting)
+        try:
+            return await self._run_batch(_Pending(req, time.perf_counter(), self.max_batch_size))
+        finally:
+            self._waiting -= 1
+            self.metrics.queue.set(self._waiting)
+
+    async def info(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {**self.engine.info(), "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
+                "gpu_fraction": self.config.memory.gpu_fraction, "max_batch_size": self.max_batch_size,
+                "replica": serve.get_replica_context().replica_id.unique_id, "pid": _pid()}
+
+    def check_health(self) -> None:
+        # Raising makes Serve restart this replica (e.g. after a CUDA error left the context unusable).
+        self.engine.check_health()
+
+    # ------------------------------------------------------------------ batching
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, batch_size_fn=_batch_images)
+    async def _run_batch(self, items: list[_Pending]) -> list[GenerationResult | GenerationError]:
+        # The engine groups the batch by compat key and runs every group (oldest first) before returning, so
+        # each request finishes within the batch that collected it: no group waits for another batch.
+        start = time.perf_counter()
+        requests = [item.request for item in items]
+        queue_s = [max(0.0, start - item.arrived) for item in items]
+        self.metrics.batch.observe(sum(r.num_images for r in requests))
+        outcomes = await asyncio.to_thread(self.engine.generate, requests, None, queue_s)
+        for out in outcomes:
+            if isinstance(out, GenerationError):
+                self.metrics.observe_error(out.kind)
+            else:
+                self.metrics.observe_result(out)
+        return outcomes
+
+
+def _first_field(err: Exception) -> str | None:
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        for e in errors():
+            if e.get("loc"):
+                return str(e["loc"][0])
+    return None
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
