@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = "v1"  # bump when a config below changes, so stale caches are rebuilt
+FORMAT_VERSION = "v2"  # bump when a config below changes, so stale caches are rebuilt
 
 NOISE_NOTE = "embedded random-weight model: images are noise, not pictures"
 
@@ -92,12 +92,14 @@ def build_pipeline(name: str, seed: int = 0):
                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
                                     use_linear_projection=True, addition_embed_type="text_time",
                                     addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-                                    projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+                                    projection_class_embeddings_input_dim=80, cross_attention_dim=80,
                                     norm_num_groups=8)
         return StableDiffusionXLPipeline(
             vae=_vae((16, 16, 32, 32), 8, 0.13025, 64, False),
             text_encoder=_clip(32, 2, 4, 37, 32, vocab=1000), tokenizer=tok,
-            text_encoder_2=_clip(32, 2, 4, 37, 32, vocab=1000, act="gelu", with_projection=True),
+            # Encoder widths differ (32 + 48 = cross_attention_dim), as in real SDXL (768 + 1280): diffusers'
+            # single-file loader tells the two CLIPs apart by width.
+            text_encoder_2=_clip(48, 2, 4, 37, 32, vocab=1000, act="gelu", with_projection=True),
             tokenizer_2=build_tokenizer(), unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True)
     if name == "sd15":
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)

@@ -126,6 +126,12 @@ def load_pipeline(config: EngineConfig, device: str, dtype):
     extra = {"dtype": dtype}
     if kind == "single_file":
         family = family or family_of_single_file(Path(source))
+        hub_off = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        offline = config.local_files_only or hub_off
+        if not config.single_file_config and offline:
+            # diffusers would fetch the component configs from the hub anyway (it overrides local_files_only).
+            raise ModelLoadError(f"{source}: offline, a single-file checkpoint needs single_file_config (a local "
+                                 "diffusers folder of the same family holding the component configs)")
         if config.single_file_config:
             extra["config"] = config.single_file_config
         if config.local_files_only:

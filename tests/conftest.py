@@ -1,0 +1,32 @@
+"""Suite-wide fixtures, kept generic: a per-session cache dir, no model hub, and GPU tests that skip cleanly."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_configure(config):
+    # There is no model hub on CI or a fresh machine: fail fast instead of waiting on the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def sdserve_cache_dir(tmp_path_factory) -> str:
+    """One cache dir per test session (embedded models are written once, then loaded from here)."""
+    path = str(tmp_path_factory.mktemp("sdserve-cache"))
+    os.environ["SDSERVE_CACHE_DIR"] = path  # EngineConfig's default, also seen by subprocesses
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch  # only when a gpu test was collected
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in gpu_items:
+        item.add_marker(skip)
