@@ -63,9 +63,14 @@ class DeploymentOptions(Strict):
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests {self.max_ongoing_requests} < max_batch_size "
                              f"{self.max_batch_size}: batches could never fill")
-        if isinstance(self.num_gpus, float | int) and not 0 <= self.num_gpus <= 8:
-            raise ValueError("num_gpus must be between 0 and 8")
         return self
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpu_range(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0 <= value <= 8:
+            raise ValueError("must be 'auto' or between 0 and 8 (fractions share a GPU)")
+        return value
 
 
 class ModelConfig(Strict):

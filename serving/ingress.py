@@ -28,7 +28,7 @@ api = FastAPI(title="sdserve", version="0.1.0", description="Stable Diffusion / 
               "Serve. Native API (/v1/generate), OpenAI Images API (/v1/images/generations), async jobs (/v1/jobs).")
 api.state.max_body_bytes = 64 * 1024
 api.add_middleware(BodyLimitMiddleware, limit_of=lambda: api.state.max_body_bytes)
-OPENAI_PREFIXES = ("/v1/images", "/v1/models")
+OPENAI_PREFIXES = ("/v1/images/", "/v1/models")
 
 
 class ApiError(Exception):
@@ -39,7 +39,8 @@ class ApiError(Exception):
 
 
 def _is_openai(request: Request) -> bool:
-    return request.url.path.startswith(OPENAI_PREFIXES)
+    # Substring, not prefix: under a route_prefix the path may carry it.
+    return any(p in request.url.path for p in OPENAI_PREFIXES)
 
 
 @api.exception_handler(ApiError)

@@ -142,7 +142,7 @@ async def _send_413(send, limit: int, scope) -> None:
     import json
 
     message = f"request body exceeds {limit} bytes"
-    if scope.get("path", "").startswith(("/v1/images", "/v1/models")):  # OpenAI error shape there
+    if any(p in scope.get("path", "") for p in ("/v1/images/", "/v1/models")):  # OpenAI error shape there
         payload = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                              "code": "request_too_large"}}
     else:

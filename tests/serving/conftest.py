@@ -1,0 +1,89 @@
+"""One local Ray + Serve for all tests/serving modules (starting Ray costs ~10 s): two apps.
+
+- "sdserve" at /: two tiny models at 0.5 logical GPU each (engines pinned to CPU), API keys on.
+- "strict" at /strict: one model with a 1-deep queue, a rate limit, a small body limit and a blocklist.
+
+Ray is shut down as soon as the last test of this directory ran (pytest has no per-directory scope for
+folders without __init__.py), so other packages' tests can start their own Ray.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+KEYS = ["test-key-alpha", "test-key-beta"]
+STRICT_KEYS = ["strict-rl", "strict-bp", "strict-misc"]
+_cleanups: list = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main_config() -> dict:
+    dep = {"num_gpus": 0.5, "num_cpus": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.25}
+    return {"app_name": "sdserve", "route_prefix": "/", "security": {"api_keys": KEYS},
+            "models": [{"engine": {"name": "tiny-sd", "device": "cpu"}, "deployment": dep},
+                       {"engine": {"name": "tiny-b", "device": "cpu", "seed": 1}, "deployment": dep}]}
+
+
+def strict_config() -> dict:
+    return {"app_name": "strict", "route_prefix": "/strict",
+            "security": {"api_keys": STRICT_KEYS, "rate_limit": {"requests_per_minute": 30, "burst": 10},
+                         "max_body_bytes": 2048, "prompt_blocklist": ["forbidden thing"]},
+            "models": [{"engine": {"name": "tiny-sd", "device": "cpu", "limits": {"max_steps": 400}},
+                        "deployment": {"num_gpus": 0, "num_cpus": 0.5, "max_batch_size": 1,
+                                       "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 3}}]}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(sdserve_cache_dir):
+    import ray
+
+    if ray.is_initialized():  # someone else's cluster may lack the logical GPUs the placement tests need
+        ray.shutdown()
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
+
+    def stop():
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    _cleanups.append(stop)
+    yield ray
+
+
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster):
+    from ray import serve
+
+    from serving.builder import build_app
+    from serving.config import ServingConfig
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(ServingConfig.model_validate(main_config())), name="sdserve", route_prefix="/")
+    serve.run(build_app(ServingConfig.model_validate(strict_config())), name="strict", route_prefix="/strict")
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def client(serve_url):
+    import httpx
+
+    with httpx.Client(base_url=serve_url, timeout=120,
+                      headers={"Authorization": f"Bearer {KEYS[0]}"}) as c:
+        yield c
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if nextitem is None or HERE not in Path(nextitem.path).parents:
+        while _cleanups:
+            _cleanups.pop()()

@@ -1,0 +1,69 @@
+"""The "strict" app: per-key rate limits, backpressure from a bounded queue, body size limit, prompt blocklist."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.serving.conftest import STRICT_KEYS
+
+pytestmark = pytest.mark.integration
+
+
+def strict(serve_url, key):
+    return httpx.Client(base_url=f"{serve_url}/strict", timeout=120, headers={"Authorization": f"Bearer {key}"})
+
+
+def test_rate_limit_is_per_key_with_retry_after(serve_url):
+    with strict(serve_url, STRICT_KEYS[0]) as c:
+        codes = [c.get("/v1/models") for _ in range(14)]
+    limited = [r for r in codes if r.status_code == 429]
+    assert limited and codes[0].status_code == 200
+    assert int(limited[0].headers["retry-after"]) >= 1
+    assert limited[0].json()["error"]["type"] == "rate_limit_exceeded"  # OpenAI route, OpenAI shape
+    with strict(serve_url, STRICT_KEYS[2]) as other:
+        assert other.get("/v1/models").status_code == 200  # another key has its own bucket
+
+
+def test_full_queue_answers_503_with_retry_after(serve_url):
+    # One request runs, one waits (max_ongoing_requests=1, max_queued_requests=1): the rest are rejected.
+    body = {"prompt": "slow", "steps": 300, "seed": 1}
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: strict(serve_url, STRICT_KEYS[1]).post("/v1/generate", json=body),
+                                  range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "3"
+    assert "overloaded" in rejected.json()["detail"]["message"]
+
+
+def test_body_size_limit_413(serve_url):
+    with strict(serve_url, STRICT_KEYS[2]) as c:
+        r = c.post("/v1/generate", json={"prompt": "x" * 5000})
+        assert r.status_code == 413 and "2048 bytes" in r.json()["detail"]["message"]
+        r = c.post("/v1/images/generations", json={"prompt": "x" * 5000})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_prompt_blocklist_400(serve_url):
+    with strict(serve_url, STRICT_KEYS[2]) as c:
+        r = c.post("/v1/generate", json={"prompt": "a Forbidden Thing here"})
+        assert r.status_code == 400 and r.json()["detail"]["field"] == "prompt"
+        r = c.post("/v1/images/generations", json={"prompt": "forbidden thing"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        assert c.post("/v1/generate", json={"prompt": "fine", "steps": 1}).status_code == 200
+
+
+def test_bench_serve_reports_levels_and_offline_ratio(serve_url):
+    from serving.bench import run_bench
+    from serving.config import ServingConfig
+    from tests.serving.conftest import KEYS, main_config
+
+    report = run_bench(ServingConfig.model_validate(main_config()), url=serve_url, concurrency=[1, 4],
+                       requests_per_level=4, body={"steps": 2}, api_key=KEYS[0], offline=True)
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 4]
+    assert all(lv["ok"] == 4 and lv["p50_s"] <= lv["p99_s"] for lv in report["levels"])
+    assert report["offline"]["throughput_rps"] > 0 and report["serving_efficiency"] > 0
+    assert "added_latency_ms" in report
