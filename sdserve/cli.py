@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -25,9 +26,8 @@ def _generate(args: argparse.Namespace) -> int:
     if isinstance(out, GenerationError):
         print(f"error: {out.message}", file=sys.stderr)
         return 2
-    paths = [args.output] if len(out.images) == 1 else [
-        args.output.replace(".", f"-{i}.", 1) if "." in args.output else f"{args.output}-{i}"
-        for i in range(len(out.images))]
+    stem, ext = os.path.splitext(args.output)  # the file's extension, not the first dot in the path
+    paths = [args.output] if len(out.images) == 1 else [f"{stem}-{i}{ext}" for i in range(len(out.images))]
     for path, img in zip(paths, out.images):
         with open(path, "wb") as fh:
             fh.write(img.data)
