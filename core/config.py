@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +19,9 @@ EMBEDDED_MODELS = ("tiny-sd", "tiny-sdxl", "sd15", "sdxl")
 
 def default_cache_dir() -> str:
     return os.environ.get("SDSERVE_CACHE_DIR", str(Path.home() / ".cache" / "sdserve"))
+
+
+Side = Annotated[int, Field(ge=64, le=8192, multiple_of=8)]  # an image width or height in pixels
 
 
 class Strict(BaseModel):
@@ -53,7 +56,7 @@ class OptimizationConfig(Strict):
                       "linear layers on Hopper+. Opt-in: changes images slightly.")
     deepcache_interval: int = Field(1, ge=1, le=10, description="DeepCache-style step caching: recompute the "
                                     "deep UNet blocks every N steps (1 = off). Opt-in quality/speed trade.")
-    warmup_shapes: list[tuple[int, int, int]] = Field(
+    warmup_shapes: list[tuple[Side, Side, Annotated[int, Field(ge=1, le=256)]]] = Field(
         default_factory=list, description="(width, height, batch) shapes to warm up / compile at load. Empty: "
         "the default size at batch 1.")
     warmup_steps: int = Field(2, ge=0, le=50, description="Denoising steps per warm-up call (0 = no warm-up).")

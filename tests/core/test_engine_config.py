@@ -130,3 +130,10 @@ def test_yaml_top_level_must_be_a_mapping(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="mapping"):
         load_engine_config(path)
+
+
+@pytest.mark.parametrize("shape, key", [((65, 64, 1), "optimization.warmup_shapes.0.0"),
+                                        ((64, 32, 1), "optimization.warmup_shapes.0.1"),
+                                        ((64, 64, 0), "optimization.warmup_shapes.0.2")])
+def test_warmup_shapes_are_bounded(shape, key):
+    assert error_text(optimization={"warmup_shapes": [shape]}).startswith(key + ":")
