@@ -54,11 +54,15 @@ class OptimizationConfig(Strict):
     compile_vae: bool = Field(True, description="Also compile the VAE decoder when compile is not 'none'.")
     fp8: bool = Field(False, description="FP8 (float8 e4m3, per-row dynamic scaling) matmuls for the UNet's "
                       "linear layers on Hopper+. Opt-in: changes images slightly.")
-    deepcache_interval: int = Field(1, ge=1, le=10, description="DeepCache-style step caching: recompute the "
-                                    "deep UNet blocks every N steps (1 = off). Opt-in quality/speed trade.")
+    sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
+        "auto", description="Kernel behind PyTorch SDPA: auto (PyTorch's choice) or a fixed one; cudnn is "
+        "fastest on Hopper for SD shapes (see docs/benchmarks.md).")
     warmup_shapes: list[tuple[Side, Side, Annotated[int, Field(ge=1, le=256)]]] = Field(
         default_factory=list, description="(width, height, batch) shapes to warm up / compile at load. Empty: "
         "the default size at batch 1.")
+    batch_buckets: list[int] = Field(default_factory=list, description="Batch sizes compiled ahead when "
+                                     "compile is on; a batch is padded up to the next bucket. Empty: powers of "
+                                     "two up to limits.max_batch_size.")
     warmup_steps: int = Field(2, ge=0, le=50, description="Denoising steps per warm-up call (0 = no warm-up).")
 
 

@@ -70,12 +70,25 @@ def _scheduler():
                                   num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
 
 
-def build_pipeline(name: str, seed: int = 0):
-    """Build embedded model `name` in memory (fp32, CPU) with weights drawn from `seed`."""
+def build_pipeline(name: str, seed: int = 0, device: str = "cpu", dtype=None):
+    """Build embedded model `name` with weights drawn from `seed`, initialised directly on `device`
+    (random init of SDXL's 3.5B parameters takes minutes on a CPU and seconds on a GPU), cast to `dtype`."""
     import torch
+
+    with torch.device(device):
+        torch.manual_seed(seed)
+        if device.startswith("cuda"):
+            torch.cuda.manual_seed_all(seed)
+        pipe = _build(name)
+    # Schedulers keep host-side tensors (numpy is called on them): rebuild outside the device context.
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    return pipe.to(dtype=dtype) if dtype is not None else pipe
+
+
+def _build(name: str):
+    import torch  # noqa: F401
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    torch.manual_seed(seed)
     tok = build_tokenizer()
     if name == "tiny-sd":
         unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,

@@ -78,6 +78,10 @@ class Engine:
             self.note = NOISE_NOTE
         self.load_s = time.perf_counter() - t0
         self.warmup()
+        if self.compiled and not self.applied.get("compile_cache_hit"):
+            from core import compile_cache
+
+            compile_cache.save(self)
         log.info("model %s (%s) ready on %s %s in %.1fs (+%.1fs warm-up): %s", cfg.name, self.family, self.device,
                  str(self.dtype).replace("torch.", ""), self.load_s, self.warmup_s, self.applied)
         return self
@@ -102,10 +106,14 @@ class Engine:
         self._warming = True  # compiled: every batch bucket up to b is compiled (and recorded) now, not mid-serving
         try:
             for w, h, b in self.warmup_shapes():
-                sizes = [n for n in batch_buckets(self.config.limits.max_batch_size) if n <= b] if self.compiled else [b]
+                buckets = batch_buckets(self.config.limits.max_batch_size, self.config.optimization.batch_buckets)
+                sizes = [n for n in buckets if n <= b] if self.compiled else [b]
+                per_req = self.config.limits.max_images_per_request
                 for n in sizes:
-                    req = GenerationRequest(prompt="warm-up", width=w, height=h, steps=steps, seed=0, num_images=n)
-                    for out in self.generate([req], _warmup=True):
+                    # Requests of <= max_images_per_request images; one compat key, so they run as one call.
+                    reqs = [GenerationRequest(prompt="warm-up", width=w, height=h, steps=steps, seed=i,
+                                              num_images=min(per_req, n - i)) for i in range(0, n, per_req)]
+                    for out in self.generate(reqs, _warmup=True):
                         if isinstance(out, GenerationError):
                             raise RuntimeError(f"warm-up at {w}x{h} batch {n} failed: {out.message}")
         finally:

@@ -12,7 +12,9 @@ import logging
 log = logging.getLogger(__name__)
 
 
-def batch_buckets(max_batch: int) -> list[int]:
+def batch_buckets(max_batch: int, explicit: list[int] | None = None) -> list[int]:
+    if explicit:
+        return sorted({b for b in explicit if b <= max_batch} | {max_batch})
     out, b = [], 1
     while b < max_batch:
         out.append(b)
@@ -30,12 +32,12 @@ def install_fastpath(engine) -> dict:
         from core.fp8 import apply_fp8
 
         applied.update(apply_fp8(engine.pipe.unet, engine.device))
-    if opt.deepcache_interval > 1:
-        from core.stepcache import enable_step_cache
-
-        applied.update(enable_step_cache(engine.pipe, opt.deepcache_interval))
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
+    if engine.compiled:
+        from core import compile_cache
+
+        applied["compile_cache_hit"] = compile_cache.load(engine)
     engine.warmed: set[tuple[int, int, int]] = set()
     return applied
 
@@ -44,25 +46,41 @@ def bucket_samples(engine, samples: list) -> list:
     """Pad a chunk to its batch bucket when compiled (the padding's outputs are dropped)."""
     if not getattr(engine, "compiled", False):
         return samples
-    target = next(b for b in batch_buckets(engine.config.limits.max_batch_size) if b >= len(samples))
+    target = next(b for b in batch_buckets(engine.config.limits.max_batch_size,
+                                        engine.config.optimization.batch_buckets) if b >= len(samples))
     return samples + [samples[-1]] * (target - len(samples))
+
+
+def sdpa_context(engine):
+    """Pin the SDPA kernel (cuDNN / flash / efficient / math) for the whole call, warm-up included."""
+    backend = engine.config.optimization.sdpa_backend
+    if backend == "auto" or not engine.device.startswith("cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+    # Preferred first, the rest as fallbacks: e.g. cuDNN has no kernel for the VAE's single 512-wide head.
+    return sdpa_kernel([first] + [b for b in order if b != first], set_priority=True)
 
 
 @contextlib.contextmanager
 def shape_context(engine, width: int, height: int, batch: int):
-    """During warm-up, record compiled shapes; while serving, run unseen shapes eagerly (no recompile)."""
-    if not getattr(engine, "compiled", False):
-        yield
-        return
-    import torch
-
-    shape = (width, height, batch)
-    if getattr(engine, "_warming", False):
-        engine.warmed.add(shape)
-        yield
-    elif shape in engine.warmed:
-        yield
-    else:
-        log.info("shape %s was not warmed up: running eagerly instead of recompiling", shape)
-        with torch.compiler.set_stance("force_eager"):
+    """Kernel choice for the call; during warm-up, record compiled shapes; while serving, run unseen shapes eagerly."""
+    with sdpa_context(engine):
+        if not getattr(engine, "compiled", False):
             yield
+            return
+        import torch
+
+        shape = (width, height, batch)
+        if getattr(engine, "_warming", False):
+            engine.warmed.add(shape)
+            yield
+        elif shape in engine.warmed:
+            yield
+        else:
+            log.info("shape %s was not warmed up: running eagerly instead of recompiling", shape)
+            with torch.compiler.set_stance("force_eager"):
+                yield

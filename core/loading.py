@@ -23,11 +23,16 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
+    """'auto' -> cuda:N (current device) or cpu; 'cuda' -> 'cuda:N' (CUDA memory APIs need an index)."""
+    if device == "cpu":
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    return device
 
 
 def resolve_dtype(dtype: str, device: str):
@@ -114,7 +119,7 @@ def load_pipeline(config: EngineConfig, device: str, dtype):
 
             log.warning("model %s: real %s architecture with RANDOM weights (benchmarks; images are noise)",
                         config.name, name)
-            return build_pipeline(name, config.seed).to(dtype=dtype), name
+            return build_pipeline(name, config.seed, device=device, dtype=dtype), name
         from core.embedded import NOISE_NOTE, ensure_saved
 
         log.warning("model %s: %s", config.name, NOISE_NOTE)

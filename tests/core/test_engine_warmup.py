@@ -13,9 +13,6 @@ def test_warmup_runs_configured_shapes(make_config, req, ok):
     assert eng.info()["family"] == "sd15" and eng.info()["device"] == "cpu"
 
 
-@pytest.mark.xfail(strict=True, reason="engine.warmup sends one request with num_images=b, so a warm-up batch "
-                   "above limits.max_images_per_request (but within max_batch_size) fails the load; fix: split "
-                   "the warm-up batch into requests of <= max_images_per_request images (they share one call)")
 def test_warmup_batch_above_images_per_request_limit(make_config):
     cfg = make_config(limits={"max_batch_size": 16, "max_images_per_request": 8},
                       optimization={"warmup_steps": 1, "warmup_shapes": [(64, 64, 12)]})

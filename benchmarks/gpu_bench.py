@@ -1,0 +1,306 @@
+"""GPU benchmark: plain diffusers (eager, compiled) vs sdserve, side by side in one process.
+
+    python -m benchmarks.gpu_bench --workloads sd15-512-50,sdxl-1024-30 --out benchmarks/results
+
+Records (one per workload x variant x batch) go to <out>/<date>-<device>.json; docs/benchmarks.md is rendered
+from them by benchmarks/render.py. Random weights: speed and memory do not depend on weight values.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import logging
+import os
+import statistics
+import time
+
+log = logging.getLogger("bench")
+GiB = 1024**3
+WORKLOADS = {  # name: (family, width, height, steps, throughput batches)
+    "sd15-512-50": ("sd15", 512, 512, 50, (1, 8, 16)),
+    "sdxl-1024-30": ("sdxl", 1024, 1024, 30, (1, 4, 8)),
+    "tiny-64-4": ("tiny-sd", 64, 64, 4, (1, 4)),  # CPU smoke test of the harness itself
+}
+PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed"
+NEGATIVE = "blurry, low quality"
+
+
+def env_info() -> dict:
+    import diffusers
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"device": dev, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def reset_peak():
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peaks() -> tuple[float | None, float | None]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, None
+    return torch.cuda.max_memory_allocated() / GiB, torch.cuda.max_memory_reserved() / GiB
+
+
+def measure_matmul_tflops() -> float | None:
+    """Measured dense bf16 matmul rate on this GPU (the MFU denominator)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    reps = 50
+    for _ in range(reps):
+        a @ b
+    end.record()
+    sync()
+    return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def measure_h2d_gbps() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    out = {}
+    for pinned in (True, False):
+        host = torch.empty(1 * GiB, dtype=torch.uint8, pin_memory=pinned)
+        dev = torch.empty_like(host, device="cuda")
+        dev.copy_(host)
+        sync()
+        t = time.perf_counter()
+        for _ in range(5):
+            dev.copy_(host, non_blocking=pinned)
+        sync()
+        out["pinned" if pinned else "pageable"] = 5 * GiB / (time.perf_counter() - t) / 1e9
+        del host, dev
+    return out
+
+
+def count_flops(pipe, w: int, h: int, steps: int, batch: int) -> int:
+    """FLOPs of one full call: F(1 step) + (steps-1) x (F(2) - F(1)) from torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def one(n):
+        with FlopCounterMode(display=False) as fc:
+            run_diffusers(pipe, w, h, n, batch)
+        return fc.get_total_flops()
+
+    f1, f2 = one(1), one(2)
+    return f1 + (steps - 1) * (f2 - f1)
+
+
+def run_diffusers(pipe, w, h, steps, batch):
+    import torch
+
+    gens = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
+    return pipe(prompt=[PROMPT] * batch, negative_prompt=[NEGATIVE] * batch, width=w, height=h,
+                num_inference_steps=steps, guidance_scale=7.0, generator=gens).images
+
+
+def time_calls(fn, repeats: int) -> tuple[float, float, float | None, float | None]:
+    """(median latency, first call latency, peak alloc GiB, peak reserved GiB)."""
+    reset_peak()
+    t = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t
+    lat = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        lat.append(time.perf_counter() - t)
+    alloc, reserved = peaks()
+    return statistics.median(lat), first, alloc, reserved
+
+
+def record(workload, variant, batch, latency, first, alloc, reserved, flops, peak_tflops, info, settings, **extra):
+    achieved = flops / latency / 1e12 if flops else None
+    return {"workload": workload, "variant": variant, "batch": batch, "latency_s": round(latency, 4),
+            "img_per_s": round(batch / latency, 3), "peak_vram_gib": alloc and round(alloc, 3),
+            "peak_reserved_gib": reserved and round(reserved, 3), "warmup_s": round(first, 2),
+            "tflops_per_call": flops and round(flops / 1e12, 2), "achieved_tflops": achieved and round(achieved, 1),
+            "mfu": (achieved / peak_tflops) if achieved and peak_tflops else None, **info, "settings": settings,
+            **extra}
+
+
+def bench_diffusers(workload, variants, batches, repeats, info, peak_tflops, records, count=True):
+    import torch
+
+    from core.embedded import build_pipeline
+
+    family, w, h, steps, _ = WORKLOADS[workload]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    pipe = build_pipeline(family, 0, device=device, dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    flops = {b: count_flops(pipe, w, h, steps, b) if count else None for b in batches}
+    if "diffusers-eager" in variants:
+        for b in batches:
+            lat, first, a, r = time_calls(lambda: run_diffusers(pipe, w, h, steps, b), repeats)
+            records.append(record(workload, "diffusers-eager", b, lat, first, a, r, flops[b], peak_tflops, info,
+                                  {"dtype": str(dtype), "attention": "sdpa"}))
+            log.info("%s", records[-1])
+    if "diffusers-offload" in variants and device == "cuda":
+        pipe.to("cpu")
+        pipe.enable_model_cpu_offload()
+        lat, first, a, r = time_calls(lambda: run_diffusers(pipe, w, h, steps, 1), repeats)
+        records.append(record(workload, "diffusers-model-cpu-offload", 1, lat, first, a, r, flops[1], peak_tflops,
+                              info, {"dtype": str(dtype)}, memory_level="diffusers-model-cpu-offload"))
+        log.info("%s", records[-1])
+        pipe.remove_all_hooks()
+        pipe.to(device)
+    if "diffusers-compile" in variants:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+        for b in batches:
+            lat, first, a, r = time_calls(lambda: run_diffusers(pipe, w, h, steps, b), repeats)
+            records.append(record(workload, "diffusers-compile", b, lat, first, a, r, flops[b], peak_tflops, info,
+                                  {"dtype": str(dtype), "compile": "reduce-overhead", "channels_last": True}))
+            log.info("%s", records[-1])
+    del pipe
+    torch._dynamo.reset()
+    reset_peak()
+    return flops
+
+
+def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflops, flops, records, cache_dir,
+                  memory_level="none"):
+    import torch
+
+    from core.config import EngineConfig
+    from core.engine import Engine
+    from core.schemas import GenerationRequest
+
+    family, w, h, steps, _ = WORKLOADS[workload]
+    source = f"embedded:{family}"
+    settings = dict(settings)
+    dtype = settings.pop("dtype", "auto")
+    cfg = EngineConfig(name=family, source=source, cache_dir=cache_dir, scheduler="euler", dtype=dtype,
+                       optimization={**settings, "warmup_shapes": [(w, h, max(batches))],
+                                     "batch_buckets": list(batches)},
+                       memory={"level": memory_level}, limits={"max_batch_size": max(batches), "max_steps": 150})
+    reset_peak()
+    t = time.perf_counter()
+    engine = Engine(cfg).load()
+    ready_s = time.perf_counter() - t
+
+    def call(b):
+        reqs = [GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, width=w, height=h, steps=steps,
+                                  guidance_scale=7.0, seed=i) for i in range(b)]
+        outs = engine.generate(reqs)
+        bad = [o for o in outs if not hasattr(o, "images")]
+        if bad:
+            raise RuntimeError(f"sdserve call failed: {bad[0]}")
+        return outs
+
+    for b in batches:
+        lat, first, a, r = time_calls(lambda: call(b), repeats)
+        outs = call(b)
+        stages = {"denoise_s": round(outs[0].timings.denoise_s, 4), "decode_s": round(outs[0].timings.decode_s, 4),
+                  "encode_s": round(statistics.mean(o.timings.encode_s for o in outs), 4)}
+        records.append(record(workload, variant, b, lat, first, a, r, flops.get(b), peak_tflops, info,
+                              {**settings, "dtype": dtype, "memory_level": engine.level.value}, ready_s=round(ready_s, 1),
+                              memory_level=engine.level.value, stages=stages))
+        log.info("%s", records[-1])
+    del engine
+    torch._dynamo.reset()
+    reset_peak()
+
+
+SDSERVE_BEST = {"attention": "sdpa", "sdpa_backend": "cudnn", "fuse_qkv": True, "channels_last": True,
+                "compile": "reduce-overhead", "compile_vae": True, "warmup_steps": 2}
+
+
+def add_ratios(records):
+    base = {(r["workload"], r["batch"], r["variant"]): r["latency_s"] for r in records}
+    for r in records:
+        for ref in ("diffusers-eager", "diffusers-compile"):
+            v = base.get((r["workload"], r["batch"], ref))
+            if v:
+                r[f"speedup_vs_{ref}"] = round(v / r["latency_s"], 3)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workloads", default="sd15-512-50,sdxl-1024-30")
+    p.add_argument("--variants", default="diffusers-eager,diffusers-compile,sdserve")
+    p.add_argument("--batches", default="", help="comma list; default: the workload's list")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sdserve-settings", default="", help="JSON overriding SDSERVE_BEST")
+    p.add_argument("--extra-sdserve", default="", help="JSON dict name -> settings for extra sdserve variants")
+    p.add_argument("--memory-levels", default="", help="comma list of levels to run at batch 1 (issue 7)")
+    p.add_argument("--no-flops", action="store_true")
+    p.add_argument("--cache-dir", default=os.environ.get("SDSERVE_CACHE_DIR", "/tmp/sdserve-cache"))
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    info = env_info()
+    peak = measure_matmul_tflops()
+    h2d = measure_h2d_gbps()
+    log.info("device %s, bf16 matmul %.0f TFLOP/s, H2D %s", info["device"], peak or 0, h2d)
+    records: list[dict] = []
+    os.makedirs(args.out, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    dev = info["device"].replace(" ", "-")
+    path = os.path.join(args.out, f"{stamp}-{dev}{('-' + args.tag) if args.tag else ''}.json")
+
+    def save():  # after every workload/variant: a run cut off by its time limit keeps what it measured
+        add_ratios(records)
+        with open(path, "w") as fh:
+            json.dump({"env": {**info, "bf16_matmul_tflops": peak, "h2d_gbps": h2d}, "records": records}, fh,
+                      indent=1)
+    variants = args.variants.split(",")
+    best = {**SDSERVE_BEST, **(json.loads(args.sdserve_settings) if args.sdserve_settings else {})}
+    for wl in args.workloads.split(","):
+        batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else WORKLOADS[wl][4]
+        flops = bench_diffusers(wl, variants, batches, args.repeats, info, peak, records, count=not args.no_flops)
+        save()
+        if "sdserve" in variants:
+            bench_sdserve(wl, "sdserve", best, batches, args.repeats, info, peak, flops, records, args.cache_dir)
+            save()
+        for name, settings in (json.loads(args.extra_sdserve) if args.extra_sdserve else {}).items():
+            bench_sdserve(wl, name, {**best, **settings}, batches, args.repeats, info, peak, flops, records,
+                          args.cache_dir)
+            save()
+        for level in filter(None, args.memory_levels.split(",")):
+            bench_sdserve(wl, f"sdserve-{level}", {"attention": "sdpa", "warmup_steps": 1}, (1,), args.repeats,
+                          info, peak, flops, records, args.cache_dir, memory_level=level)
+            save()
+    save()
+    print(f"\nwrote {path}")
+    print(f"{'workload':14} {'variant':26} {'b':>3} {'lat_s':>8} {'img/s':>7} {'vram':>6} {'mfu':>5} {'vs_eag':>6} {'vs_cmp':>6}")
+    for r in records:
+        print(f"{r['workload']:14} {r['variant']:26} {r['batch']:>3} {r['latency_s']:>8.3f} {r['img_per_s']:>7.2f} "
+              f"{(r['peak_vram_gib'] or 0):>6.2f} {(r['mfu'] or 0):>5.2f} {r.get('speedup_vs_diffusers-eager', 0):>6.2f} "
+              f"{r.get('speedup_vs_diffusers-compile', 0):>6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""Persisted torch.compile artifacts (Inductor/AOTAutograd "mega-cache"), shared by replicas via cache_dir.
+
+A replica that finds artifacts for its exact key (model, dtype, GPU, torch, settings, warm-up shapes) loads them
+before compiling, so its warm-up hits the caches instead of running Inductor again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+
+log = logging.getLogger(__name__)
+
+
+def cache_path(engine) -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(torch.device(engine.device)) if engine.device.startswith("cuda") else "cpu"
+    cfg = engine.config
+    key = json.dumps({"source": cfg.source, "family": engine.family, "dtype": str(engine.dtype), "gpu": gpu,
+                      "torch": torch.__version__, "opt": cfg.optimization.model_dump(mode="json"),
+                      "shapes": engine.warmup_shapes(), "max_batch": cfg.limits.max_batch_size,
+                      "level": engine.level.value}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return os.path.join(cfg.cache_dir, "compile", f"{cfg.name.replace('/', '_')}-{digest}.bin")
+
+
+def load(engine) -> bool:
+    import torch
+
+    path = cache_path(engine)
+    if not os.path.exists(path):
+        return False
+    with open(path, "rb") as fh:
+        torch.compiler.load_cache_artifacts(fh.read())
+    log.info("compile cache: loaded %s", path)
+    return True
+
+
+def save(engine) -> str | None:
+    import torch
+
+    artifacts = torch.compiler.save_cache_artifacts()
+    if not artifacts:
+        return None
+    path = cache_path(engine)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path))
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(artifacts[0])
+    os.replace(tmp, path)  # atomic: concurrent replicas never read a half-written file
+    log.info("compile cache: saved %s (%d bytes)", path, len(artifacts[0]))
+    return path
