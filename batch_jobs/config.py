@@ -1,0 +1,63 @@
+"""Batch job configuration: the engine config, per-row defaults and how the job runs.
+
+A job YAML holds `engine:` (an EngineConfig) plus the keys below; CLI flags override them.
+Importing this module stays cheap (no torch, no Ray).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import Field
+
+from core.config import EngineConfig, Strict, load_yaml
+from core.schemas import MAX_SEED, OutputFormat
+
+# Input columns a prompt set may carry: the GenerationRequest fields plus the row's id.
+REQUEST_COLUMNS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "scheduler", "seed",
+                   "num_images", "output_format", "model")
+INPUT_COLUMNS = ("id",) + REQUEST_COLUMNS
+
+
+class RowDefaults(Strict):
+    """Values for request fields a row leaves empty (null); what is still empty falls to the engine's defaults."""
+
+    negative_prompt: str | None = Field(None, max_length=10_000, description="Negative prompt.")
+    width: int | None = Field(None, ge=64, le=8192, multiple_of=8, description="Width in pixels.")
+    height: int | None = Field(None, ge=64, le=8192, multiple_of=8, description="Height in pixels.")
+    steps: int | None = Field(None, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="CFG scale.")
+    scheduler: str | None = Field(None, max_length=64, description="Scheduler name.")
+    num_images: int | None = Field(None, ge=1, le=64, description="Images per row.")
+    output_format: OutputFormat | None = Field(None, description="png | jpeg | webp (default png).")
+
+
+class BatchJobConfig(Strict):
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The model every actor loads.")
+    defaults: RowDefaults = Field(default_factory=RowDefaults, description="Per-row fallbacks.")
+    job_seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of rows without one: "
+                          "blake2b(job_seed, id), so the same input gives the same images on every run.")
+    concurrency: int = Field(1, ge=1, le=4096, description="Engine actors (the actor pool size).")
+    num_gpus: float | None = Field(None, ge=0, le=8, description="GPUs per actor (0.5 puts two actors on a "
+                                   "GPU). Default: 1 when the cluster has GPUs, else 0.")
+    num_cpus: float = Field(1.0, ge=0, le=256, description="CPUs reserved per actor.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Rows per map_batches call; the engine splits them "
+                            "into compatible pipeline calls of <= limits.max_batch_size images.")
+    output_mode: Literal["parquet", "files"] = Field("parquet", description="parquet: images inside Parquet "
+                                                     "parts; files: image files + a Parquet manifest.")
+    unknown_columns: Literal["error", "ignore"] = Field("error", description="Input columns that are not "
+                                                       "request fields: refuse the job, or ignore them.")
+
+    def apply_gpu_fraction(self) -> "BatchJobConfig":
+        """An actor owning half a GPU must also cap its VRAM at half (the engine enforces memory.gpu_fraction)."""
+        if self.num_gpus and 0 < self.num_gpus < 1 and self.engine.memory.gpu_fraction == 1.0:
+            mem = self.engine.memory.model_copy(update={"gpu_fraction": self.num_gpus})
+            return self.model_copy(update={"engine": self.engine.model_copy(update={"memory": mem})})
+        return self
+
+
+def load_job_config(path: str | os.PathLike | None = None, **overrides: Any) -> BatchJobConfig:
+    """Read a job YAML (engine + job keys); overrides that are not None win (CLI flags)."""
+    data: dict[str, Any] = load_yaml(path) if path is not None else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return BatchJobConfig.model_validate(data)
