@@ -101,15 +101,12 @@ def build_app(config: ServingConfig | dict, cluster_has_gpus: bool | None = None
         opts["backpressure_config"] = BackpressureConfig(**opts["backpressure_config"])
         dep = serve.deployment(ModelServer).options(**opts, logging_config=logging_config)
         handles[m.name] = dep.bind(**init)
-    jobs = None
-    if config.jobs is not None:
-        from serving.jobs.builder import build_jobs
-
-        jobs = build_jobs(config, handles, logging_config)
+    if config.jobs is not None and config.jobs.backend != "local":
+        raise NotImplementedError("jobs backend 'redis' is not implemented yet; use backend: local")
     iopts = ingress_deployment_options(config)
     iopts["backpressure_config"] = BackpressureConfig(**iopts["backpressure_config"])
     return serve.deployment(Ingress).options(**iopts, logging_config=logging_config).bind(
-        config.model_dump(mode="json"), handles, jobs)
+        config.model_dump(mode="json"), handles)
 
 
 def model_statuses(config: ServingConfig) -> dict[str, str]:

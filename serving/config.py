@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from core.config import EngineConfig, Strict, load_yaml
+from serving.jobs.config import JobsConfig
 
 API_KEYS_ENV = "SDSERVE_API_KEYS"  # comma-separated; added to the configured keys
 
@@ -129,7 +130,7 @@ class ServingConfig(Strict):
     security: SecurityConfig = Field(default_factory=SecurityConfig, description="Auth, limits, blocklist.")
     log_encoding: Literal["TEXT", "JSON"] = Field("JSON", description="Serve log encoding; JSON records carry "
                                                   "request_id, deployment and replica.")
-    jobs: dict[str, Any] | None = Field(None, description="Asynchronous jobs (serving/jobs; None: off).")
+    jobs: JobsConfig | None = Field(None, description="Asynchronous jobs /v1/jobs (None: off).")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ServingConfig":

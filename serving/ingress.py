@@ -117,9 +117,12 @@ def image_headers(result: GenerationResult) -> dict[str, str]:
     return headers
 
 
+import serving.jobs.routes  # noqa: E402,F401 - registers /v1/jobs on `api` before @serve.ingress reads its routes
+
+
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: dict, models: dict[str, DeploymentHandle], jobs: Any = None):
+    def __init__(self, config: dict, models: dict[str, DeploymentHandle]):
         self.config = ServingConfig.model_validate(config)
         sec = self.config.security
         self.models = models
@@ -129,13 +132,14 @@ class Ingress:
         self.blocklist = Blocklist(sec.prompt_blocklist)
         self.timeout_s = self.config.ingress.request_timeout_s
         self.started = int(time.time())
-        self.jobs = jobs
-        api.state.ingress = self
-        api.state.max_body_bytes = sec.max_body_bytes
-        if jobs is not None:
-            from serving.jobs.routes import attach
+        self.jobs = None
+        if self.config.jobs is not None:
+            from serving.jobs.runner import LocalJobs
 
-            attach(self, jobs)
+            self.jobs = LocalJobs(self.config.jobs, models, self.config.default_model)
+        api.state.ingress = self
+        api.state.jobs = self.jobs
+        api.state.max_body_bytes = sec.max_body_bytes
         log.info("ingress ready: models=%s auth=%s rate_limit=%s", list(models), self.keys.enabled,
                  bool(self.limiter))
 

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from ray import serve
 
 from core.config import EngineConfig
-from core.schemas import GenerationError, GenerationRequest, GenerationResult
+from core.schemas import GenerationCancelled, GenerationError, GenerationRequest, GenerationResult
 
 log = logging.getLogger("ray.serve")
 
@@ -25,6 +27,8 @@ class _Pending:
     request: GenerationRequest
     arrived: float
     cap: int
+    progress: Callable[[int, int], None] | None = None  # called from the engine thread after each step
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
     def weight(self) -> int:
@@ -86,6 +90,35 @@ class ModelServer:
             self._waiting -= 1
             self.metrics.queue.set(self._waiting)
 
+    async def generate_stream(self, request: GenerationRequest | dict):
+        """Streaming variant for async jobs: yields {"event": "progress", "step", "total"} after each denoising
+        step, then {"event": "result", "outcome": GenerationResult | GenerationError}. Cancelling the stream
+        cancels the request: its batch stops at the next step when no other live request shares it."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        try:
+            req = request if isinstance(request, GenerationRequest) else GenerationRequest.model_validate(request)
+            req = self.engine.resolve(req)
+        except (GenerationError, ValueError) as err:
+            outcome = await self.generate_outcome(request)  # same error mapping as the unary path
+            yield {"event": "result", "outcome": outcome}
+            return
+        pending = _Pending(req, time.perf_counter(), self.max_batch_size,
+                           progress=lambda s, t: loop.call_soon_threadsafe(events.put_nowait, (s, t)))
+        task = asyncio.ensure_future(self._run_batch(pending))
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    step, total = getter.result()
+                    yield {"event": "progress", "step": step, "total": total}
+                else:
+                    getter.cancel()
+            yield {"event": "result", "outcome": task.result()}
+        finally:
+            pending.cancelled.set()  # no-op when finished; stops the denoising loop when the caller went away
+
     async def info(self) -> dict:
         import ray
 
@@ -107,7 +140,14 @@ class ModelServer:
         requests = [item.request for item in items]
         queue_s = [max(0.0, start - item.arrived) for item in items]
         self.metrics.batch.observe(sum(r.num_images for r in requests))
-        outcomes = await asyncio.to_thread(self.engine.generate, requests, None, queue_s)
+        def on_step(indices, step: int, total: int) -> None:
+            for i in indices:
+                if items[i].progress is not None:
+                    items[i].progress(step, total)
+            if all(items[i].cancelled.is_set() for i in indices):  # never stop work another request still wants
+                raise GenerationCancelled(f"cancelled at step {step}/{total}")
+
+        outcomes = await asyncio.to_thread(self.engine.generate, requests, on_step, queue_s)
         for out in outcomes:
             if isinstance(out, GenerationError):
                 self.metrics.observe_error(out.kind)

@@ -119,7 +119,7 @@ def test_second_model_is_routed_by_name(client):
     ({"prompt": "x", "output_format": "gif"}, "output_format"),
     ({"prompt": "x", "bogus": 1}, "bogus"),
     ({"prompt": "x", "width": 4096}, "width"),            # model limit (max_width 2048)
-    ({"prompt": "x", "steps": 151}, "steps"),              # model limit (max_steps 150)
+    ({"prompt": "x", "steps": 401}, "steps"),              # model limit (max_steps 400 here)
     ({"prompt": "x", "num_images": 9}, "num_images"),      # model limit (max_images_per_request 8)
 ])
 def test_validation_is_field_level_422(client, body, field):

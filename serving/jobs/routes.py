@@ -1,0 +1,108 @@
+"""/v1/jobs routes, registered on the ingress's FastAPI app (404 'jobs are not enabled' when jobs are off)."""
+# No `from __future__ import annotations`: FastAPI must see real annotation objects after Serve pickles the app.
+import asyncio
+import base64
+import json
+import time
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from core.schemas import GenerationRequest
+from serving.ingress import ApiError, api, authorize
+
+JOB_FIELDS = ("id", "status", "created_at", "started_at", "finished_at", "updated_at", "progress", "error",
+              "attempts", "seeds")
+
+
+def _jobs(request: Request):
+    jobs = getattr(request.app.state, "jobs", None)
+    if jobs is None:
+        raise ApiError(404, {"message": "async jobs are not enabled (set `jobs:` in the serving config)",
+                             "code": "jobs_disabled"})
+    return jobs
+
+
+def _owned(request: Request, job_id: str, caller: str) -> dict:
+    jobs = _jobs(request)
+    rec = jobs.store.get(job_id) if job_id.startswith("job-") and len(job_id) < 100 else None
+    # Another key's job answers 404 too: ids are not an oracle across keys.
+    if rec is None or (rec["owner"] is not None and rec["owner"] != caller):
+        raise ApiError(404, {"message": f"unknown job id {job_id!r}", "field": "id", "code": "job_not_found"})
+    return rec
+
+
+def _view(jobs, rec: dict) -> dict:
+    out = {k: rec.get(k) for k in JOB_FIELDS if k in rec}
+    out["model"] = rec["request"].get("model")
+    if rec["status"] == "queued":
+        out["queue_position"] = jobs.store.queue_position(rec)
+    return out
+
+
+@api.post("/v1/jobs", status_code=202, summary="Submit an async generation job (same body as /v1/generate)")
+async def submit_job(body: GenerationRequest, request: Request, caller: str = Depends(authorize)):
+    jobs = _jobs(request)
+    ingress = request.app.state.ingress
+    name = ingress.check_request(body, openai=False)
+    owner = caller if ingress.keys.enabled else None
+    rec = jobs.store.create(body.model_copy(update={"model": name}).model_dump(mode="json"), owner)
+    jobs.submit(rec)
+    return JSONResponse({"id": rec["id"], "status": "queued"}, 202, headers={"Location": f"/v1/jobs/{rec['id']}"})
+
+
+@api.get("/v1/jobs/{job_id}", summary="Job status, progress, queue position, timestamps")
+async def get_job(job_id: str, request: Request, caller: str = Depends(authorize)):
+    rec = _owned(request, job_id, caller)
+    return _view(_jobs(request), rec)
+
+
+@api.get("/v1/jobs/{job_id}/result", summary="Job result: JSON (base64 images + seeds), or one image as bytes")
+async def get_job_result(job_id: str, request: Request, caller: str = Depends(authorize)):
+    rec = _owned(request, job_id, caller)
+    if rec["status"] != "succeeded":
+        raise ApiError(409, {"message": f"job is {rec['status']}, no result", "status": rec["status"],
+                             "error": rec.get("error"), "code": "not_ready"})
+    result = await asyncio.to_thread(_jobs(request).store.read_result, job_id)
+    if result is None:
+        raise ApiError(410, {"message": "result expired or deleted (retention)", "code": "result_gone"})
+    accept = request.headers.get("accept", "")
+    if len(result["images"]) == 1 and accept.startswith("image/"):
+        img = result["images"][0]
+        return Response(base64.b64decode(img["b64_json"]), media_type=img["media_type"],
+                        headers={"X-Seed": str(img["seed"])})
+    return result
+
+
+@api.delete("/v1/jobs/{job_id}", summary="Cancel: a queued job never runs, a running one stops at its next step")
+async def cancel_job(job_id: str, request: Request, caller: str = Depends(authorize)):
+    jobs = _jobs(request)
+    rec = _owned(request, job_id, caller)
+    if rec["status"] in ("succeeded", "failed", "cancelled"):
+        return _view(jobs, rec)
+    jobs.store.request_cancel(job_id)
+    if rec["status"] == "queued":
+        rec = jobs.store.update(job_id, status="cancelled", finished_at=time.time()) or rec
+    return _view(jobs, rec)
+
+
+@api.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: job status/progress until it ends")
+async def job_events(job_id: str, request: Request, caller: str = Depends(authorize)):
+    jobs = _jobs(request)
+    _owned(request, job_id, caller)
+
+    async def events():
+        last = None
+        while True:
+            rec = jobs.store.get(job_id)
+            if rec is None:
+                return
+            view = _view(jobs, rec)
+            if view != last:
+                yield f"data: {json.dumps(view)}\n\n"
+                last = view
+            if rec["status"] in ("succeeded", "failed", "cancelled"):
+                return
+            await asyncio.sleep(0.2)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
