@@ -15,6 +15,7 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, help="engine actors (actor pool size)")
     p.add_argument("--num-gpus", type=float, help="GPUs per actor; 0.5 puts two actors on one GPU")
     p.add_argument("--batch-size", type=int, help="rows per Ray Data batch (map_batches batch_size)")
+    p.add_argument("--rows-per-part", type=int, help="rows per output part (unit of resume; default 4 x batch size)")
     p.add_argument("--output-mode", choices=["parquet", "files"], help="images in Parquet, or files + manifest")
     p.add_argument("--job-seed", type=int, help="seed for rows without one (seed = blake2b(job_seed, id))")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local Ray)")
@@ -29,7 +30,8 @@ def _batch(args: argparse.Namespace) -> int:
 
     try:
         summary = run_batch(args.input, args.output, args.config, concurrency=args.concurrency,
-                            num_gpus=args.num_gpus, batch_size=args.batch_size, output_mode=args.output_mode,
+                            num_gpus=args.num_gpus, batch_size=args.batch_size, rows_per_part=args.rows_per_part,
+                            output_mode=args.output_mode,
                             job_seed=args.job_seed, address=args.address, progress=not args.no_progress)
     except (ValidationError, ValueError, FileNotFoundError) as err:
         print(f"error: {format_validation_error(err)}", file=sys.stderr)

@@ -40,13 +40,25 @@ class BatchJobConfig(Strict):
     concurrency: int = Field(1, ge=1, le=4096, description="Engine actors (the actor pool size).")
     num_gpus: float | None = Field(None, ge=0, le=8, description="GPUs per actor (0.5 puts two actors on a "
                                    "GPU). Default: 1 when the cluster has GPUs, else 0.")
-    num_cpus: float = Field(1.0, ge=0, le=256, description="CPUs reserved per actor.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Rows per map_batches call; the engine splits them "
-                            "into compatible pipeline calls of <= limits.max_batch_size images.")
+    num_cpus: float | None = Field(None, ge=0, le=256, description="CPUs reserved per actor. Default: 1, less "
+                                   "when the cluster is too small to also run the read/write tasks.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Rows per engine call (map_batches batch_size). The "
+                            "engine groups them by compat key into pipeline calls of <= limits.max_batch_size "
+                            "images and encodes call k while the GPU runs call k+1, so a few times "
+                            "max_batch_size keeps the GPU busy.")
+    rows_per_part: int | None = Field(None, ge=1, le=1_000_000, description="Rows per output part (the unit "
+                                      "of resume: a killed run redoes at most the parts in flight). Default: "
+                                      "4 x batch_size.")
+    actor_threads: int = Field(1, ge=1, le=8, description="Batches one actor runs at once. 2 overlaps a batch's "
+                               "last image encoding with the next batch's GPU work (more VRAM).")
     output_mode: Literal["parquet", "files"] = Field("parquet", description="parquet: images inside Parquet "
                                                      "parts; files: image files + a Parquet manifest.")
     unknown_columns: Literal["error", "ignore"] = Field("error", description="Input columns that are not "
                                                        "request fields: refuse the job, or ignore them.")
+
+    @property
+    def part_rows(self) -> int:
+        return self.rows_per_part or 4 * self.batch_size
 
     def apply_gpu_fraction(self) -> "BatchJobConfig":
         """An actor owning half a GPU must also cap its VRAM at half (the engine enforces memory.gpu_fraction)."""

@@ -101,15 +101,24 @@ def output_counts(layout: OutputLayout) -> dict[str, Any]:
             "errors_by_kind": by_kind}
 
 
-def _cluster_has_gpus() -> bool:
+def _fit_resources(job: BatchJobConfig) -> BatchJobConfig:
+    """Fill num_gpus/num_cpus for this cluster. Read, write and checkpoint-filter work needs ~2 CPUs besides
+    the engine actors: on a small (CPU) cluster, actors reserving a whole CPU each would starve them."""
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) > 0
+    res = ray.cluster_resources()
+    update: dict[str, Any] = {}
+    if job.num_gpus is None:
+        update["num_gpus"] = 1.0 if res.get("GPU", 0) > 0 else 0.0
+    if job.num_cpus is None:
+        spare = (res.get("CPU", 0) - 2) / job.concurrency
+        update["num_cpus"] = 1.0 if spare >= 1 else max(0.0, round(spare, 2))
+    return job.model_copy(update=update)
 
 
 def run_batch(input: str, output: str, config: str | BatchJobConfig | None = None, *,
               concurrency: int | None = None, num_gpus: float | None = None, batch_size: int | None = None,
-              output_mode: str | None = None, address: str | None = None, job_seed: int | None = None,
+              rows_per_part: int | None = None, output_mode: str | None = None, address: str | None = None, job_seed: int | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a batch job and return its summary (also written to OUTPUT/summary.json).
 
@@ -119,7 +128,8 @@ def run_batch(input: str, output: str, config: str | BatchJobConfig | None = Non
     started = time.time()
     job = config if isinstance(config, BatchJobConfig) else load_job_config(config)
     job = job.model_copy(update={k: v for k, v in dict(concurrency=concurrency, num_gpus=num_gpus,
-                                                       batch_size=batch_size, output_mode=output_mode,
+                                                       batch_size=batch_size, rows_per_part=rows_per_part,
+                                                       output_mode=output_mode,
                                                        job_seed=job_seed).items() if v is not None})
     job = BatchJobConfig.model_validate(job.model_dump())  # re-validate the overrides
     prompts = scan_prompt_set(input, job.unknown_columns)
@@ -137,12 +147,11 @@ def run_batch(input: str, output: str, config: str | BatchJobConfig | None = Non
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
         started_ray = True
     try:
-        if job.num_gpus is None:
-            job = job.model_copy(update={"num_gpus": 1.0 if _cluster_has_gpus() else 0.0})
-        job = job.apply_gpu_fraction()
+        job = _fit_resources(job).apply_gpu_fraction()
         status, error = "complete", None
         try:
-            _execute(prompts, layout, ckpt, job, progress)
+            if input_ids - done_before:  # all done already: do not load a model for nothing
+                _execute(prompts, layout, ckpt, job, progress)
         except BaseException as err:  # still report what was written; a rerun resumes
             status, error = "interrupted", f"{type(err).__name__}: {err}"
             _write_summary(input, output, layout, job, prompts.num_rows, input_ids, done_before, started, status,
@@ -157,7 +166,7 @@ def run_batch(input: str, output: str, config: str | BatchJobConfig | None = Non
 
 def _execute(prompts, layout: OutputLayout, ckpt: str, job: BatchJobConfig, progress: bool) -> None:
     import ray
-    from ray.data import DataContext
+    from ray.data import ActorPoolStrategy, DataContext
     from ray.data.checkpoint import CheckpointConfig
 
     from batch_jobs.generator import GenerateImages
@@ -174,9 +183,13 @@ def _execute(prompts, layout: OutputLayout, ckpt: str, job: BatchJobConfig, prog
     ctx.enable_progress_bars = progress
     try:
         ds = ray.data.read_parquet(prompts.files, filesystem=arrow_filesystem(prompts.fs), columns=prompts.columns)
+        # Small blocks stream: each becomes one engine task and one output part as soon as it is done
+        # (a big Parquet file would otherwise be one block, written only at the very end).
+        ds = ds.repartition(target_num_rows_per_block=job.part_rows)
+        pool = ActorPoolStrategy(size=job.concurrency, max_concurrent_calls_per_actor=job.actor_threads)
         ds = ds.map_batches(GenerateImages, fn_constructor_kwargs={"job": job.model_dump(mode="json")},
                             batch_size=job.batch_size, batch_format="pyarrow", zero_copy_batch=True,
-                            concurrency=job.concurrency, num_gpus=job.num_gpus or None, num_cpus=job.num_cpus)
+                            compute=pool, num_gpus=job.num_gpus or None, num_cpus=job.num_cpus)
         ds.write_datasink(BatchOutputSink(layout.root, filesystem=arrow_filesystem(layout.fs), mode=job.output_mode))
     finally:
         ctx.checkpoint_config, ctx.enable_progress_bars = saved
@@ -201,7 +214,8 @@ def _write_summary(input: str, output: str, layout: OutputLayout, job: BatchJobC
         "total_ok_rows": len(ok_ids), "total_failed_rows": len(failed_ids), "total_images": counts["images"],
         "missing_rows": missing, "rows_in_both_outputs": in_both, "duplicate_images": counts["duplicate_images"],
         "errors_by_kind": counts["errors_by_kind"], "model": job.engine.name, "output_mode": job.output_mode,
-        "concurrency": job.concurrency, "num_gpus": job.num_gpus, "batch_size": job.batch_size,
+        "concurrency": job.concurrency, "num_gpus": job.num_gpus, "num_cpus": job.num_cpus,
+        "batch_size": job.batch_size, "rows_per_part": job.part_rows,
         "started_at": started, "error": error,
     }
     write_json(layout.fs, layout.summary_path, summary)
