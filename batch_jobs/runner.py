@@ -25,10 +25,11 @@ FINGERPRINT_KEYS = ("engine.name", "engine.source", "engine.scheduler", "engine.
 def checkpoint_uri(output: str) -> str:
     """Ray Data's checkpoint lives next to OUTPUT: its recovery scans the sink's folder for part files to
     delete, so the checkpoint files must not be inside it."""
-    from batch_jobs.paths import url_to_fs
+    from fsspec.core import split_protocol
 
-    _, path = url_to_fs(output)
-    if "/" not in path.strip("/") and "://" in output or path.strip("/") == "":
+    protocol, path = split_protocol(output.rstrip("/"))
+    path = path.strip("/")
+    if not path or (protocol not in (None, "file", "local") and "/" not in path):
         raise ValueError(f"output {output!r}: use a folder below the bucket/filesystem root")
     return output.rstrip("/") + ".checkpoint"
 
