@@ -184,3 +184,12 @@ def test_kill_midway_then_resume_gives_every_row_exactly_once(ray_cluster, tmp_p
     ids = read_dir(data)["id"].to_pylist()
     assert sorted(ids) == sorted(r["id"] for r in rows)  # every row exactly once
     assert not [p for p in os.listdir(data) if p.endswith(".tmp")]
+
+
+def test_bench_compare_reports_both_throughputs_and_the_ratio(ray_cluster, tmp_path):
+    from batch_jobs.bench import compare
+
+    report = compare(BatchJobConfig.model_validate(JOB), rows=24, workdir=str(tmp_path))
+    assert report["ray_data_status"] == "complete" and report["failed_rows"] == 0
+    assert report["ray_data_images_per_s"] > 0 and report["offline_images_per_s"] > 0
+    assert report["ratio"] == pytest.approx(report["ray_data_images_per_s"] / report["offline_images_per_s"])
