@@ -23,6 +23,8 @@ ARG TORCH_INDEX_URL=
 # Optional build-time weight pre-fetch (a Hugging Face hub id); empty: no weights in the image.
 ARG MODEL_ID=
 ARG MODEL_REVISION=
+# fsspec filesystems for batch jobs over object storage (s3://, gs://); not in pyproject's dependencies yet.
+ARG EXTRA_PIP="s3fs gcsfs"
 
 ENV SDSERVE_CACHE_DIR=/models \
     HF_HOME=/models/huggingface \
@@ -47,7 +49,7 @@ WORKDIR /opt/sdserve
 COPY --chown=1000:100 pyproject.toml ./
 RUN pip install -q "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
  && python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write(chr(10).join(deps))" \
- && pip install -q -r /tmp/requirements.txt \
+ && pip install -q -r /tmp/requirements.txt ${EXTRA_PIP} \
  && rm /tmp/requirements.txt
 
 # The project itself (what .dockerignore lets through: no tests, no venv, no git history).
