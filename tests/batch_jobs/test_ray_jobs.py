@@ -57,7 +57,7 @@ def head_node(sdserve_cache_dir):
     finally:
         proc.terminate()  # `ray start --block` stops the processes of this cluster on SIGTERM
         try:
-            proc.wait(60)
+            proc.wait(15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         shutil.rmtree(temp, ignore_errors=True)
