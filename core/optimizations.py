@@ -89,8 +89,8 @@ def apply_compile(pipe, opt: OptimizationConfig, level: MemoryLevel, cache_dir: 
     configure_compile_cache(cache_dir)
     import torch
 
+    # diffusers' SDXL speed recipe; coordinate-descent tuning is left off: minutes more compile for ~2%.
     torch._inductor.config.conv_1x1_as_mm = True
-    torch._inductor.config.coordinate_descent_tuning = True
     torch._inductor.config.epilogue_fusion = False
     pipe.unet.compile(mode=opt.compile, fullgraph=True)
     applied = {"compile": opt.compile}
