@@ -236,9 +236,34 @@ SDSERVE_BEST = {"attention": "sdpa", "sdpa_backend": "cudnn", "fuse_qkv": True, 
                 "compile": "reduce-overhead", "compile_vae": True, "warmup_steps": 2}
 
 
+def auto_choices(workload, budgets_gib, info) -> list[dict]:
+    """What AUTO picks for each VRAM budget, from the real architecture's footprint (issue 7)."""
+    import torch
+
+    from core.embedded import build_pipeline
+    from core.memory import estimate_peak_bytes, footprint_of, pick_level
+
+    family, w, h, *_ = WORKLOADS[workload]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = build_pipeline(family, 0, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
+    fp = footprint_of(pipe)
+    del pipe
+    reset_peak()
+    out = []
+    for b in budgets_gib:
+        level = pick_level(fp, family, int(b * GiB), w, h)
+        out.append({"workload": workload, "variant": "auto-choice", "batch": 1, "budget_gib": b,
+                    "memory_level": level.value, "latency_s": None, "img_per_s": None, "peak_vram_gib": None,
+                    "estimate_gib": round(estimate_peak_bytes(fp, family, level, w, h, 1) / GiB, 2), **info})
+        log.info("%s", out[-1])
+    return out
+
+
 def add_ratios(records):
     base = {(r["workload"], r["batch"], r["variant"]): r["latency_s"] for r in records}
     for r in records:
+        if not r.get("latency_s"):
+            continue
         for ref in ("diffusers-eager", "diffusers-compile"):
             v = base.get((r["workload"], r["batch"], ref))
             if v:
@@ -254,6 +279,7 @@ def main(argv=None):
     p.add_argument("--sdserve-settings", default="", help="JSON overriding SDSERVE_BEST")
     p.add_argument("--extra-sdserve", default="", help="JSON dict name -> settings for extra sdserve variants")
     p.add_argument("--memory-levels", default="", help="comma list of levels to run at batch 1 (issue 7)")
+    p.add_argument("--auto-budgets", default="", help="comma list of GiB budgets: record AUTO's level choice")
     p.add_argument("--no-flops", action="store_true")
     p.add_argument("--cache-dir", default=os.environ.get("SDSERVE_CACHE_DIR", "/tmp/sdserve-cache"))
     p.add_argument("--out", default="benchmarks/results")
@@ -288,6 +314,8 @@ def main(argv=None):
             bench_sdserve(wl, name, {**best, **settings}, batches, args.repeats, info, peak, flops, records,
                           args.cache_dir)
             save()
+        if args.auto_budgets:
+            records.extend(auto_choices(wl, [float(b) for b in args.auto_budgets.split(",")], info))
         for level in filter(None, args.memory_levels.split(",")):
             bench_sdserve(wl, f"sdserve-{level}", {"attention": "sdpa", "warmup_steps": 1}, (1,), args.repeats,
                           info, peak, flops, records, args.cache_dir, memory_level=level)
@@ -296,6 +324,9 @@ def main(argv=None):
     print(f"\nwrote {path}")
     print(f"{'workload':14} {'variant':26} {'b':>3} {'lat_s':>8} {'img/s':>7} {'vram':>6} {'mfu':>5} {'vs_eag':>6} {'vs_cmp':>6}")
     for r in records:
+        if r["latency_s"] is None:
+            print(f"{r['workload']:14} AUTO @ {r['budget_gib']} GiB -> {r['memory_level']} (est {r['estimate_gib']} GiB)")
+            continue
         print(f"{r['workload']:14} {r['variant']:26} {r['batch']:>3} {r['latency_s']:>8.3f} {r['img_per_s']:>7.2f} "
               f"{(r['peak_vram_gib'] or 0):>6.2f} {(r['mfu'] or 0):>5.2f} {r.get('speedup_vs_diffusers-eager', 0):>6.2f} "
               f"{r.get('speedup_vs_diffusers-compile', 0):>6.2f}")

@@ -9,6 +9,9 @@ import pytest
 def pytest_configure(config):
     # There is no model hub on CI or a fresh machine: fail fast instead of waiting on the network.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Test clusters are local and private. Ray 2.60 switches to token auth when ~/.ray/auth_token exists (left by
+    # any earlier `ray start`); a cluster started without the token then cannot be joined. One mode for the suite.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
 
 
 @pytest.fixture(scope="session")
