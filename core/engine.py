@@ -40,6 +40,8 @@ class Engine:
         self.budget: int | None = None
         self.footprint = None
         self._vae_lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._ready = False
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self.note = None
         self.load_s = self.warmup_s = 0.0
@@ -47,8 +49,13 @@ class Engine:
     # ------------------------------------------------------------------ loading
     def load(self) -> "Engine":
         """Load once, optimize in the documented order, place per memory level, warm up. Idempotent."""
-        if self.pipe is not None:
-            return self
+        with self._load_lock:  # concurrent first calls load once and wait for the warm-up
+            if not self._ready:
+                self._load()
+                self._ready = True
+        return self
+
+    def _load(self) -> None:
         from core import memory, optimizations
         from core.embedded import NOISE_NOTE
         from core.loading import load_pipeline, resolve_device, resolve_dtype
@@ -84,7 +91,6 @@ class Engine:
             compile_cache.save(self)
         log.info("model %s (%s) ready on %s %s in %.1fs (+%.1fs warm-up): %s", cfg.name, self.family, self.device,
                  str(self.dtype).replace("torch.", ""), self.load_s, self.warmup_s, self.applied)
-        return self
 
     def family_defaults(self) -> tuple[int, int, int, float]:
         if self.config.embedded_name in ("tiny-sd", "tiny-sdxl"):
@@ -156,7 +162,7 @@ class Engine:
     def generate(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
                  queue_s: Sequence[float] | None = None, _warmup: bool = False) -> list[Outcome]:
         """One outcome per request, in order: a GenerationResult, or a GenerationError for that request alone."""
-        if self.pipe is None:
+        if not self._ready and not _warmup:
             self.load()
         t_start = time.perf_counter()
         outcomes: list[Outcome | None] = [None] * len(requests)
@@ -196,7 +202,11 @@ class Engine:
                                     self._encoder.submit(self._encode, img, req, sample.seed)))
         encoded: dict[int, list[tuple[int, GeneratedImage, float]]] = {}
         for rid, sample, fut in encodes:
-            data, enc_s = fut.result()
+            try:
+                data, enc_s = fut.result()
+            except Exception as err:  # noqa: BLE001 - a failed encode fails its own request only
+                outcomes[rid] = outcomes[rid] or self._internal_error(err)
+                continue
             encoded.setdefault(rid, []).append(
                 (sample.image_index, GeneratedImage(data=data, seed=sample.seed,
                                                     media_type=MEDIA_TYPES[by_index[rid].output_format]), enc_s))
@@ -356,7 +366,7 @@ class Engine:
 
     # ------------------------------------------------------------------ health / info
     def check_health(self) -> None:
-        if self.pipe is None:
+        if not self._ready:
             raise RuntimeError("engine not loaded")
         if self.broken:
             raise RuntimeError(self.broken)
