@@ -6,7 +6,7 @@ call only when everything that changes the computation is equal: the compatibili
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 from core.schemas import MAX_SEED, GenerationRequest
 
@@ -37,14 +37,17 @@ def expand(requests: Sequence[tuple[int, GenerationRequest]]) -> list[Sample]:
     return out
 
 
-def plan_batches(requests: Sequence[tuple[int, GenerationRequest]], max_batch: int) -> list[tuple[Hashable, list[Sample]]]:
-    """Group by compat key (first-seen order, so no group starves), then chunk each group to <= max_batch images."""
+def plan_batches(requests: Sequence[tuple[int, GenerationRequest]],
+                 max_batch: int | Callable[[Hashable], int]) -> list[tuple[Hashable, list[Sample]]]:
+    """Group by compat key (first-seen order, so no group starves), then chunk each group to <= max_batch images
+    (a number, or a function of the key: the VRAM budget caps large sizes harder)."""
     groups: dict[Hashable, list[tuple[int, GenerationRequest]]] = {}
     for idx, req in requests:
         groups.setdefault(compat_key(req), []).append((idx, req))
     plan = []
     for key, members in groups.items():
         samples = expand(members)
-        for start in range(0, len(samples), max_batch):
-            plan.append((key, samples[start:start + max_batch]))
+        size = max(1, max_batch(key) if callable(max_batch) else max_batch)
+        for start in range(0, len(samples), size):
+            plan.append((key, samples[start:start + size]))
     return plan

@@ -169,14 +169,16 @@ class Engine:
         resolved: list[tuple[int, GenerationRequest]] = []
         for i, req in enumerate(requests):
             try:
-                resolved.append((i, self.resolve(req)))
+                req = self.resolve(req)
+                self.check_capacity(req)
+                resolved.append((i, req))
             except GenerationError as err:
                 outcomes[i] = err
         by_index = dict(resolved)
         pixels: dict[int, dict[int, object]] = {i: {} for i in by_index}   # request -> image index -> uint8 array
         stage: dict[int, dict] = {i: {"denoise_s": 0.0, "decode_s": 0.0, "batch": 0, "peak": None} for i in by_index}
         encodes: list[tuple[int, Sample, Future]] = []
-        for key, samples in plan_batches(resolved, self.effective_max_batch(by_index)):
+        for key, samples in plan_batches(resolved, lambda key: self.max_batch_for(key[1], key[2])):
             live = [s for s in samples if outcomes[s.request_index] is None]
             if not live:
                 continue
@@ -227,15 +229,27 @@ class Engine:
             return [o for o in outcomes if o is not None]
         return outcomes  # type: ignore[return-value]
 
-    def effective_max_batch(self, by_index: dict[int, GenerationRequest]) -> int:
+    def max_batch_for(self, width: int, height: int) -> int:
+        """Images per pipeline call at this size: limits.max_batch_size, capped by the VRAM budget's estimate
+        (0: not even one image fits)."""
         from core.memory import max_batch_within
 
         cap = self.config.limits.max_batch_size
-        if self.budget is None or not by_index:
+        if self.budget is None:
             return cap
-        w = max(r.width for r in by_index.values())
-        h = max(r.height for r in by_index.values())
-        return max(1, max_batch_within(self.footprint, self.family, self.level, self.budget, w, h, cap))
+        return max_batch_within(self.footprint, self.family, self.level, self.budget, width, height, cap)
+
+    def check_capacity(self, req: GenerationRequest) -> None:
+        """Reject, instead of running out of memory, a resolved request that cannot fit the budget at batch 1."""
+        if self.max_batch_for(req.width, req.height) > 0:
+            return
+        from core.memory import GiB, estimate_peak_bytes
+
+        need = estimate_peak_bytes(self.footprint, self.family, self.level, req.width, req.height, 1)
+        raise GenerationError(
+            f"{req.width}x{req.height} needs about {need / GiB:.1f} GiB at memory level {self.level.value}; this "
+            f"replica's VRAM budget is {self.budget / GiB:.1f} GiB: use a smaller size or a lower-memory level",
+            "capacity", "width")
 
     # ------------------------------------------------------------------ one pipeline call
     def _run_with_oom_retry(self, key: Hashable, samples: list[Sample], cb: StepCallback | None):

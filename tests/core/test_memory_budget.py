@@ -1,0 +1,66 @@
+"""VRAM budgets: arithmetic, AUTO level choice, batch capping and clean rejection (CPU: explicit GiB budgets)."""
+from __future__ import annotations
+
+import pytest
+
+from core.config import MemoryConfig, MemoryLevel
+from core.engine import Engine
+from core.memory import GiB, LEVEL_ORDER, ModelFootprint, budget_bytes, estimate_peak_bytes, max_batch_within, pick_level
+from core.schemas import GenerationError, GenerationRequest
+
+# fp16 weight bytes of the real SDXL architecture (unet 2.57B params, text encoders 0.82B, VAE 84M).
+SDXL = ModelFootprint(unet=int(5.14e9), text_encoders=int(1.64e9), vae=int(0.17e9))
+
+
+def test_budget_is_explicit_gib_or_fraction_of_total_and_none_on_cpu():
+    assert budget_bytes(MemoryConfig(vram_budget_gib=4), "cpu") == 4 * GiB
+    assert budget_bytes(MemoryConfig(gpu_fraction=0.25), "cpu") is None  # no VRAM to take a fraction of
+
+
+def test_estimates_shrink_level_by_level_and_grow_with_batch_and_size():
+    none, bal, ultra = (estimate_peak_bytes(SDXL, "sdxl", lv, 1024, 1024, 1)
+                        for lv in (MemoryLevel.NONE, MemoryLevel.BALANCED, MemoryLevel.ULTRA))
+    assert none > bal > ultra
+    assert estimate_peak_bytes(SDXL, "sdxl", MemoryLevel.NONE, 1024, 1024, 4) > none
+    assert estimate_peak_bytes(SDXL, "sdxl", MemoryLevel.NONE, 512, 512, 1) < none
+
+
+@pytest.mark.parametrize("budget_gib", [4, 8, 16, 40])
+def test_auto_picks_the_fastest_level_that_fits(budget_gib):
+    level = pick_level(SDXL, "sdxl", budget_gib * GiB, 1024, 1024)
+    assert estimate_peak_bytes(SDXL, "sdxl", level, 1024, 1024, 1) <= budget_gib * GiB
+    faster = LEVEL_ORDER[:LEVEL_ORDER.index(level)]
+    assert all(estimate_peak_bytes(SDXL, "sdxl", lv, 1024, 1024, 1) > budget_gib * GiB for lv in faster)
+
+
+def test_auto_with_no_budget_is_none_and_with_a_tiny_budget_the_smallest_estimate():
+    assert pick_level(SDXL, "sdxl", None, 1024, 1024) == MemoryLevel.NONE
+    smallest = min(LEVEL_ORDER, key=lambda lv: estimate_peak_bytes(SDXL, "sdxl", lv, 1024, 1024, 1))
+    assert pick_level(SDXL, "sdxl", 1, 1024, 1024) == smallest
+
+
+def test_max_batch_within_budget_is_monotonic_and_zero_when_nothing_fits():
+    caps = [max_batch_within(SDXL, "sdxl", MemoryLevel.NONE, b * GiB, 1024, 1024, 16) for b in (8, 12, 20, 40)]
+    assert caps == sorted(caps) and caps[0] == 0 and caps[-1] >= 2
+    assert max_batch_within(SDXL, "sdxl", MemoryLevel.NONE, None, 1024, 1024, 16) == 16
+
+
+@pytest.fixture(scope="module")
+def budget_engine(make_config):
+    """tiny-sd with a VRAM budget that fits a few 64x64 images per call, nothing near 1024x1024."""
+    return Engine(make_config(memory={"vram_budget_gib": 0.03}, limits={"max_batch_size": 8})).load()
+
+
+def test_batches_are_capped_to_the_budget(budget_engine):
+    cap = budget_engine.max_batch_for(64, 64)
+    assert 1 <= cap < 8
+    out = budget_engine.generate([GenerationRequest(prompt="a", seed=1, num_images=8)])[0]
+    assert len(out.images) == 8 and out.batch_size == cap
+
+
+def test_request_that_cannot_fit_is_rejected_cleanly_and_the_engine_stays_usable(budget_engine):
+    big, small = budget_engine.generate([GenerationRequest(prompt="a", width=1024, height=1024, seed=1),
+                                         GenerationRequest(prompt="b", seed=2)])
+    assert isinstance(big, GenerationError) and big.kind == "capacity" and big.field == "width"
+    assert "budget" in big.message and "1024x1024" in big.message
+    assert small.images[0].seed == 2
