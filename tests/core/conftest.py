@@ -13,7 +13,8 @@ from core.schemas import GenerationRequest
 def cpu_config(cache_dir: str, **kw) -> EngineConfig:
     """CPU fp32, no warm-up (tests make their own calls)."""
     kw.setdefault("optimization", {"warmup_steps": 0})
-    return EngineConfig(device="cpu", cache_dir=cache_dir, **kw)
+    kw.setdefault("device", "cpu")
+    return EngineConfig(cache_dir=cache_dir, **kw)
 
 
 @pytest.fixture(scope="session")

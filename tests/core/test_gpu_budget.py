@@ -1,0 +1,40 @@
+"""GPU-only (marked gpu; skipped without CUDA): the VRAM budget is enforced, and memory does not leak."""
+from __future__ import annotations
+
+import pytest
+
+from core.engine import Engine
+from core.memory import GiB
+from core.schemas import GenerationError, GenerationRequest
+
+pytestmark = pytest.mark.gpu
+
+
+def test_budget_is_enforced_by_the_allocator(make_config):
+    import torch
+
+    engine = Engine(make_config(device="cuda", memory={"vram_budget_gib": 2.0})).load()
+    assert engine.budget == 2 * GiB
+    out = engine.generate([GenerationRequest(prompt="a", seed=1)])[0]
+    assert out.images and out.peak_vram_bytes is not None and out.peak_vram_bytes < 2 * GiB
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a neighbour-sized allocation is refused
+        torch.empty(3 * GiB, dtype=torch.uint8, device="cuda")
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+@pytest.mark.slow
+def test_allocated_memory_returns_to_its_post_warmup_baseline(make_config):
+    import torch
+
+    engine = Engine(make_config(source="embedded:sd15", device="cuda", limits={"max_batch_size": 4},
+                                optimization={"warmup_steps": 1, "warmup_shapes": [(256, 256, 4)]})).load()
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    sizes = [(256, 256), (320, 256), (256, 384)]
+    for i in range(125):  # 500 requests, mixed sizes and batch compositions
+        w, h = sizes[i % len(sizes)]
+        outs = engine.generate([GenerationRequest(prompt=f"p{i}-{j}", width=w, height=h, steps=2, seed=i * 4 + j)
+                                for j in range(4)])
+        assert not any(isinstance(o, GenerationError) for o in outs)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= baseline + 16 * 1024**2
