@@ -101,8 +101,6 @@ def build_app(config: ServingConfig | dict, cluster_has_gpus: bool | None = None
         opts["backpressure_config"] = BackpressureConfig(**opts["backpressure_config"])
         dep = serve.deployment(ModelServer).options(**opts, logging_config=logging_config)
         handles[m.name] = dep.bind(**init)
-    if config.jobs is not None and config.jobs.backend != "local":
-        raise NotImplementedError("jobs backend 'redis' is not implemented yet; use backend: local")
     iopts = ingress_deployment_options(config)
     iopts["backpressure_config"] = BackpressureConfig(**iopts["backpressure_config"])
     return serve.deployment(Ingress).options(**iopts, logging_config=logging_config).bind(

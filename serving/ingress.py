@@ -134,9 +134,9 @@ class Ingress:
         self.started = int(time.time())
         self.jobs = None
         if self.config.jobs is not None:
-            from serving.jobs.runner import LocalJobs
+            from serving.jobs.runner import make_jobs
 
-            self.jobs = LocalJobs(self.config.jobs, models, self.config.default_model)
+            self.jobs = make_jobs(self.config.jobs, models, self.config.default_model)
         api.state.ingress = self
         api.state.jobs = self.jobs
         api.state.max_body_bytes = sec.max_body_bytes

@@ -94,3 +94,109 @@ class LocalJobs:
     async def _run(self, job_id: str) -> None:
         async with self._slots:  # asyncio.Semaphore wakes waiters in FIFO order
             await run_job(self.store, self.handles, job_id, self.default_model, self.cfg.max_retries)
+
+
+class RedisJobs:
+    """Backend 'redis': records, queue, cancel flags and leases live in Redis; every ingress replica consumes.
+
+    A job is claimed atomically (queue -> lease), run by `run_job`, and its lease renewed every lease_s/3 while it
+    runs. Whoever finds a lapsed lease (its worker died: ingress killed, node lost) queues the job again, ahead
+    of newer ones, or fails it with the reason once it used max_retries + 1 attempts. A worker that finds its own
+    lease gone stops (another worker owns the job now); a job with no progress for stale_after_s is failed.
+    """
+
+    POLL_S = 0.1
+
+    def __init__(self, cfg, handles: dict, default_model: str):
+        from serving.jobs.store import JobStore
+
+        self.cfg, self.handles, self.default_model = cfg, handles, default_model
+        self.store = JobStore(cfg)
+        self.records = self.store.records
+        self.store.sweep_results()
+        self._running: dict[str, asyncio.Task] = {}
+        self._loops: list[asyncio.Task] = []
+        try:
+            self._start(asyncio.get_running_loop())  # Serve runs the replica's constructor on its event loop
+        except RuntimeError:
+            pass  # no loop yet: started by the first submit()
+
+    def _start(self, loop) -> None:
+        if not self._loops:
+            self._loops = [loop.create_task(self._dispatch()), loop.create_task(self._keeper())]
+
+    def submit(self, rec: dict) -> None:
+        self._start(asyncio.get_running_loop())  # the record is already queued in Redis by store.create
+
+    async def _dispatch(self) -> None:
+        while True:
+            try:
+                if len(self._running) >= self.cfg.concurrency:
+                    await asyncio.sleep(self.POLL_S)
+                    continue
+                job_id = await asyncio.to_thread(self.records.claim, self.cfg.lease_s)
+                if job_id is None:
+                    await asyncio.sleep(self.POLL_S)
+                    continue
+                task = asyncio.get_running_loop().create_task(self._run(job_id))
+                self._running[job_id] = task
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - Redis briefly unreachable: keep consuming
+                log.warning("jobs: dispatch error %s: %s", type(err).__name__, err)
+                await asyncio.sleep(1.0)
+
+    async def _run(self, job_id: str) -> None:
+        try:
+            await run_job(self.store, self.handles, job_id, self.default_model, self.cfg.max_retries)
+        finally:
+            # Not ours any more when the keeper popped it (lease lost): the lease is another worker's, leave it.
+            if self._running.pop(job_id, None) is not None:
+                try:
+                    await asyncio.to_thread(self.records.release, job_id)
+                except Exception as err:  # noqa: BLE001 - the lease lapses; the keeper then sees the job terminal
+                    log.warning("jobs: release %s failed: %s", job_id, err)
+
+    async def _keeper(self) -> None:
+        """Renew our leases, stop jobs whose lease we lost or that stalled, recover jobs of dead workers."""
+        while True:
+            try:
+                await asyncio.sleep(self.cfg.lease_s / 3)
+                lost = await asyncio.to_thread(self.records.renew, list(self._running), self.cfg.lease_s)
+                for job_id in lost:
+                    log.warning("jobs: lease of %s lapsed (event loop blocked?); another worker owns it", job_id)
+                    task = self._running.pop(job_id, None)
+                    if task:
+                        task.cancel()
+                now = time.time()
+                for job_id, task in list(self._running.items()):
+                    rec = self.store.get(job_id)
+                    if rec and rec["status"] == "running" and now - rec["updated_at"] > self.cfg.stale_after_s:
+                        task.cancel()
+                        self.store.update(job_id, status="failed", finished_at=now,
+                                          error=f"stalled: no progress for {self.cfg.stale_after_s:.0f} s")
+                for job_id in await asyncio.to_thread(self.records.expired_leases):
+                    self._recover(job_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                log.warning("jobs: keeper error %s: %s", type(err).__name__, err)
+
+    def _recover(self, job_id: str) -> None:
+        from serving.jobs.store import TERMINAL
+
+        rec = self.store.get(job_id)
+        if rec is None or rec["status"] in TERMINAL:
+            return
+        used = rec["attempts"] if rec["status"] == "running" else rec["attempts"] + 1  # died before it started
+        if used > self.cfg.max_retries:
+            log.warning("jobs: %s lost its worker; failed after %d attempt(s)", job_id, used)
+            self.store.update(job_id, status="failed", finished_at=time.time(), attempts=used,
+                              error=f"worker lost (lease expired) after {used} attempt(s)")
+        else:
+            log.warning("jobs: %s lost its worker (attempt %d); queued again", job_id, used)
+            self.store.update(job_id, status="queued", attempts=used)  # keeps its submit order: runs first
+
+
+def make_jobs(cfg, handles: dict, default_model: str):
+    return RedisJobs(cfg, handles, default_model) if cfg.backend == "redis" else LocalJobs(cfg, handles, default_model)

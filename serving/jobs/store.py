@@ -82,13 +82,51 @@ class RedisRecords:
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(self._k("cancel", job_id)))
 
+    # The queue is the `queued` sorted set (score = submit order, so the queue position is its rank); a claimed
+    # job moves atomically to `leases` (score = lease expiry), which its worker renews while it runs.
+    _CLAIM = """
+local got = redis.call('ZPOPMIN', KEYS[1])
+if #got == 0 then return false end
+redis.call('ZADD', KEYS[2], ARGV[1], got[1])
+return got[1]
+"""
+    _REAP = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
+return ids
+"""
+
+    def claim(self, lease_s: float) -> str | None:
+        """Pop the oldest queued job and lease it to the caller (atomic: a job is never both queued and leased)."""
+        got = self.r.eval(self._CLAIM, 2, self._k("queued"), self._k("leases"), time.time() + lease_s)
+        return got.decode() if isinstance(got, bytes) else got
+
+    def renew(self, job_ids: list[str], lease_s: float) -> list[str]:
+        """Extend the leases of `job_ids`; returns those whose lease was gone (reaped: another worker owns them)."""
+        if not job_ids:
+            return []
+        pipe = self.r.pipeline()
+        for jid in job_ids:
+            pipe.zadd(self._k("leases"), {jid: time.time() + lease_s}, xx=True, ch=True)
+            pipe.zscore(self._k("leases"), jid)
+        res = pipe.execute()
+        return [jid for jid, score in zip(job_ids, res[1::2]) if score is None]
+
+    def release(self, job_id: str) -> None:
+        self.r.zrem(self._k("leases"), job_id)
+
+    def expired_leases(self) -> list[str]:
+        """Remove and return the jobs whose lease lapsed (each goes to exactly one caller)."""
+        ids = self.r.eval(self._REAP, 1, self._k("leases"), time.time())
+        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
 
 class JobStore:
     def __init__(self, cfg):
         import fsspec
 
         self.cfg = cfg
-        self.records = RedisRecords(cfg.redis_url) if cfg.backend == "redis" else LocalRecords()
+        self.records = RedisRecords(cfg.redis_url, cfg.queue_name) if cfg.backend == "redis" else LocalRecords()
         self.fs, self.root = fsspec.core.url_to_fs(cfg.result_store)
         self.fs.makedirs(self.root, exist_ok=True)
 

@@ -89,3 +89,59 @@ def pytest_runtest_teardown(item, nextitem):
     if nextitem is None or HERE not in Path(nextitem.path).parents:
         while _cleanups:
             _cleanups.pop()()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real, throwaway redis-server on a free port (no persistence); skips when the binary is missing."""
+    import shutil
+    import subprocess
+    import time
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    import redis
+
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.time() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.skip("redis-server did not start")
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def redis_jobs_config(redis_url: str, result_store: str) -> dict:
+    return {"app_name": "rjobs", "route_prefix": "/rjobs",
+            "jobs": {"backend": "redis", "redis_url": redis_url, "queue_name": "sdserve-test", "concurrency": 2,
+                     "max_retries": 2, "lease_s": 2, "result_store": result_store},
+            "models": [{"engine": {"name": "tiny-sd", "device": "cpu", "limits": {"max_steps": 400}},
+                        "deployment": {"num_gpus": 0, "num_cpus": 0.5, "max_batch_size": 8,
+                                       "batch_wait_timeout_s": 0.1}}]}
+
+
+@pytest.fixture(scope="session")
+def redis_jobs_url(serve_url, redis_url, tmp_path_factory):
+    """App "rjobs" at /rjobs on the shared Serve: async jobs on the Redis backend (2 s leases)."""
+    from ray import serve
+
+    from serving.builder import build_app
+    from serving.config import ServingConfig
+
+    cfg = redis_jobs_config(redis_url, str(tmp_path_factory.mktemp("rjobs-results")))
+    serve.run(build_app(ServingConfig.model_validate(cfg)), name="rjobs", route_prefix="/rjobs")
+    return f"{serve_url}/rjobs"
