@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
-CONFIG ?=
+CONFIG ?= configs/serve-default.yaml
 
 .PHONY: install serve test test-fast gpuhost clean
 
