@@ -51,6 +51,11 @@ class BatchJobConfig(Strict):
                                       "4 x batch_size.")
     actor_threads: int = Field(1, ge=1, le=8, description="Batches one actor runs at once. 2 overlaps a batch's "
                                "last image encoding with the next batch's GPU work (more VRAM).")
+    actor_restarts: int = Field(0, ge=-1, le=100, description="Restarts of an engine actor that dies (its node "
+                                "lost, its process killed). 0: the run fails at once with the actor's error (a "
+                                "rerun resumes). -1 (Ray Data's default): restart forever; only for autoscaling "
+                                "clusters, since on a fixed cluster the restart waits for resources that never come "
+                                "and the run hangs.")
     output_mode: Literal["parquet", "files"] = Field("parquet", description="parquet: images inside Parquet "
                                                      "parts; files: image files + a Parquet manifest.")
     unknown_columns: Literal["error", "ignore"] = Field("error", description="Input columns that are not "

@@ -117,6 +117,21 @@ def _fit_resources(job: BatchJobConfig) -> BatchJobConfig:
     return job.model_copy(update=update)
 
 
+def _warn_if_cpus_short(job: BatchJobConfig, resuming: bool) -> None:
+    """A resume adds Ray Data's CheckpointFilter: an actor that holds 1 CPU for the whole run. With the read and
+    write tasks (1 CPU each) it needs a CPU beside it, or the run waits forever (Ray Data only logs "Cluster
+    resources are not enough to run any task"). Say so up front; an autoscaling cluster may still add the CPUs."""
+    import ray
+
+    need = job.concurrency * (job.num_cpus or 0) + 1 + (1 if resuming else 0)
+    have = ray.cluster_resources().get("CPU", 0)
+    if have < need:
+        log.warning("this %s needs >= %g CPUs in the cluster (%d engine actors x %g CPU, 1 for read/write tasks%s) "
+                    "but the live nodes have %g: unless the cluster scales up, the run will wait forever",
+                    "resume" if resuming else "run", need, job.concurrency, job.num_cpus or 0,
+                    ", 1 held by Ray Data's CheckpointFilter actor" if resuming else "", have)
+
+
 def run_batch(input: str, output: str, config: str | BatchJobConfig | None = None, *,
               concurrency: int | None = None, num_gpus: float | None = None, batch_size: int | None = None,
               rows_per_part: int | None = None, output_mode: str | None = None, address: str | None = None, job_seed: int | None = None,
@@ -149,6 +164,7 @@ def run_batch(input: str, output: str, config: str | BatchJobConfig | None = Non
         started_ray = True
     try:
         job = _fit_resources(job).apply_gpu_fraction()
+        _warn_if_cpus_short(job, resuming=bool(committed_ids(output)))
         status, error = "complete", None
         try:
             if input_ids - done_before:  # all done already: do not load a model for nothing
@@ -190,7 +206,10 @@ def _execute(prompts, layout: OutputLayout, ckpt: str, job: BatchJobConfig, prog
         pool = ActorPoolStrategy(size=job.concurrency, max_concurrent_calls_per_actor=job.actor_threads)
         ds = ds.map_batches(GenerateImages, fn_constructor_kwargs={"job": job.model_dump(mode="json")},
                             batch_size=job.batch_size, batch_format="pyarrow", zero_copy_batch=True,
-                            compute=pool, num_gpus=job.num_gpus or None, num_cpus=job.num_cpus)
+                            compute=pool, num_gpus=job.num_gpus or None, num_cpus=job.num_cpus,
+                            # A dead actor fails the run (resumable) instead of waiting, with its tasks, for a
+                            # restart that a fixed cluster may never be able to place.
+                            max_restarts=job.actor_restarts)
         ds.write_datasink(BatchOutputSink(layout.root, filesystem=arrow_filesystem(layout.fs), mode=job.output_mode))
     finally:
         ctx.checkpoint_config, ctx.enable_progress_bars = saved
