@@ -175,7 +175,6 @@ class Engine:
             except GenerationError as err:
                 outcomes[i] = err
         by_index = dict(resolved)
-        pixels: dict[int, dict[int, object]] = {i: {} for i in by_index}   # request -> image index -> uint8 array
         stage: dict[int, dict] = {i: {"denoise_s": 0.0, "decode_s": 0.0, "batch": 0, "peak": None} for i in by_index}
         encodes: list[tuple[int, Sample, Future]] = []
         for key, samples in plan_batches(resolved, lambda key: self.max_batch_for(key[1], key[2])):
@@ -195,10 +194,10 @@ class Engine:
                     st["decode_s"] += decode_s
                     st["batch"] = max(st["batch"], len(chunk))
                     st["peak"] = max(st["peak"] or 0, peak) if peak is not None else st["peak"]
+                if _warmup:
+                    continue
                 # Encoding runs on a thread pool, overlapped with the next chunk's GPU work.
                 for sample, img in zip(chunk, images):
-                    if _warmup:
-                        continue
                     req = by_index[sample.request_index]
                     encodes.append((sample.request_index, sample,
                                     self._encoder.submit(self._encode, img, req, sample.seed)))
@@ -295,7 +294,7 @@ class Engine:
         """Denoise + decode one compatible chunk. Returns (uint8 images, denoise_s, decode_s, peak bytes)."""
         import torch
 
-        from core.fastpath import bucket_samples
+        from core.fastpath import bucket_samples, shape_context
         from core.schedulers import make_scheduler
 
         _model, width, height, steps, scheduler, guidance = key
@@ -309,7 +308,7 @@ class Engine:
                 cb(rids, i + 1, p.num_timesteps)  # may raise GenerationCancelled: stops at this step
             return kw
 
-        with self.monitor.track(), self.fastpath_context(width, height, len(run)):
+        with self.monitor.track(), shape_context(self, width, height, len(run)):
             t0 = time.perf_counter()
             latents = pipe(prompt=[s.prompt for s in run], negative_prompt=[s.negative_prompt for s in run],
                            width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
@@ -320,11 +319,6 @@ class Engine:
             images = self._decode(latents[: len(samples)], force_tiling)
             t2 = time.perf_counter()
         return images, t1 - t0, t2 - t1, self.monitor.last_peak
-
-    def fastpath_context(self, width: int, height: int, batch: int):
-        from core.fastpath import shape_context
-
-        return shape_context(self, width, height, batch)
 
     def _decode(self, latents, force_tiling: bool):
         """VAE decode to HxWx3 uint8 arrays; the float->uint8 conversion runs on the device (4x less to copy)."""

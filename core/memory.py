@@ -176,15 +176,6 @@ class MemoryMonitor:
                 if self.release:
                     free_memory()
 
-    def snapshot(self) -> dict:
-        import torch
-
-        if not self.cuda:
-            return {"device": self.device}
-        return {"device": self.device, "allocated": torch.cuda.memory_allocated(self.device),
-                "reserved": torch.cuda.memory_reserved(self.device), "last_peak": self.last_peak,
-                "time": time.time()}
-
 
 def free_memory() -> None:
     import torch
