@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import secrets
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Sequence
 
 from core.batching import Sample, plan_batches
@@ -29,6 +31,31 @@ StepCallback = Callable[[Sequence[int], int, int], None]  # (request indices, st
 Outcome = GenerationResult | GenerationError
 
 
+@dataclass
+class Rendering:
+    """One request after the GPU stage: stage timings and the futures of its images' encodes."""
+
+    request: GenerationRequest
+    started: float
+    queue_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    batch: int = 0
+    peak: int | None = None
+    encodes: list[tuple[int, int, Future]] = field(default_factory=list)  # (image index, seed, future)
+
+    @property
+    def futures(self) -> list[Future]:
+        return [f for _, _, f in self.encodes]
+
+    def add_stage(self, denoise_s: float, decode_s: float, batch: int, peak: int | None) -> None:
+        self.denoise_s += denoise_s
+        self.decode_s += decode_s
+        self.batch = max(self.batch, batch)
+        if peak is not None:
+            self.peak = max(self.peak or 0, peak)
+
+
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -42,7 +69,10 @@ class Engine:
         self._vae_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._ready = False
-        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        # PNG/JPEG encoders release the GIL: a few threads keep up with a batch while the GPU runs the next one.
+        self._encoder = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
+                                           thread_name_prefix="encode")
+        self._gpu_lock = threading.Lock()  # one pipeline call at a time: compiled graphs and hooks are not reentrant
         self.note = None
         self.load_s = self.warmup_s = 0.0
 
@@ -119,7 +149,7 @@ class Engine:
                     # Requests of <= max_images_per_request images; one compat key, so they run as one call.
                     reqs = [GenerationRequest(prompt="warm-up", width=w, height=h, steps=steps, seed=i,
                                               num_images=min(per_req, n - i)) for i in range(0, n, per_req)]
-                    for out in self.generate(reqs, _warmup=True):
+                    for out in self.submit(reqs, _warmup=True):
                         if isinstance(out, GenerationError):
                             raise RuntimeError(f"warm-up at {w}x{h} batch {n} failed: {out.message}")
         finally:
@@ -160,73 +190,70 @@ class Engine:
         return req.model_copy(update=fill)
 
     def generate(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
-                 queue_s: Sequence[float] | None = None, _warmup: bool = False) -> list[Outcome]:
+                 queue_s: Sequence[float] | None = None) -> list[Outcome]:
         """One outcome per request, in order: a GenerationResult, or a GenerationError for that request alone."""
+        return [self.collect(r) for r in self.submit(requests, step_callback, queue_s)]
+
+    def submit(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
+               queue_s: Sequence[float] | None = None, _warmup: bool = False) -> list[Rendering | GenerationError]:
+        """The GPU stage: denoise + decode every request (one pipeline call at a time per engine). Encoding is
+        started on a thread pool as each chunk finishes and is awaited by `collect`, so a server can start the
+        next batch's GPU work while this one's images are still being encoded."""
         if not self._ready and not _warmup:
             self.load()
         t_start = time.perf_counter()
-        outcomes: list[Outcome | None] = [None] * len(requests)
-        resolved: list[tuple[int, GenerationRequest]] = []
+        outcomes: list[Rendering | GenerationError | None] = [None] * len(requests)
         for i, req in enumerate(requests):
             try:
                 req = self.resolve(req)
                 self.check_capacity(req)
-                resolved.append((i, req))
+                outcomes[i] = Rendering(req, t_start, queue_s[i] if queue_s else 0.0)
             except GenerationError as err:
                 outcomes[i] = err
-        by_index = dict(resolved)
-        stage: dict[int, dict] = {i: {"denoise_s": 0.0, "decode_s": 0.0, "batch": 0, "peak": None} for i in by_index}
-        encodes: list[tuple[int, Sample, Future]] = []
-        for key, samples in plan_batches(resolved, lambda key: self.max_batch_for(key[1], key[2])):
-            live = [s for s in samples if outcomes[s.request_index] is None]
-            if not live:
-                continue
-            for chunk, result in self._run_with_oom_retry(key, live, step_callback):
-                rids = sorted({s.request_index for s in chunk})
-                if isinstance(result, GenerationError):
-                    for r in rids:
-                        outcomes[r] = result
-                    continue
-                images, denoise_s, decode_s, peak = result
+        resolved = [(i, r.request) for i, r in enumerate(outcomes) if isinstance(r, Rendering)]
+        with self._gpu_lock:
+            for key, samples in plan_batches(resolved, lambda key: self.max_batch_for(key[1], key[2])):
+                live = [s for s in samples if isinstance(outcomes[s.request_index], Rendering)]
+                if live:
+                    self._run_group(key, live, step_callback, outcomes, encode=not _warmup)
+        return outcomes  # type: ignore[return-value]
+
+    def _run_group(self, key, samples: list[Sample], cb: StepCallback | None, outcomes: list, encode: bool) -> None:
+        for chunk, result in self._run_with_oom_retry(key, samples, cb):
+            rids = sorted({s.request_index for s in chunk})
+            if isinstance(result, GenerationError):
                 for r in rids:
-                    st = stage[r]
-                    st["denoise_s"] += denoise_s
-                    st["decode_s"] += decode_s
-                    st["batch"] = max(st["batch"], len(chunk))
-                    st["peak"] = max(st["peak"] or 0, peak) if peak is not None else st["peak"]
-                if _warmup:
-                    continue
-                # Encoding runs on a thread pool, overlapped with the next chunk's GPU work.
+                    outcomes[r] = result
+                continue
+            images, denoise_s, decode_s, peak = result
+            for r in rids:
+                if isinstance(outcomes[r], Rendering):  # not when another chunk of it already failed
+                    outcomes[r].add_stage(denoise_s, decode_s, len(chunk), peak)
+            if encode:  # on the pool: overlapped with the next chunk's GPU work
                 for sample, img in zip(chunk, images):
-                    req = by_index[sample.request_index]
-                    encodes.append((sample.request_index, sample,
-                                    self._encoder.submit(self._encode, img, req, sample.seed)))
-        encoded: dict[int, list[tuple[int, GeneratedImage, float]]] = {}
-        for rid, sample, fut in encodes:
+                    rendering = outcomes[sample.request_index]
+                    if isinstance(rendering, Rendering):
+                        rendering.encodes.append((sample.image_index, sample.seed, self._encoder.submit(
+                            self._encode, img, rendering.request, sample.seed)))
+
+    def collect(self, rendering: Rendering | GenerationError) -> Outcome:
+        """Wait for a rendering's encodes (non-blocking once its `futures` are done) and build its result."""
+        if isinstance(rendering, GenerationError):
+            return rendering
+        req, images, encode_s = rendering.request, [], 0.0
+        for index, seed, fut in sorted(rendering.encodes, key=lambda t: t[0]):
             try:
                 data, enc_s = fut.result()
             except Exception as err:  # noqa: BLE001 - a failed encode fails its own request only
-                outcomes[rid] = outcomes[rid] or self._internal_error(err)
-                continue
-            encoded.setdefault(rid, []).append(
-                (sample.image_index, GeneratedImage(data=data, seed=sample.seed,
-                                                    media_type=MEDIA_TYPES[by_index[rid].output_format]), enc_s))
-        total = time.perf_counter() - t_start
-        for rid, req in by_index.items():
-            if outcomes[rid] is not None or _warmup:
-                continue
-            imgs = sorted(encoded.get(rid, []), key=lambda t: t[0])
-            st = stage[rid]
-            timings = Timings(queue_s=(queue_s[rid] if queue_s else 0.0), denoise_s=st["denoise_s"],
-                              decode_s=st["decode_s"], encode_s=sum(t[2] for t in imgs), total_s=total)
-            outcomes[rid] = GenerationResult(
-                images=[t[1] for t in imgs], width=req.width, height=req.height, steps=req.steps,
-                guidance_scale=req.guidance_scale, scheduler=req.scheduler, model=req.model,
-                output_format=req.output_format, batch_size=st["batch"], timings=timings,
-                peak_vram_bytes=st["peak"], note=self.note)
-        if _warmup:
-            return [o for o in outcomes if o is not None]
-        return outcomes  # type: ignore[return-value]
+                return self.internal_error(err)
+            images.append(GeneratedImage(data=data, seed=seed, media_type=MEDIA_TYPES[req.output_format]))
+            encode_s += enc_s
+        timings = Timings(queue_s=rendering.queue_s, denoise_s=rendering.denoise_s, decode_s=rendering.decode_s,
+                          encode_s=encode_s, total_s=time.perf_counter() - rendering.started)
+        return GenerationResult(
+            images=images, width=req.width, height=req.height, steps=req.steps, guidance_scale=req.guidance_scale,
+            scheduler=req.scheduler, model=req.model, output_format=req.output_format, batch_size=rendering.batch,
+            timings=timings, peak_vram_bytes=rendering.peak, note=self.note)
 
     def max_batch_for(self, width: int, height: int) -> int:
         """Images per pipeline call at this size: limits.max_batch_size, capped by the VRAM budget's estimate
@@ -264,7 +291,7 @@ class Engine:
         except torch.cuda.OutOfMemoryError:
             log.warning("CUDA OOM at batch %d of %s; retrying split with VAE tiling", len(samples), key)
         except Exception as err:  # noqa: BLE001 - one bad call must not take the engine down
-            return [(samples, self._internal_error(err))]
+            return [(samples, self.internal_error(err))]
         free_memory()
         half = max(1, len(samples) // 2)
         out = []
@@ -281,10 +308,10 @@ class Engine:
                     f"out of GPU memory at {key[1]}x{key[2]} even at batch {len(part)} with VAE tiling; "
                     "use a smaller size or a lower-memory level", "oom", None)))
             except Exception as err:  # noqa: BLE001
-                out.append((part, self._internal_error(err)))
+                out.append((part, self.internal_error(err)))
         return out
 
-    def _internal_error(self, err: Exception) -> GenerationError:
+    def internal_error(self, err: Exception) -> GenerationError:
         log.exception("generation failed: %s", err)
         if "CUDA error" in str(err) or "CUBLAS" in str(err):
             self.broken = f"CUDA error: {err}"  # the context is unusable; check_health makes Serve replace us
