@@ -188,8 +188,28 @@ def bench_diffusers(workload, variants, batches, repeats, info, peak_tflops, rec
     return flops
 
 
+def image_quality(reference: list[bytes], images: list[bytes]) -> dict:
+    """Pixel difference of `images` from `reference` (same prompts and seeds): mean |diff| (0-255) and PSNR."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def pixels(blobs):
+        return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs]).astype(np.float64)
+
+    a, b = pixels(reference), pixels(images)
+    mse = float(((a - b) ** 2).mean())
+    return {"mean_abs_diff": round(float(np.abs(a - b).mean()), 3),
+            "psnr_db": round(float(10 * np.log10(255**2 / mse)), 2) if mse else None,  # None: identical
+            "note": "vs the sdserve variant's images, same prompts and seeds; random weights (noise images): "
+                    "how far the output moves, only a proxy for the quality cost"}
+
+
 def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflops, flops, records, cache_dir,
-                  memory_level="none"):
+                  memory_level="none", reference=None) -> dict[int, list[bytes]]:
+    """Records one entry per batch; returns the last call's encoded images per batch. With `reference` (those
+    of another variant), each record gets a `quality` figure against it."""
     import torch
 
     from core.config import EngineConfig
@@ -218,18 +238,22 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
             raise RuntimeError(f"sdserve call failed: {bad[0]}")
         return outs
 
+    images = {}
     for b in batches:
         lat, first, a, r = time_calls(lambda: call(b), repeats)
         outs = call(b)
+        images[b] = [img.data for o in outs for img in o.images]
         stages = {"denoise_s": round(outs[0].timings.denoise_s, 4), "decode_s": round(outs[0].timings.decode_s, 4),
                   "encode_s": round(statistics.mean(o.timings.encode_s for o in outs), 4)}
+        extra = {"quality": image_quality(reference[b], images[b])} if reference and b in reference else {}
         records.append(record(workload, variant, b, lat, first, a, r, flops.get(b), peak_tflops, info,
                               {**settings, "dtype": dtype, "memory_level": engine.level.value}, ready_s=round(ready_s, 1),
-                              memory_level=engine.level.value, stages=stages))
+                              memory_level=engine.level.value, stages=stages, **extra))
         log.info("%s", records[-1])
     del engine
     torch._dynamo.reset()
     reset_peak()
+    return images
 
 
 SDSERVE_BEST = {"attention": "sdpa", "sdpa_backend": "cudnn", "fuse_qkv": True, "channels_last": True,
@@ -264,7 +288,7 @@ def add_ratios(records):
     for r in records:
         if not r.get("latency_s"):
             continue
-        for ref in ("diffusers-eager", "diffusers-compile"):
+        for ref in ("diffusers-eager", "diffusers-compile", "sdserve"):
             v = base.get((r["workload"], r["batch"], ref))
             if v:
                 r[f"speedup_vs_{ref}"] = round(v / r["latency_s"], 3)
@@ -273,7 +297,9 @@ def add_ratios(records):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--workloads", default="sd15-512-50,sdxl-1024-30")
-    p.add_argument("--variants", default="diffusers-eager,diffusers-compile,sdserve")
+    p.add_argument("--variants", default="diffusers-eager,diffusers-compile,sdserve",
+                   help="also: sdserve-deepcache (step caching; its records carry `quality` vs sdserve's images)")
+    p.add_argument("--deepcache-interval", type=int, default=3, help="step_cache interval of sdserve-deepcache")
     p.add_argument("--batches", default="", help="comma list; default: the workload's list")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sdserve-settings", default="", help="JSON overriding SDSERVE_BEST")
@@ -307,8 +333,15 @@ def main(argv=None):
         batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else WORKLOADS[wl][4]
         flops = bench_diffusers(wl, variants, batches, args.repeats, info, peak, records, count=not args.no_flops)
         save()
+        reference = None
         if "sdserve" in variants:
-            bench_sdserve(wl, "sdserve", best, batches, args.repeats, info, peak, flops, records, args.cache_dir)
+            reference = bench_sdserve(wl, "sdserve", best, batches, args.repeats, info, peak, flops, records,
+                                      args.cache_dir)
+            save()
+        if "sdserve-deepcache" in variants:  # same settings + step caching; quality vs the images just made
+            # No FLOP count: shallow steps skip most of the UNet, so the full-UNet count would inflate its MFU.
+            bench_sdserve(wl, "sdserve-deepcache", {**best, "step_cache": {"interval": args.deepcache_interval}},
+                          batches, args.repeats, info, peak, {}, records, args.cache_dir, reference=reference)
             save()
         for name, settings in (json.loads(args.extra_sdserve) if args.extra_sdserve else {}).items():
             bench_sdserve(wl, name, {**best, **settings}, batches, args.repeats, info, peak, flops, records,
@@ -327,9 +360,11 @@ def main(argv=None):
         if r["latency_s"] is None:
             print(f"{r['workload']:14} AUTO @ {r['budget_gib']} GiB -> {r['memory_level']} (est {r['estimate_gib']} GiB)")
             continue
+        q = r.get("quality")
         print(f"{r['workload']:14} {r['variant']:26} {r['batch']:>3} {r['latency_s']:>8.3f} {r['img_per_s']:>7.2f} "
               f"{(r['peak_vram_gib'] or 0):>6.2f} {(r['mfu'] or 0):>5.2f} {r.get('speedup_vs_diffusers-eager', 0):>6.2f} "
-              f"{r.get('speedup_vs_diffusers-compile', 0):>6.2f}")
+              f"{r.get('speedup_vs_diffusers-compile', 0):>6.2f}"
+              + (f"  PSNR {q['psnr_db']} dB, mean |diff| {q['mean_abs_diff']}" if q else ""))
     return 0
 
 

@@ -38,6 +38,16 @@ class MemoryLevel(str, Enum):
     AUTO = "auto"
 
 
+class StepCacheConfig(Strict):
+    """DeepCache-style step caching (core/step_cache.py): between full UNet steps, shallow steps reuse the deep
+    features of the last full one. Faster, and images change: a quality/speed trade."""
+
+    interval: int = Field(3, ge=1, le=10, description="Every interval-th denoising step runs the whole UNet, the "
+                          "others only its shallowest blocks. 1: every step in full (same images as off).")
+    first_full_steps: int = Field(1, ge=1, le=50, description="The first N steps always run the whole UNet "
+                                  "(the image's layout forms there).")
+
+
 class OptimizationConfig(Strict):
     """Speed settings, applied at load in the fixed order documented in core/optimizations.py."""
 
@@ -64,6 +74,8 @@ class OptimizationConfig(Strict):
                                      "compile is on; a batch is padded up to the next bucket. Empty: powers of "
                                      "two up to limits.max_batch_size.")
     warmup_steps: int = Field(2, ge=0, le=50, description="Denoising steps per warm-up call (0 = no warm-up).")
+    step_cache: StepCacheConfig | None = Field(None, description="Opt-in DeepCache-style step caching, e.g. "
+                                               "{interval: 3}; null = off. Changes images (quality/speed trade).")
 
 
 class MemoryConfig(Strict):

@@ -34,12 +34,34 @@ def install_fastpath(engine) -> dict:
         applied.update(apply_fp8(engine.pipe.unet, engine.device))
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
+    engine.step_cache = install_step_cache(engine, applied)
     if engine.compiled:
         from core import compile_cache
 
         applied["compile_cache_hit"] = compile_cache.load(engine)
     engine.warmed: set[tuple[int, int, int]] = set()
     return applied
+
+
+def install_step_cache(engine, applied: dict):
+    """DeepCache-style step caching when configured (after apply_compile: with compile on, it swaps the
+    whole-UNet compile for compiled step functions, see core/step_cache.py). Returns the hook or None."""
+    from core.config import MemoryLevel
+
+    cfg = engine.config.optimization.step_cache
+    if cfg is None:
+        return None
+    if engine.level == MemoryLevel.ULTRA and engine.device.startswith("cuda"):
+        # Streamed group offloading prefetches groups in the order of the first forward; a shallow step skips
+        # most of them, so the prefetch chain would break.
+        log.warning("step cache skipped: it does not combine with group offloading (memory level ultra)")
+        applied["step_cache"] = False
+        return None
+    from core.step_cache import apply_step_cache
+
+    hook = apply_step_cache(engine.pipe.unet, cfg.interval, cfg.first_full_steps, applied.get("compile"))
+    applied["step_cache"] = cfg.model_dump()
+    return hook
 
 
 def bucket_samples(engine, samples: list) -> list:
@@ -67,7 +89,10 @@ def sdpa_context(engine):
 
 @contextlib.contextmanager
 def shape_context(engine, width: int, height: int, batch: int):
-    """Kernel choice for the call; during warm-up, record compiled shapes; while serving, run unseen shapes eagerly."""
+    """Kernel choice for the call; during warm-up, record compiled shapes; while serving, run unseen shapes eagerly.
+    Also starts the step cache's count afresh: each pipeline call begins with full UNet steps."""
+    if getattr(engine, "step_cache", None) is not None:
+        engine.step_cache.reset()
     with sdpa_context(engine):
         if not getattr(engine, "compiled", False):
             yield
