@@ -1,4 +1,4 @@
-"""`sdserve bench gpu`: the side-by-side GPU benchmark (benchmarks/gpu_bench.py)."""
+"""`sdserve bench gpu` (benchmarks/gpu_bench.py) and `sdserve bench replicas` (benchmarks/replica_proof.py)."""
 from __future__ import annotations
 
 import argparse
@@ -10,10 +10,22 @@ def _bench_gpu(args: argparse.Namespace) -> int:
     return main(args.bench_args)
 
 
+def _bench_replicas(args: argparse.Namespace) -> int:
+    from benchmarks.replica_proof import run_from_args
+
+    return run_from_args(args)
+
+
 def register(sub) -> None:
+    from benchmarks.replica_proof import add_arguments  # stdlib-only at import: cheap
     from serving.cli import bench_subparsers  # the one shared `bench` command (argparse refuses two)
 
-    p = bench_subparsers(sub).add_parser("gpu", help="diffusers eager / compiled vs sdserve on the GPU (JSON)",
-                                         add_help=False)
+    bench = bench_subparsers(sub)
+    p = bench.add_parser("gpu", help="diffusers eager / compiled vs sdserve on the GPU (JSON)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m benchmarks.gpu_bench")
     p.set_defaults(func=_bench_gpu)
+
+    r = bench.add_parser("replicas", help="issue #7 proof: fractional-GPU replicas under mixed-size concurrent "
+                         "load; no OOM, no 5xx, no replica lost (JSON; exit code 1 when it fails)")
+    add_arguments(r)
+    r.set_defaults(func=_bench_replicas)
