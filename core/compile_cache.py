@@ -53,3 +53,19 @@ def save(engine) -> str | None:
     os.replace(tmp, path)  # atomic: concurrent replicas never read a half-written file
     log.info("compile cache: saved %s (%d bytes)", path, len(artifacts[0]))
     return path
+
+
+def counters() -> dict:
+    """Compile-cache hits and misses so far in this process (Inductor FX graphs, AOTAutograd): shows whether
+    a warm start really skipped compiling."""
+    try:
+        from torch._dynamo.utils import counters as c
+    except Exception:  # noqa: BLE001 - private API; absence only loses a diagnostic
+        return {}
+    keys = {"inductor": ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass"),
+            "aot_autograd": ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass")}
+    out = {k: c[group][k] for group, names in keys.items() for k in names if c[group].get(k)}
+    frames = c["stats"].get("unique_graphs")
+    if frames:
+        out["unique_graphs"] = frames
+    return out

@@ -31,6 +31,18 @@ StepCallback = Callable[[Sequence[int], int, int], None]  # (request indices, st
 Outcome = GenerationResult | GenerationError
 
 
+class _Stopwatch:
+    """mark(name) records the seconds since the previous mark under `name`."""
+
+    def __init__(self, into: dict[str, float]):
+        self.into, self.last = into, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.into[name] = round(now - self.last, 2)
+        self.last = now
+
+
 @dataclass
 class Rendering:
     """One request after the GPU stage: stage timings and the futures of its images' encodes."""
@@ -72,9 +84,13 @@ class Engine:
         # PNG/JPEG encoders release the GIL: a few threads keep up with a batch while the GPU runs the next one.
         self._encoder = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
                                            thread_name_prefix="encode")
-        self._gpu_lock = threading.Lock()  # one pipeline call at a time: compiled graphs and hooks are not reentrant
+        # Every pipeline call (warm-up included) runs on this one thread: calls are serialized, and CUDA graphs
+        # recorded by torch.compile (reduce-overhead) are per thread - other threads would record their own.
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self.note = None
         self.load_s = self.warmup_s = 0.0
+        self.warmup_times: dict[str, float] = {}  # per warm-up shape: where a slow start goes
+        self.load_times: dict[str, float] = {}  # per load stage
 
     # ------------------------------------------------------------------ loading
     def load(self) -> "Engine":
@@ -91,15 +107,19 @@ class Engine:
         from core.loading import load_pipeline, resolve_device, resolve_dtype
 
         t0 = time.perf_counter()
+        mark = _Stopwatch(self.load_times)
         cfg = self.config
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        mark("device")  # torch import + CUDA init
         pipe, self.family = load_pipeline(cfg, self.device, self.dtype)   # 1. dtype
+        mark("read")
         pipe.set_progress_bar_config(disable=True)
         self.base_scheduler_config = pipe.scheduler.config
         self.footprint = memory.footprint_of(pipe)
         self.budget = memory.enforce_budget(cfg.memory, self.device)
         self.applied = optimizations.apply_pre_placement(pipe, cfg.optimization, self.device)  # 2-6
+        mark("optimize")
         if self.level == MemoryLevel.AUTO:
             w, h, *_ = self.family_defaults()
             self.level = memory.pick_level(self.footprint, self.family, self.budget, w, h)
@@ -107,18 +127,22 @@ class Engine:
         memory.apply_level(pipe, self.level, self.device, self.dtype)  # 7
         self.applied["memory_level"] = self.level.value
         self.pipe = pipe
+        mark("place")
         from core.fastpath import install_fastpath
 
         self.applied.update(install_fastpath(self))  # 8. fp8 / step caching / compile
+        mark("fastpath")
         self.monitor = memory.MemoryMonitor(self.device, release_after_call=self.level != MemoryLevel.NONE)
         if cfg.is_noise_model:
             self.note = NOISE_NOTE
         self.load_s = time.perf_counter() - t0
         self.warmup()
-        if self.compiled and not self.applied.get("compile_cache_hit"):
+        if self.compiled:
             from core import compile_cache
 
-            compile_cache.save(self)
+            self.applied["compile_counters"] = compile_cache.counters()
+            if not self.applied.get("compile_cache_hit"):
+                compile_cache.save(self)
         log.info("model %s (%s) ready on %s %s in %.1fs (+%.1fs warm-up): %s", cfg.name, self.family, self.device,
                  str(self.dtype).replace("torch.", ""), self.load_s, self.warmup_s, self.applied)
 
@@ -149,9 +173,11 @@ class Engine:
                     # Requests of <= max_images_per_request images; one compat key, so they run as one call.
                     reqs = [GenerationRequest(prompt="warm-up", width=w, height=h, steps=steps, seed=i,
                                               num_images=min(per_req, n - i)) for i in range(0, n, per_req)]
+                    t = time.perf_counter()
                     for out in self.submit(reqs, _warmup=True):
                         if isinstance(out, GenerationError):
                             raise RuntimeError(f"warm-up at {w}x{h} batch {n} failed: {out.message}")
+                    self.warmup_times[f"{w}x{h}x{n}"] = round(time.perf_counter() - t, 2)
         finally:
             self._warming = False
         self.warmup_s = time.perf_counter() - t0
@@ -211,11 +237,15 @@ class Engine:
             except GenerationError as err:
                 outcomes[i] = err
         resolved = [(i, r.request) for i, r in enumerate(outcomes) if isinstance(r, Rendering)]
-        with self._gpu_lock:
+
+        def run_all() -> None:
             for key, samples in plan_batches(resolved, lambda key: self.max_batch_for(key[1], key[2])):
                 live = [s for s in samples if isinstance(outcomes[s.request_index], Rendering)]
                 if live:
                     self._run_group(key, live, step_callback, outcomes, encode=not _warmup)
+
+        if resolved:
+            self._gpu.submit(run_all).result()
         return outcomes  # type: ignore[return-value]
 
     def _run_group(self, key, samples: list[Sample], cb: StepCallback | None, outcomes: list, encode: bool) -> None:
@@ -410,4 +440,4 @@ class Engine:
         return {"name": self.config.name, "family": self.family, "source": self.config.source,
                 "device": getattr(self, "device", None), "dtype": str(getattr(self, "dtype", "")).replace("torch.", ""),
                 "optimizations": self.applied, "vram_budget_bytes": self.budget, "note": self.note,
-                "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3)}
+                "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times, "warmup_times": self.warmup_times}

@@ -103,14 +103,25 @@ def total_vram_bytes(device: str) -> int | None:
     return torch.cuda.get_device_properties(torch.device(device)).total_memory
 
 
+# Each process's CUDA context (and the driver's per-process state) lives outside the caching allocator the
+# budget caps: four 0.25 replicas at full budget would otherwise overcommit the GPU by four contexts.
+CONTEXT_RESERVE = int(0.75 * 1024**3)
+
+
+def fraction_budget(total: int, gpu_fraction: float) -> int:
+    """Budget of a replica owning `gpu_fraction` of a GPU with `total` bytes (less its context if it shares)."""
+    return int(total * gpu_fraction) - (CONTEXT_RESERVE if gpu_fraction < 1 else 0)
+
+
 def budget_bytes(cfg: MemoryConfig, device: str) -> int | None:
-    """The replica's VRAM budget: explicit GiB, else total VRAM x gpu_fraction; None on CPU."""
+    """The replica's VRAM budget: explicit GiB, else gpu_fraction x total VRAM (less one CUDA context when the
+    GPU is shared); None on CPU."""
     total = total_vram_bytes(device)
     if cfg.vram_budget_gib is not None:
         return int(cfg.vram_budget_gib * GiB)
     if total is None:
         return None
-    return int(total * cfg.gpu_fraction)
+    return fraction_budget(total, cfg.gpu_fraction)
 
 
 def enforce_budget(cfg: MemoryConfig, device: str) -> int | None:

@@ -93,8 +93,8 @@ async def authorize(request: Request) -> str:
     return caller
 
 
-def validation_detail(field: str | None, message: str) -> list[dict]:
-    return [{"loc": ["body", field] if field else ["body"], "msg": message, "type": "value_error"}]
+def validation_detail(field: str | None, message: str, kind: str = "value_error") -> list[dict]:
+    return [{"loc": ["body", field] if field else ["body"], "msg": message, "type": kind}]
 
 
 def result_json(result: GenerationResult) -> dict[str, Any]:
@@ -192,7 +192,9 @@ class Ingress:
             return OpenAIError(status, message, field, code, _OPENAI_TYPES.get(status, "invalid_request_error"),
                                headers)
         if status == 422:
-            return ApiError(422, validation_detail(field, message), headers)
+            # "capacity_error": the request is valid but cannot fit this replica's VRAM budget
+            return ApiError(422, validation_detail(field, message, "capacity_error" if code == "capacity"
+                                                   else "value_error"), headers)
         return ApiError(status, {"message": message, "field": field, "code": code}, headers)
 
     def generation_error(self, err: GenerationError, openai: bool) -> Exception:

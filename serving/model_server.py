@@ -164,7 +164,7 @@ class ModelServer:
         ctx = ray.get_runtime_context()
         return {**self.engine.info(), "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
                 "gpu_fraction": self.config.memory.gpu_fraction, "max_batch_size": self.max_batch_size,
-                "replica": serve.get_replica_context().replica_id.unique_id, "pid": _pid()}
+                "replica": serve.get_replica_context().replica_id.unique_id, "pid": _pid(), **_vram_stats()}
 
     def check_health(self) -> None:
         # Raising makes Serve restart this replica (e.g. after a CUDA error left the context unusable).
@@ -225,6 +225,17 @@ def _first_field(err: Exception) -> str | None:
             if e.get("loc"):
                 return str(e["loc"][0])
     return None
+
+
+def _vram_stats() -> dict:
+    """This process's CUDA allocator figures (what the VRAM budget caps), in bytes; empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"vram_allocated_bytes": torch.cuda.memory_allocated(), "vram_reserved_bytes": torch.cuda.memory_reserved(),
+            "vram_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "vram_peak_reserved_bytes": torch.cuda.max_memory_reserved()}
 
 
 def _pid() -> int:

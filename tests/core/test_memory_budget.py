@@ -64,3 +64,13 @@ def test_request_that_cannot_fit_is_rejected_cleanly_and_the_engine_stays_usable
     assert isinstance(big, GenerationError) and big.kind == "capacity" and big.field == "width"
     assert "budget" in big.message and "1024x1024" in big.message
     assert small.images[0].seed == 2
+
+
+def test_a_shared_gpu_budget_leaves_room_for_each_process_context():
+    from core.memory import CONTEXT_RESERVE, fraction_budget
+
+    total = 80 * GiB
+    assert fraction_budget(total, 1.0) == total  # a whole GPU: nothing else shares it
+    quarters = [fraction_budget(total, 0.25) for _ in range(4)]
+    assert quarters[0] == 20 * GiB - CONTEXT_RESERVE
+    assert sum(quarters) + 4 * CONTEXT_RESERVE == total  # four replicas and their contexts fit exactly
