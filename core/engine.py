@@ -31,6 +31,29 @@ StepCallback = Callable[[Sequence[int], int, int], None]  # (request indices, st
 Outcome = GenerationResult | GenerationError
 
 
+def _own_cudagraph_trees() -> None:
+    """Give the GPU thread its own CUDA-graph tree manager. Inductor keeps it in thread-local state set up in
+    the thread that imported it (the main one, if something compiled there first); any other thread then fails
+    with a bare AssertionError in cudagraph_trees.get_obj on its first reduce-overhead call."""
+    try:
+        import torch
+        from torch._inductor import cudagraph_trees as trees
+    except Exception:  # noqa: BLE001 - no inductor: nothing to set up
+        return
+    if hasattr(trees.local, "tree_manager_containers"):
+        return
+    init = getattr(trees, "_initialize_tls", None)
+    if init is not None:
+        init(trees.local)
+        return
+    import collections
+
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
+
+
 class _Stopwatch:
     """mark(name) records the seconds since the previous mark under `name`."""
 
@@ -86,7 +109,9 @@ class Engine:
                                            thread_name_prefix="encode")
         # Every pipeline call (warm-up included) runs on this one thread: calls are serialized, and CUDA graphs
         # recorded by torch.compile (reduce-overhead) are per thread - other threads would record their own.
-        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu",
+                                       initializer=_own_cudagraph_trees if config.optimization.compile != "none"
+                                       else None)
         self.note = None
         self.load_s = self.warmup_s = 0.0
         self.warmup_times: dict[str, float] = {}  # per warm-up shape: where a slow start goes
