@@ -69,11 +69,22 @@ def apply_pre_placement(pipe, opt: OptimizationConfig, device: str) -> dict:
     return applied
 
 
+COMPILED_GPU_ENGINE_THREADS = 4
+
+
 def configure_compile_cache(cache_dir: str) -> str:
     """Inductor's FX-graph/autotune caches in the shared cache dir, so replicas reuse each other's compiles."""
     path = os.path.join(cache_dir, "inductor")
     os.makedirs(path, exist_ok=True)
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", path)
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:  # Inductor writes its own default into the environment the first time it looks: that is not a choice
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        torch_default = os.path.abspath(default_cache_dir())
+    except Exception:  # noqa: BLE001 - private helper; without it only an explicit setting is kept
+        torch_default = None
+    if current is None or os.path.abspath(current) == torch_default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     return path
@@ -88,6 +99,12 @@ def apply_compile(pipe, opt: OptimizationConfig, level: MemoryLevel, cache_dir: 
         return {}
     configure_compile_cache(cache_dir)
     import torch
+
+    if any(p.device.type == "cuda" for p in pipe.unet.parameters()):
+        # torch.get_num_threads() is part of Inductor's cache key (cpp_runtime_thread_count): replicas with
+        # other Ray num_cpus (OMP_NUM_THREADS) or hosts with other core counts would never share compiled
+        # graphs (a warm cache missed in every Serve replica on the H100). A GPU engine's CPU work is tiny.
+        torch.set_num_threads(COMPILED_GPU_ENGINE_THREADS)
 
     # diffusers' SDXL speed recipe; coordinate-descent tuning is left off: minutes more compile for ~2%.
     torch._inductor.config.conv_1x1_as_mm = True
