@@ -55,8 +55,21 @@ def child(args) -> dict:
                        dtype="fp16" if args.device != "cpu" else "fp32", device=args.device, optimization=opt,
                        limits={"max_batch_size": args.batch, "max_steps": 150})
     t0 = time.time()
+    profile = None
+    if args.profile_load:  # where the load's seconds go (reading, optimizing, placing): top entries by cumulative
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
     engine = Engine(cfg).load()
     ready = time.time()
+    if args.profile_load:
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(60)
+        profile = buf.getvalue()[-12000:]
     req = [GenerationRequest(prompt="a cat", width=w, height=h, steps=steps, seed=i) for i in range(args.batch)]
     engine.generate(req)
     t1 = time.perf_counter()
@@ -70,10 +83,12 @@ def child(args) -> dict:
     except Exception as err:  # noqa: BLE001 - private API, diagnostic only
         phases = repr(err)
     return {"phase": args.phase, "family": args.family, "batch": args.batch, "ready_s": round(ready - t_proc, 2),
-            "imports_s": round(t0 - t_proc, 2), "engine_load_s": info["load_s"], "load_times": info["load_times"], "warmup_s": info["warmup_s"],
+            "imports_s": round(t0 - t_proc, 2), "engine_load_s": info["load_s"], "load_times": info["load_times"],
+            "warmup_s": info["warmup_s"],
             "warmup_times": info["warmup_times"], "compile_cache_hit": info["optimizations"].get("compile_cache_hit"),
             "counters": counters(), "latency_s": round(latency, 4),
-            "ok": all(hasattr(o, "images") for o in out), "compile_times": phases, "python_start_to_import_s": round(t_import - t_proc, 2)}
+            "ok": all(hasattr(o, "images") for o in out), "compile_times": phases, "load_profile": profile,
+            "python_start_to_import_s": round(t_import - t_proc, 2)}
 
 
 def run_child(args, phase: str) -> dict:
@@ -84,7 +99,7 @@ def run_child(args, phase: str) -> dict:
         cache_dir += "-pc"
     cmd = [sys.executable, "-m", "benchmarks.cold_start", "--child", "--phase", phase, "--family", args.family,
            "--folder", args.folder, "--cache-dir", cache_dir, "--batch", str(args.batch), "--device",
-           args.device] + (["--eager"] if args.eager else [])
+           args.device] + (["--eager"] if args.eager else []) + (["--profile-load"] if args.profile_load else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -102,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--phases", default="cold,warm", help="cold,warm[,mega-only][,cold-pc,warm-pc]: -pc runs use "
                    "TORCH_CACHING_PRECOMPILE=1 and their own cache dir")
     p.add_argument("--eager", action="store_true", help="no compile (CPU smoke test)")
+    p.add_argument("--profile-load", action="store_true", help="cProfile the engine load (top 60, cumulative)")
     p.add_argument("--out", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--phase", default="", help=argparse.SUPPRESS)

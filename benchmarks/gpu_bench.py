@@ -207,7 +207,7 @@ def image_quality(reference: list[bytes], images: list[bytes]) -> dict:
 
 
 def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflops, flops, records, cache_dir,
-                  memory_level="none", reference=None) -> dict[int, list[bytes]]:
+                  memory_level="none", reference=None, memory_offload="auto") -> dict[int, list[bytes]]:
     """Records one entry per batch; returns the last call's encoded images per batch. With `reference` (those
     of another variant), each record gets a `quality` figure against it."""
     import torch
@@ -223,7 +223,8 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
     cfg = EngineConfig(name=family, source=source, cache_dir=cache_dir, scheduler="euler", dtype=dtype,
                        optimization={**settings, "warmup_shapes": [(w, h, max(batches))],
                                      "batch_buckets": list(batches)},
-                       memory={"level": memory_level}, limits={"max_batch_size": max(batches), "max_steps": 150})
+                       memory={"level": memory_level, "offload": memory_offload},
+                       limits={"max_batch_size": max(batches), "max_steps": 150})
     reset_peak()
     t = time.perf_counter()
     engine = Engine(cfg).load()
@@ -247,7 +248,8 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
                   "encode_s": round(statistics.mean(o.timings.encode_s for o in outs), 4)}
         extra = {"quality": image_quality(reference[b], images[b])} if reference and b in reference else {}
         records.append(record(workload, variant, b, lat, first, a, r, flops.get(b), peak_tflops, info,
-                              {**settings, "dtype": dtype, "memory_level": engine.level.value}, ready_s=round(ready_s, 1),
+                              {**settings, "dtype": dtype, "memory_level": engine.level.value,
+                               "memory_offload": memory_offload}, ready_s=round(ready_s, 1),
                               memory_level=engine.level.value, stages=stages, **extra))
         log.info("%s", records[-1])
     del engine
@@ -304,7 +306,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sdserve-settings", default="", help="JSON overriding SDSERVE_BEST")
     p.add_argument("--extra-sdserve", default="", help="JSON dict name -> settings for extra sdserve variants")
-    p.add_argument("--memory-levels", default="", help="comma list of levels to run at batch 1 (issue 7)")
+    p.add_argument("--memory-levels", default="",
+                   help="comma list of levels to run at batch 1 (issue 7); level:offload picks memory.offload, "
+                   "e.g. balanced:group-block")
     p.add_argument("--auto-budgets", default="", help="comma list of GiB budgets: record AUTO's level choice")
     p.add_argument("--no-flops", action="store_true")
     p.add_argument("--cache-dir", default=os.environ.get("SDSERVE_CACHE_DIR", "/tmp/sdserve-cache"))
@@ -349,9 +353,11 @@ def main(argv=None):
             save()
         if args.auto_budgets:
             records.extend(auto_choices(wl, [float(b) for b in args.auto_budgets.split(",")], info))
-        for level in filter(None, args.memory_levels.split(",")):
-            bench_sdserve(wl, f"sdserve-{level}", {"attention": "sdpa", "warmup_steps": 1}, (1,), args.repeats,
-                          info, peak, flops, records, args.cache_dir, memory_level=level)
+        for entry in filter(None, args.memory_levels.split(",")):
+            level, _, offload = entry.partition(":")  # e.g. balanced:group-block (memory.offload strategy)
+            bench_sdserve(wl, f"sdserve-{entry.replace(':', '-')}", {"attention": "sdpa", "warmup_steps": 1}, (1,),
+                          args.repeats, info, peak, flops, records, args.cache_dir, memory_level=level,
+                          memory_offload=offload or "auto")
             save()
     save()
     print(f"\nwrote {path}")

@@ -85,6 +85,11 @@ class MemoryConfig(Strict):
     gpu_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the GPU this replica owns "
                                 "(Ray num_gpus); enforced with torch.cuda.set_per_process_memory_fraction.")
     enforce_budget: bool = Field(True, description="Cap this process's CUDA allocations at the budget.")
+    offload: Literal["auto", "model", "group-block", "group-leaf", "sequential"] = Field(
+        "auto", description="How a level below NONE keeps weights off the GPU. auto: the level's own (balanced: "
+        "model, aggressive: sequential, ultra: group-leaf); model: whole components in turn; group-block: the "
+        "UNet's blocks streamed in with prefetch on a side CUDA stream, VAE resident; group-leaf: per-layer "
+        "streaming; sequential: accelerate's per-layer hooks (slowest).")
 
 
 class LimitsConfig(Strict):

@@ -151,12 +151,12 @@ class Engine:
         # than on the host). Offload levels need the optimized modules before their hooks wrap them.
         resident = self.level == MemoryLevel.NONE
         if resident:
-            memory.apply_level(pipe, self.level, self.device, self.dtype)  # 7
+            memory.apply_level(pipe, self.level, self.device, self.dtype, cfg.memory.offload)  # 7
             mark("place")
         self.applied = optimizations.apply_pre_placement(pipe, cfg.optimization, self.device)  # 2-6
         mark("optimize")
         if not resident:
-            memory.apply_level(pipe, self.level, self.device, self.dtype)  # 7
+            memory.apply_level(pipe, self.level, self.device, self.dtype, cfg.memory.offload)  # 7
             mark("place")
         self.applied["memory_level"] = self.level.value
         self.pipe = pipe

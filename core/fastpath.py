@@ -46,15 +46,16 @@ def install_fastpath(engine) -> dict:
 def install_step_cache(engine, applied: dict):
     """DeepCache-style step caching when configured (after apply_compile: with compile on, it swaps the
     whole-UNet compile for compiled step functions, see core/step_cache.py). Returns the hook or None."""
-    from core.config import MemoryLevel
-
     cfg = engine.config.optimization.step_cache
     if cfg is None:
         return None
-    if engine.level == MemoryLevel.ULTRA and engine.device.startswith("cuda"):
+    from core.memory import GROUP_OFFLOAD_LEVELS, offload_strategy
+
+    strategy = offload_strategy(engine.level, engine.config.memory.offload)
+    if strategy in GROUP_OFFLOAD_LEVELS and engine.device.startswith("cuda"):
         # Streamed group offloading prefetches groups in the order of the first forward; a shallow step skips
         # most of them, so the prefetch chain would break.
-        log.warning("step cache skipped: it does not combine with group offloading (memory level ultra)")
+        log.warning("step cache skipped: it does not combine with group offloading (%s)", strategy)
         applied["step_cache"] = False
         return None
     from core.step_cache import apply_step_cache

@@ -137,7 +137,18 @@ def enforce_budget(cfg: MemoryConfig, device: str) -> int | None:
     return budget
 
 
-def apply_level(pipe, level: MemoryLevel, device: str, dtype) -> None:
+LEVEL_OFFLOAD = {MemoryLevel.BALANCED: "model", MemoryLevel.AGGRESSIVE: "sequential", MemoryLevel.ULTRA: "group-leaf"}
+GROUP_OFFLOAD_LEVELS = ("group-block", "group-leaf")
+
+
+def offload_strategy(level: MemoryLevel, offload: str = "auto") -> str | None:
+    """The placement strategy for `level` (None: fully resident)."""
+    if level in (MemoryLevel.NONE, MemoryLevel.AUTO):
+        return None
+    return LEVEL_OFFLOAD[level] if offload == "auto" else offload
+
+
+def apply_level(pipe, level: MemoryLevel, device: str, dtype, offload: str = "auto") -> None:
     """Place the pipeline according to `level` (the offload step of the optimization order)."""
     import torch
 
@@ -146,23 +157,31 @@ def apply_level(pipe, level: MemoryLevel, device: str, dtype) -> None:
             log.warning("memory level %s has no effect on %s (CUDA-only); running fully resident", level.value, device)
         pipe.to(device)
         return
-    if level == MemoryLevel.NONE:
+    strategy = offload_strategy(level, offload)
+    if strategy is None:
         pipe.to(device)
         return
-    pipe.vae.enable_tiling()
-    if level == MemoryLevel.BALANCED:
-        pipe.enable_model_cpu_offload(device=device)
-        return
-    pipe.enable_attention_slicing()
-    pipe.vae.enable_slicing()
-    if level == MemoryLevel.AGGRESSIVE:
-        pipe.enable_sequential_cpu_offload(device=device)
-        return
-    # ULTRA: fp8 storage of UNet weights (upcast per layer at compute), then streamed group offloading.
-    if dtype in (torch.float16, torch.bfloat16):
+    # Tiled decode bounds the VAE's 1024²+ activations; streamed-block BALANCED keeps the fast untiled decode.
+    if not (strategy == "group-block" and level == MemoryLevel.BALANCED):
+        pipe.vae.enable_tiling()
+    if level != MemoryLevel.BALANCED:
+        pipe.enable_attention_slicing()
+        pipe.vae.enable_slicing()
+    if level == MemoryLevel.ULTRA and dtype in (torch.float16, torch.bfloat16):
+        # fp8 storage of UNet weights (upcast per layer at compute): half the bytes to stream
         pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
-    pipe.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                              offload_type="leaf_level", use_stream=True)
+    onload, offload_to = torch.device(device), torch.device("cpu")
+    if strategy == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif strategy == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif strategy == "group-leaf":
+        pipe.enable_group_offload(onload_device=onload, offload_device=offload_to, offload_type="leaf_level",
+                                  use_stream=True)
+    else:  # group-block: each UNet block is one group, the next one prefetched while this one computes
+        pipe.enable_group_offload(onload_device=onload, offload_device=offload_to, offload_type="block_level",
+                                  num_blocks_per_group=1, use_stream=True, record_stream=True,
+                                  exclude_modules=["vae"])
 
 
 class MemoryMonitor:

@@ -74,3 +74,21 @@ def test_a_shared_gpu_budget_leaves_room_for_each_process_context():
     quarters = [fraction_budget(total, 0.25) for _ in range(4)]
     assert quarters[0] == 20 * GiB - CONTEXT_RESERVE
     assert sum(quarters) + 4 * CONTEXT_RESERVE == total  # four replicas and their contexts fit exactly
+
+
+@pytest.mark.parametrize("level,offload,expected", [
+    ("none", "group-block", None), ("balanced", "auto", "model"), ("aggressive", "auto", "sequential"),
+    ("ultra", "auto", "group-leaf"), ("balanced", "group-block", "group-block"), ("ultra", "group-block", "group-block"),
+])
+def test_offload_strategy_per_level(level, offload, expected):
+    from core.config import MemoryLevel
+    from core.memory import offload_strategy
+
+    assert offload_strategy(MemoryLevel(level), offload) == expected
+
+
+def test_unknown_offload_strategy_is_rejected_naming_the_key():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="offload"):
+        MemoryConfig(offload="disk")
