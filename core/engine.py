@@ -12,12 +12,12 @@ import os
 import secrets
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Hashable, Sequence
 
 from core.batching import Sample, plan_batches
 from core.config import EngineConfig, MemoryLevel
+from core.gpu_stage import Rendering, Stopwatch, own_cudagraph_trees
 from core.schemas import MEDIA_TYPES, MAX_SEED, GeneratedImage, GenerationCancelled, GenerationError, \
     GenerationRequest, GenerationResult, Timings
 
@@ -29,66 +29,6 @@ TINY_DEFAULTS = (64, 64, 4, 5.0)  # embedded tiny models: small and quick, they 
 
 StepCallback = Callable[[Sequence[int], int, int], None]  # (request indices, step done, total steps)
 Outcome = GenerationResult | GenerationError
-
-
-def _own_cudagraph_trees() -> None:
-    """Give the GPU thread its own CUDA-graph tree manager. Inductor keeps it in thread-local state set up in
-    the thread that imported it (the main one, if something compiled there first); any other thread then fails
-    with a bare AssertionError in cudagraph_trees.get_obj on its first reduce-overhead call."""
-    try:
-        import torch
-        from torch._inductor import cudagraph_trees as trees
-    except Exception:  # noqa: BLE001 - no inductor: nothing to set up
-        return
-    if hasattr(trees.local, "tree_manager_containers"):
-        return
-    init = getattr(trees, "_initialize_tls", None)
-    if init is not None:
-        init(trees.local)
-        return
-    import collections
-
-    trees.local.tree_manager_containers = {}
-    trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
-    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
-    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
-
-
-class _Stopwatch:
-    """mark(name) records the seconds since the previous mark under `name`."""
-
-    def __init__(self, into: dict[str, float]):
-        self.into, self.last = into, time.perf_counter()
-
-    def __call__(self, name: str) -> None:
-        now = time.perf_counter()
-        self.into[name] = round(now - self.last, 2)
-        self.last = now
-
-
-@dataclass
-class Rendering:
-    """One request after the GPU stage: stage timings and the futures of its images' encodes."""
-
-    request: GenerationRequest
-    started: float
-    queue_s: float = 0.0
-    denoise_s: float = 0.0
-    decode_s: float = 0.0
-    batch: int = 0
-    peak: int | None = None
-    encodes: list[tuple[int, int, Future]] = field(default_factory=list)  # (image index, seed, future)
-
-    @property
-    def futures(self) -> list[Future]:
-        return [f for _, _, f in self.encodes]
-
-    def add_stage(self, denoise_s: float, decode_s: float, batch: int, peak: int | None) -> None:
-        self.denoise_s += denoise_s
-        self.decode_s += decode_s
-        self.batch = max(self.batch, batch)
-        if peak is not None:
-            self.peak = max(self.peak or 0, peak)
 
 
 class Engine:
@@ -110,7 +50,7 @@ class Engine:
         # Every pipeline call (warm-up included) runs on this one thread: calls are serialized, and CUDA graphs
         # recorded by torch.compile (reduce-overhead) are per thread - other threads would record their own.
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu",
-                                       initializer=_own_cudagraph_trees if config.optimization.compile != "none"
+                                       initializer=own_cudagraph_trees if config.optimization.compile != "none"
                                        else None)
         self.note = None
         self.load_s = self.warmup_s = 0.0
@@ -132,7 +72,7 @@ class Engine:
         from core.loading import load_pipeline, resolve_device, resolve_dtype
 
         t0 = time.perf_counter()
-        mark = _Stopwatch(self.load_times)
+        mark = Stopwatch(self.load_times)
         cfg = self.config
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
@@ -412,39 +352,10 @@ class Engine:
         return images, t1 - t0, t2 - t1, self.monitor.last_peak
 
     def _decode(self, latents, force_tiling: bool):
-        """VAE decode to HxWx3 uint8 arrays; the float->uint8 conversion runs on the device (4x less to copy)."""
-        import torch
+        from core.gpu_stage import decode_latents
 
-        vae = self.pipe.vae
-        cfg = vae.config
-        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-        with self._vae_lock:  # upcast/tiling toggles mutate the shared VAE
-            upcast = vae.dtype == torch.float16 and getattr(cfg, "force_upcast", False)
-            was_tiling = getattr(vae, "use_tiling", False)
-            if upcast:
-                vae.to(dtype=torch.float32)
-            if force_tiling:
-                vae.enable_tiling()
-            try:
-                dtype = next(vae.post_quant_conv.parameters()).dtype
-                latents = latents.to(dtype)
-                if mean is not None and std is not None:
-                    m = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-                    s = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-                    latents = latents * s / cfg.scaling_factor + m
-                else:
-                    latents = latents / cfg.scaling_factor
-                with torch.inference_mode():
-                    image = vae.decode(latents, return_dict=False)[0]
-                    image = torch.nan_to_num(image.float(), nan=-1.0, posinf=1.0, neginf=-1.0)
-                    image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-                    image = image.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-            finally:
-                if upcast:
-                    vae.to(dtype=torch.float16)
-                if force_tiling and not was_tiling:
-                    vae.disable_tiling()
-        return list(image)
+        with self._vae_lock:
+            return decode_latents(self.pipe.vae, latents, force_tiling)
 
     def _encode(self, pixels, req: GenerationRequest, seed: int) -> tuple[bytes, float]:
         from core.encoding import encode_image
