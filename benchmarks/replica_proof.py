@@ -25,321 +25,28 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import math
 import os
-import random
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
+from benchmarks.replica_inventory import GpuPoller, env_info, expected_replicas, replica_pids, snapshot, \
+    snapshot_replicas
+from benchmarks.replica_load import FAILED_OUTCOMES, clean_rejections, outcome_totals, request_plan, run_load, \
+    summarize
+
 log = logging.getLogger("replica_proof")
-REPLICA_PREFIX = "SERVE_REPLICA::"
-# (width factor, height factor) of the model's default side, with a weight. "max": the largest square the
-# model's limits accept. Both the big ones and "max" are meant to probe the VRAM budget.
-SIZE_MIX: list[tuple[Any, float]] = [((0.75, 0.75), 3), ((1, 1), 6), ((1, 1.5), 2), ((1.5, 1), 2), ((1.5, 1.5), 2),
-                                     ((2, 2), 1.5), ((2.5, 2.5), 1), ((3, 3), 1), ("max", 1.5)]
-CLEAN_CAPACITY = "VRAM budget"  # the engine's capacity rejection says "... this replica's VRAM budget is ..."
-
-
-# ---------------------------------------------------------------------------------------------- request plan
-def default_side(model) -> int:
-    """The model's default image side (what the engine uses when a request names no size)."""
-    from core.engine import FAMILY_DEFAULTS, TINY_DEFAULTS
-
-    eng = model.engine
-    if eng.defaults.width:
-        return eng.defaults.width
-    if eng.embedded_name in ("tiny-sd", "tiny-sdxl"):
-        return TINY_DEFAULTS[0]
-    family = eng.family if eng.family != "auto" else ("sdxl" if "xl" in eng.source.lower() else "sd15")
-    return FAMILY_DEFAULTS[family][0]
-
-
-def size_menu(model) -> list[tuple[int, int, float]]:
-    """(width, height, weight): multiples of 64 within the model's limits."""
-    lim, side = model.engine.limits, default_side(model)
-
-    def fit(px: float, cap: int) -> int:
-        return max(64, min(cap // 64 * 64, int(round(px / 64)) * 64))
-
-    out: dict[tuple[int, int], float] = {}
-    for factor, weight in SIZE_MIX:
-        if factor == "max":
-            s = min(lim.max_width, lim.max_height, math.isqrt(lim.max_pixels)) // 64 * 64
-            w = h = max(64, s)
-        else:
-            w, h = fit(side * factor[0], lim.max_width), fit(side * factor[1], lim.max_height)
-        if w * h > lim.max_pixels:
-            continue
-        out[(w, h)] = out.get((w, h), 0) + weight
-    return [(w, h, wt) for (w, h), wt in out.items()]
-
-
-def request_plan(models: list, n: int, seed: int, steps: list[int], output_format: str = "jpeg") -> list[dict]:
-    """n request bodies, models in turn, everything else drawn from a Random(seed): same seed, same plan."""
-    rng = random.Random(seed)
-    menus = {m.name: size_menu(m) for m in models}
-    plan = []
-    for i in range(n):
-        m = models[i % len(models)]
-        menu = menus[m.name]
-        w, h, _ = rng.choices(menu, weights=[x[2] for x in menu])[0]
-        lim = m.engine.limits
-        plan.append({"model": m.name, "prompt": f"replica proof {i}", "seed": rng.randrange(2**31),
-                     "width": w, "height": h, "num_images": rng.randint(1, lim.max_images_per_request),
-                     "steps": min(rng.choice(steps), lim.max_steps), "output_format": output_format})
-    return plan
-
-
-# ---------------------------------------------------------------------------------------------- outcomes
-def classify(status: int | str, body: Any) -> tuple[str, str | None, str]:
-    """(outcome, code, message): ok | capacity | backpressure | oom | error_5xx | error_4xx | transport."""
-    if isinstance(status, str):
-        return "transport", status, ""
-    if status == 200:
-        return "ok", None, ""
-    detail = body.get("detail") if isinstance(body, dict) else None
-    if isinstance(detail, list):  # native 422: [{"loc": [...], "msg": ..., "type": ...}]
-        msg = "; ".join(str(d.get("msg", "")) for d in detail if isinstance(d, dict))
-        code = None
-    elif isinstance(detail, dict):
-        msg, code = str(detail.get("message", "")), detail.get("code")
-    else:
-        msg, code = str(detail if detail is not None else body)[:500], None
-    low = msg.lower()
-    if code == "oom" or any(t in low for t in ("out of memory", "out of gpu memory", "outofmemoryerror")):
-        return "oom", code or "oom", msg
-    if status == 503 and code == "overloaded":
-        return "backpressure", code, msg
-    if status >= 500:
-        return "error_5xx", code, msg
-    if status == 422 and CLEAN_CAPACITY in msg:
-        return "capacity", "capacity", msg
-    return "error_4xx", code, msg
-
-
-async def run_load(url: str, plan: list[dict], concurrency: int, duration_s: float | None, headers: dict,
-                   timeout_s: float, progress_every: int = 20) -> tuple[list[dict], float]:
-    import httpx
-
-    records: list[dict] = []
-    queue: asyncio.Queue = asyncio.Queue()
-    for i, body in enumerate(plan):
-        queue.put_nowait((i, body))
-    t_start = time.perf_counter()
-
-    async def worker(client: httpx.AsyncClient):
-        while True:
-            if duration_s is not None and time.perf_counter() - t_start > duration_s:
-                return
-            try:
-                i, body = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            t0 = time.perf_counter()
-            data: Any = None
-            try:
-                r = await client.post(f"{url}/v1/generate", json=body, headers=headers)
-                status: int | str = r.status_code
-                try:
-                    data = r.json()
-                except ValueError:
-                    data = r.text[:500]
-            except httpx.HTTPError as err:
-                status, data = type(err).__name__, None
-            outcome, code, msg = classify(status, data)
-            rec = {"i": i, "model": body["model"], "width": body["width"], "height": body["height"],
-                   "num_images": body["num_images"], "steps": body["steps"], "status": status, "outcome": outcome,
-                   "latency_s": round(time.perf_counter() - t0, 3)}
-            if outcome == "ok" and isinstance(data, dict):
-                rec.update(batch_size=data.get("batch_size"), peak_vram_bytes=data.get("peak_vram_bytes"),
-                           images=len(data.get("images", [])))
-            else:
-                rec.update(code=code, message=msg[:400])
-            records.append(rec)
-            if len(records) % progress_every == 0:
-                print(f"replica proof: {len(records)}/{len(plan)} done, {time.perf_counter() - t_start:.0f}s",
-                      file=sys.stderr, flush=True)
-
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    return sorted(records, key=lambda r: r["i"]), time.perf_counter() - t_start
-
-
-# ---------------------------------------------------------------------------------------------- replicas
-def replica_actors(app: str, deployment: str) -> list[dict]:
-    """Every replica actor Ray knows for this deployment (alive and dead) from the GCS actor table."""
-    from ray._private.state import actors  # DeveloperAPI; needs no dashboard
-
-    prefix = f"{REPLICA_PREFIX}{app}#{deployment}#"
-    out = []
-    for a in actors().values():
-        if a.get("Name", "").startswith(prefix):
-            out.append({"replica": a["Name"][len(prefix):], "actor_id": a["ActorID"], "state": a["State"],
-                        "pid": a["Pid"], "num_restarts": a["NumRestarts"]})
-    return sorted(out, key=lambda a: a["replica"])
-
-
-def replica_infos(app: str, deployment: str, want: set[str], timeout_s: float = 60) -> dict[str, dict]:
-    """ModelServer.info() of each replica in `want` (handle calls are routed at random: call until all seen)."""
-    from ray import serve
-
-    handle = serve.get_deployment_handle(deployment, app_name=app)
-    seen: dict[str, dict] = {}
-    deadline = time.monotonic() + timeout_s
-    while set(seen) < want and time.monotonic() < deadline:
-        try:
-            info = handle.info.remote().result(timeout_s=30)
-        except Exception as err:  # noqa: BLE001 - a dying replica; the actor table tells the rest
-            log.warning("info() of %s failed: %s", deployment, err)
-            time.sleep(0.5)
-            continue
-        seen[info["replica"]] = info
-    return seen
-
-
-def snapshot(config, app: str) -> dict[str, Any]:
-    """Per model: Serve's deployment status and replica states, and every replica (actor table + info())."""
-    from ray import serve
-
-    from serving.builder import model_deployment_name
-
-    status = serve.status().applications.get(app)
-    out: dict[str, Any] = {"app_status": str(getattr(status.status, "value", status.status)) if status else "MISSING",
-                           "models": {}}
-    for m in config.models:
-        dep = model_deployment_name(m.name)
-        ds = status.deployments.get(dep) if status else None
-        actors = replica_actors(app, dep)
-        alive = {a["replica"] for a in actors if a["state"] == "ALIVE"}
-        infos = replica_infos(app, dep, alive) if alive else {}
-        replicas = []
-        for a in actors:
-            info = infos.get(a["replica"], {})
-            replicas.append({**a, "info_pid": info.get("pid"), "device": info.get("device"),
-                             "gpu_ids": info.get("gpu_ids"), "gpu_fraction": info.get("gpu_fraction"),
-                             "vram_budget_bytes": info.get("vram_budget_bytes"),
-                             "memory_level": (info.get("optimizations") or {}).get("memory_level"),
-                             "family": info.get("family")})
-        out["models"][m.name] = {
-            "deployment": dep,
-            "status": str(getattr(ds.status, "value", ds.status)) if ds else "MISSING",
-            "replica_states": {str(getattr(k, "value", k)): v for k, v in (ds.replica_states or {}).items()}
-            if ds else {},
-            "replicas": replicas}
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- nvidia-smi
-class GpuPoller:
-    """Polls nvidia-smi: peak used MiB per compute process (pid) and per GPU. Inactive without nvidia-smi."""
-
-    def __init__(self, interval_s: float = 0.5):
-        self.exe = shutil.which("nvidia-smi")
-        self.interval_s = interval_s
-        self.per_pid: dict[int, int] = {}
-        self.per_gpu: dict[str, dict[str, int]] = {}
-        self.samples = 0
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _query(self, what: str) -> list[list[str]]:
-        out = subprocess.run([self.exe, f"--query-{what}", "--format=csv,noheader,nounits"], capture_output=True,
-                             text=True, timeout=10)
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr.strip() or out.stdout.strip())
-        return [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.strip()]
-
-    def sample(self) -> None:
-        try:
-            for pid, used in self._query("compute-apps=pid,used_memory"):
-                if pid.isdigit() and used.isdigit():
-                    self.per_pid[int(pid)] = max(self.per_pid.get(int(pid), 0), int(used))
-            for idx, used, total in self._query("gpu=index,memory.used,memory.total"):
-                g = self.per_gpu.setdefault(idx, {"peak_used_mib": 0, "total_mib": int(total)})
-                g["peak_used_mib"] = max(g["peak_used_mib"], int(used))
-            self.samples += 1
-        except Exception as err:  # noqa: BLE001 - a failed poll must not stop the proof; it is reported
-            if len(self.errors) < 5:
-                self.errors.append(f"{type(err).__name__}: {err}")
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def start(self) -> "GpuPoller":
-        if self.exe:
-            self.sample()
-            self._thread = threading.Thread(target=self._loop, name="nvidia-smi", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=15)
-        if self.exe:
-            self.sample()
-
-    def report(self, replica_pids: dict[int, str]) -> dict[str, Any]:
-        if not self.exe:
-            return {"available": False, "note": "nvidia-smi not found: no independent GPU memory measure"}
-        per_replica = {replica_pids[p]: mib for p, mib in self.per_pid.items() if p in replica_pids}
-        other = {str(p): mib for p, mib in self.per_pid.items() if p not in replica_pids}
-        return {"available": True, "samples": self.samples, "interval_s": self.interval_s, "errors": self.errors,
-                "peak_used_mib_by_replica": per_replica, "peak_used_mib_other_pids": other,
-                "sum_of_replica_peaks_mib": sum(per_replica.values()), "gpus": self.per_gpu,
-                "note": None if per_replica or not self.per_pid else
-                "nvidia-smi pids do not match the replica pids (PID namespace of a container?); "
-                "see peak_used_mib_other_pids and gpus"}
 
 
 # ---------------------------------------------------------------------------------------------- the proof
-def summarize(records: list[dict], models: list[str]) -> dict[str, Any]:
-    by_model: dict[str, Any] = {}
-    for name in models:
-        recs = [r for r in records if r["model"] == name]
-        outcomes: dict[str, int] = {}
-        statuses: dict[str, int] = {}
-        for r in recs:
-            outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
-            statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
-        ok = [r for r in recs if r["outcome"] == "ok"]
-        peaks = [r["peak_vram_bytes"] for r in ok if r.get("peak_vram_bytes")]
-        rejected_sizes = sorted({f"{r['width']}x{r['height']}" for r in recs if r["outcome"] == "capacity"})
-        by_model[name] = {
-            "requests": len(recs), "statuses": statuses, "outcomes": outcomes,
-            "images": sum(r.get("images", 0) for r in ok),
-            "largest_served": max((f"{r['width']}x{r['height']}" for r in ok), key=lambda s: math.prod(
-                map(int, s.split("x"))), default=None),
-            "rejected_sizes": rejected_sizes,
-            "max_batch_size": max((r.get("batch_size") or 0 for r in ok), default=0),
-            "peak_vram_allocated_bytes": max(peaks) if peaks else None,
-            "latency_s_p50": _pct([r["latency_s"] for r in ok], 0.5),
-            "latency_s_max": max((r["latency_s"] for r in ok), default=None)}
-    return by_model
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round((len(s) - 1) * q)))]
-
-
 def verdict(report: dict[str, Any]) -> tuple[bool, list[str]]:
+    """(passed, failures): the conditions of the module doc, checked on a finished report."""
     failures = []
-    recs = report["requests"]
-    bad = [r for r in recs if r["outcome"] in ("oom", "error_5xx", "error_4xx", "transport")]
-    for kind in ("oom", "error_5xx", "error_4xx", "transport"):
-        n = sum(1 for r in bad if r["outcome"] == kind)
-        if n:
-            failures.append(f"{n} request(s) with outcome {kind}")
+    totals = outcome_totals(report["requests"])
+    for kind in FAILED_OUTCOMES:
+        if totals[kind]:
+            failures.append(f"{totals[kind]} request(s) with outcome {kind}")
     for name, m in report["by_model"].items():
         if not m["outcomes"].get("ok"):
             failures.append(f"model {name} served no request")
@@ -367,33 +74,6 @@ def verdict(report: dict[str, Any]) -> tuple[bool, list[str]]:
         if m["replica_states"] != {"RUNNING": expected}:
             failures.append(f"model {name}: replica states {m['replica_states']} at the end")
     return not failures, failures
-
-
-def expected_replicas(model) -> int:
-    d = model.deployment
-    if d.num_replicas is not None:
-        return d.num_replicas
-    if d.autoscaling_config is not None:
-        a = d.autoscaling_config
-        return a.initial_replicas if a.initial_replicas is not None else a.min_replicas
-    return 1
-
-
-def env_info() -> dict[str, Any]:
-    """Versions and the GPU, without touching CUDA here (a CUDA context in the driver would hold GPU memory)."""
-    from importlib.metadata import version
-
-    import ray
-
-    info: dict[str, Any] = {"ray": ray.__version__, "torch": version("torch"), "diffusers": version("diffusers"),
-                            "host_cpus": os.cpu_count()}
-    exe = shutil.which("nvidia-smi")
-    if exe:
-        out = subprocess.run([exe, "--query-gpu=index,name,memory.total,driver_version",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
-        info["gpus"] = [dict(zip(("index", "name", "total_mib", "driver"), (c.strip() for c in line.split(","))))
-                        for line in out.stdout.splitlines() if line.strip()]
-    return info
 
 
 def run_proof(config, *, requests: int = 160, concurrency: int = 16, duration_s: float | None = None,
@@ -457,20 +137,13 @@ def run_proof(config, *, requests: int = 160, concurrency: int = 16, duration_s:
         report["by_model"] = summarize(records, config.model_names)
         time.sleep(2)  # let Serve's controller see any replica that died at the very end
         report["replicas_end"] = snapshot(config, config.app_name)
-        pids = {r["pid"]: f"{name}/{r['replica']}" for name, m in report["replicas_end"]["models"].items()
-                for r in m["replicas"]}
-        pids.update({r["pid"]: f"{name}/{r['replica']}" for name, m in report["replicas_start"]["models"].items()
-                     for r in m["replicas"]})
-        report["nvidia_smi"] = poller.report(pids)
+        # a pid in both snapshots keeps its name at the start
+        report["nvidia_smi"] = poller.report(replica_pids(report["replicas_end"], report["replicas_start"]))
         report["requests"] = records
-        outcomes = [r["outcome"] for r in records]
-        report["totals"] = {k: outcomes.count(k) for k in
-                            ("ok", "capacity", "backpressure", "oom", "error_5xx", "error_4xx", "transport")}
-        report["clean_rejections"] = [{"model": r["model"], "size": f"{r['width']}x{r['height']}",
-                                       "num_images": r["num_images"], "status": r["status"], "kind": r["code"],
-                                       "message": r["message"]} for r in records if r["outcome"] == "capacity"]
+        report["totals"] = outcome_totals(records)
+        report["clean_rejections"] = clean_rejections(records)
         report["rejections_exercised"] = bool(report["clean_rejections"])
-        replicas = [r for m in report["replicas_start"]["models"].values() for r in m["replicas"]]
+        replicas = [r for _, r in snapshot_replicas(report["replicas_start"])]
         report["budgets_enforced"] = bool(replicas) and all(
             str(r["device"]).startswith("cuda") and r["vram_budget_bytes"] for r in replicas) and all(
             m.engine.memory.enforce_budget for m in config.models)

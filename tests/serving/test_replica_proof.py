@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.replica_proof import classify, request_plan, size_menu, verdict
+from benchmarks.replica_load import classify, request_plan, size_menu
+from benchmarks.replica_proof import verdict
 from serving.config import load_serving_config
 from tests.serving.conftest import free_port
 
