@@ -51,6 +51,8 @@ def child(args) -> dict:
     opt = {**BEST, "warmup_shapes": [(w, h, args.batch)], "batch_buckets": [args.batch]}
     if args.eager:
         opt["compile"] = "none"
+    if args.aot:
+        opt["compile_artifacts"] = "aot"
     cfg = EngineConfig(name=args.family, source=args.folder, cache_dir=args.cache_dir, scheduler="euler",
                        dtype="fp16" if args.device != "cpu" else "fp32", device=args.device, optimization=opt,
                        limits={"max_batch_size": args.batch, "max_steps": 150})
@@ -100,6 +102,7 @@ def run_child(args, phase: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.cold_start", "--child", "--phase", phase, "--family", args.family,
            "--folder", args.folder, "--cache-dir", cache_dir, "--batch", str(args.batch), "--device",
            args.device] + (["--eager"] if args.eager else []) + (["--profile-load"] if args.profile_load else [])
+           + (["--aot"] if args.aot else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -118,6 +121,7 @@ def main(argv=None) -> int:
                    "TORCH_CACHING_PRECOMPILE=1 and their own cache dir")
     p.add_argument("--eager", action="store_true", help="no compile (CPU smoke test)")
     p.add_argument("--profile-load", action="store_true", help="cProfile the engine load (top 60, cumulative)")
+    p.add_argument("--aot", action="store_true", help="optimization.compile_artifacts=aot (no Dynamo at warm starts)")
     p.add_argument("--out", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--phase", default="", help=argparse.SUPPRESS)

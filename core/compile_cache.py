@@ -27,6 +27,11 @@ def cache_path(engine) -> str:
     return os.path.join(cfg.cache_dir, "compile", f"{cfg.name.replace('/', '_')}-{digest}.bin")
 
 
+def cache_key(engine) -> str:
+    """The key of everything compiled for this engine (model, dtype, GPU, torch, settings, shapes)."""
+    return os.path.basename(cache_path(engine)).removesuffix(".bin")
+
+
 def load(engine) -> bool:
     import torch
 

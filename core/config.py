@@ -62,6 +62,10 @@ class OptimizationConfig(Strict):
     compile: Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "none", description="torch.compile mode for the UNet (and the VAE decoder when compile_vae).")
     compile_vae: bool = Field(True, description="Also compile the VAE decoder when compile is not 'none'.")
+    compile_artifacts: Literal["cache", "aot"] = Field(
+        "cache", description="How compiled code is reused across processes: cache (Inductor/AOTAutograd caches; "
+        "Dynamo still re-traces at every start) or aot (experimental: torch.compile().aot_compile() functions per "
+        "warmed shape saved in cache_dir/aot, loaded without tracing; not with step_cache).")
     fp8: bool = Field(False, description="FP8 (float8 e4m3, per-row dynamic scaling) matmuls for the UNet's "
                       "linear layers on Hopper+. Opt-in: changes images slightly.")
     sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(

@@ -136,6 +136,8 @@ class Engine:
 
         t0 = time.perf_counter()
         self._warming = True  # compiled: every batch bucket up to b is compiled (and recorded) now, not mid-serving
+        for forward in getattr(self, "aot_forwards", []):
+            forward.compiling = True  # warmed shapes load (or compile and save) their AOT functions
         try:
             for w, h, b in self.warmup_shapes():
                 buckets = batch_buckets(self.config.limits.max_batch_size, self.config.optimization.batch_buckets)
@@ -152,6 +154,9 @@ class Engine:
                     self.warmup_times[f"{w}x{h}x{n}"] = round(time.perf_counter() - t, 2)
         finally:
             self._warming = False
+            for forward in getattr(self, "aot_forwards", []):
+                forward.compiling = False
+                self.applied[f"aot_{forward.part}"] = {"loaded": forward.loaded, "compiled": forward.compiled}
         self.warmup_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ requests

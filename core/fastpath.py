@@ -35,10 +35,16 @@ def install_fastpath(engine) -> dict:
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
     engine.step_cache = install_step_cache(engine, applied)
+    engine.aot_forwards = []
     if engine.compiled:
         from core import compile_cache
 
         applied["compile_cache_hit"] = compile_cache.load(engine)
+        if applied.get("compile_artifacts") == "aot":
+            from core import aot_forward
+
+            engine.aot_forwards = aot_forward.install(engine.pipe, opt.compile, engine.config.cache_dir,
+                                                      compile_cache.cache_key(engine), opt.compile_vae)
     engine.warmed: set[tuple[int, int, int]] = set()
     return applied
 

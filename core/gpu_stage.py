@@ -94,7 +94,9 @@ def decode_latents(vae, latents, force_tiling: bool) -> list:
             latents = latents * s / cfg.scaling_factor + m
         else:
             latents = latents / cfg.scaling_factor
-        with torch.inference_mode():
+        # no_grad, not inference_mode: an AOT-compiled decoder's guards record the grad mode's dispatch keys,
+        # and a function compiled under inference_mode fails them after loading in another process.
+        with torch.no_grad():
             image = vae.decode(latents, return_dict=False)[0]
             image = torch.nan_to_num(image.float(), nan=-1.0, posinf=1.0, neginf=-1.0)
             image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
