@@ -57,7 +57,8 @@ def _load(path: str, cudagraphs: bool):
 
 class AotForward:
     """Installed as `module.forward`: the module object (config, dtype, hooks) stays as it is. A shape without a
-    function runs eagerly unless `compiling` is set (the engine's warm-up), which loads or compiles one."""
+    function runs eagerly unless `compiling` is set (the engine's warm-up), which loads or compiles one. (A plain
+    flag, not a callback into the engine: the module, and so this object, is pickled with the saved function.)"""
 
     def __init__(self, module, part: str, mode: str, cache_dir: str, key: str):
         import torch
@@ -123,3 +124,7 @@ def install(pipe, mode: str, cache_dir: str, key: str, vae: bool) -> list[AotFor
         forwards.append(AotForward(pipe.vae.decoder, "vae-decoder", mode, cache_dir, key))
         pipe.vae.decoder.forward = forwards[1]
     return forwards
+
+
+def report(forwards: list[AotForward]) -> dict:
+    return {f"aot_{f.part}": {"loaded": f.loaded, "compiled": f.compiled} for f in forwards}

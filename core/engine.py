@@ -41,7 +41,6 @@ class Engine:
         self.broken: str | None = None  # set after an unrecoverable (CUDA) error; check_health reports it
         self.budget: int | None = None
         self.footprint = None
-        self._vae_lock = threading.Lock()
         self._load_lock = threading.Lock()
         self._ready = False
         # PNG/JPEG encoders release the GIL: a few threads keep up with a batch while the GPU runs the next one.
@@ -56,6 +55,7 @@ class Engine:
         self.load_s = self.warmup_s = 0.0
         self.warmup_times: dict[str, float] = {}  # per warm-up shape: where a slow start goes
         self.load_times: dict[str, float] = {}  # per load stage
+        self.aot_forwards: list = []  # core/aot_forward.py forwards, when compile_artifacts=aot
 
     # ------------------------------------------------------------------ loading
     def load(self) -> "Engine":
@@ -113,6 +113,10 @@ class Engine:
             from core import compile_cache
 
             self.applied["compile_counters"] = compile_cache.counters()
+            if self.aot_forwards:
+                from core import aot_forward
+
+                self.applied.update(aot_forward.report(self.aot_forwards))
             if not self.applied.get("compile_cache_hit"):
                 compile_cache.save(self)
         log.info("model %s (%s) ready on %s %s in %.1fs (+%.1fs warm-up): %s", cfg.name, self.family, self.device,
@@ -136,7 +140,7 @@ class Engine:
 
         t0 = time.perf_counter()
         self._warming = True  # compiled: every batch bucket up to b is compiled (and recorded) now, not mid-serving
-        for forward in getattr(self, "aot_forwards", []):
+        for forward in self.aot_forwards:
             forward.compiling = True  # warmed shapes load (or compile and save) their AOT functions
         try:
             for w, h, b in self.warmup_shapes():
@@ -154,9 +158,8 @@ class Engine:
                     self.warmup_times[f"{w}x{h}x{n}"] = round(time.perf_counter() - t, 2)
         finally:
             self._warming = False
-            for forward in getattr(self, "aot_forwards", []):
+            for forward in self.aot_forwards:
                 forward.compiling = False
-                self.applied[f"aot_{forward.part}"] = {"loaded": forward.loaded, "compiled": forward.compiled}
         self.warmup_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ requests
@@ -359,8 +362,7 @@ class Engine:
     def _decode(self, latents, force_tiling: bool):
         from core.gpu_stage import decode_latents
 
-        with self._vae_lock:
-            return decode_latents(self.pipe.vae, latents, force_tiling)
+        return decode_latents(self.pipe.vae, latents, force_tiling)  # on the GPU thread: never concurrent
 
     def _encode(self, pixels, req: GenerationRequest, seed: int) -> tuple[bytes, float]:
         from core.encoding import encode_image
@@ -390,4 +392,5 @@ class Engine:
         return {"name": self.config.name, "family": self.family, "source": self.config.source,
                 "device": getattr(self, "device", None), "dtype": str(getattr(self, "dtype", "")).replace("torch.", ""),
                 "optimizations": self.applied, "vram_budget_bytes": self.budget, "note": self.note,
-                "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times, "warmup_times": self.warmup_times}
+                "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times,
+                "warmup_times": self.warmup_times}

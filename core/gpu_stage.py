@@ -74,7 +74,7 @@ class Rendering:
 
 def decode_latents(vae, latents, force_tiling: bool) -> list:
     """VAE decode to HxWx3 uint8 arrays; the float->uint8 conversion runs on the device (4x less to copy).
-    The caller serializes calls: upcast/tiling toggles mutate the shared VAE."""
+    Runs on the engine's one GPU thread, so the upcast/tiling toggles of the shared VAE never race."""
     import torch
 
     cfg = vae.config

@@ -100,7 +100,7 @@ def apply_compile(pipe, opt: OptimizationConfig, level: MemoryLevel, cache_dir: 
     configure_compile_cache(cache_dir)
     import torch
 
-    if any(p.device.type == "cuda" for p in pipe.unet.parameters()):
+    if pipe.unet.device.type == "cuda":
         # torch.get_num_threads() is part of Inductor's cache key (cpp_runtime_thread_count): replicas with
         # other Ray num_cpus (OMP_NUM_THREADS) or hosts with other core counts would never share compiled
         # graphs (a warm cache missed in every Serve replica on the H100). A GPU engine's CPU work is tiny.
