@@ -206,8 +206,53 @@ def image_quality(reference: list[bytes], images: list[bytes]) -> dict:
                     "how far the output moves, only a proxy for the quality cost"}
 
 
+def save_reference(cache_dir: str, workload: str, images: dict[int, list[bytes]]) -> None:
+    """Keep the sdserve variant's images, so opt-in variants measured in a later call get a quality figure."""
+    folder = os.path.join(cache_dir, "bench-reference", workload)
+    os.makedirs(folder, exist_ok=True)
+    for b, blobs in images.items():
+        for i, blob in enumerate(blobs):
+            with open(os.path.join(folder, f"b{b}-{i}.png"), "wb") as fh:
+                fh.write(blob)
+
+
+def load_reference(cache_dir: str, workload: str) -> dict[int, list[bytes]] | None:
+    folder = os.path.join(cache_dir, "bench-reference", workload)
+    if not os.path.isdir(folder):
+        return None
+    out: dict[int, list[bytes]] = {}
+    for name in sorted(os.listdir(folder), key=lambda n: [int(x) for x in n[1:-4].split("-")]):
+        b = int(name[1:].split("-")[0])
+        with open(os.path.join(folder, name), "rb") as fh:
+            out.setdefault(b, []).append(fh.read())
+    return out
+
+
+def profile_call(fn, path: str) -> dict:
+    """torch.profiler over one call: top CUDA kernels, and how busy the GPU was over the call's wall time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    wall = time.perf_counter() - t
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    syncs = {e.key: e.count for e in events if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                         "cudaMemcpyAsync", "cudaEventSynchronize")}
+    with open(path, "w") as fh:
+        fh.write(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+    # (the profiler's own overhead stretches the wall time a little: busy is a lower bound)
+    return {"wall_s": round(wall, 4), "gpu_kernel_s": round(kernel_us / 1e6, 4),
+            "gpu_busy": round(kernel_us / 1e6 / wall, 3), "host_sync_calls": syncs, "table": os.path.basename(path)}
+
+
 def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflops, flops, records, cache_dir,
-                  memory_level="none", reference=None, memory_offload="auto") -> dict[int, list[bytes]]:
+                  memory_level="none", reference=None, memory_offload="auto",
+                  profile_dir=None) -> dict[int, list[bytes]]:
     """Records one entry per batch; returns the last call's encoded images per batch. With `reference` (those
     of another variant), each record gets a `quality` figure against it."""
     import torch
@@ -247,6 +292,8 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
         stages = {"denoise_s": round(outs[0].timings.denoise_s, 4), "decode_s": round(outs[0].timings.decode_s, 4),
                   "encode_s": round(statistics.mean(o.timings.encode_s for o in outs), 4)}
         extra = {"quality": image_quality(reference[b], images[b])} if reference and b in reference else {}
+        if profile_dir:
+            extra["profile"] = profile_call(lambda: call(b), os.path.join(profile_dir, f"profile-{workload}-b{b}.txt"))
         records.append(record(workload, variant, b, lat, first, a, r, flops.get(b), peak_tflops, info,
                               {**settings, "dtype": dtype, "memory_level": engine.level.value,
                                "memory_offload": memory_offload}, ready_s=round(ready_s, 1),
@@ -311,6 +358,8 @@ def main(argv=None):
                    "e.g. balanced:group-block")
     p.add_argument("--auto-budgets", default="", help="comma list of GiB budgets: record AUTO's level choice")
     p.add_argument("--no-flops", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler over one sdserve call per batch: <out>/profile-<workload>-b<N>.txt")
     p.add_argument("--cache-dir", default=os.environ.get("SDSERVE_CACHE_DIR", "/tmp/sdserve-cache"))
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="")
@@ -340,8 +389,10 @@ def main(argv=None):
         reference = None
         if "sdserve" in variants:
             reference = bench_sdserve(wl, "sdserve", best, batches, args.repeats, info, peak, flops, records,
-                                      args.cache_dir)
+                                      args.cache_dir, profile_dir=args.out if args.profile else None)
+            save_reference(args.cache_dir, wl, reference)
             save()
+        reference = reference or load_reference(args.cache_dir, wl)  # from an earlier call on this machine
         if "sdserve-deepcache" in variants:  # same settings + step caching; quality vs the images just made
             # No FLOP count: shallow steps skip most of the UNet, so the full-UNet count would inflate its MFU.
             bench_sdserve(wl, "sdserve-deepcache", {**best, "step_cache": {"interval": args.deepcache_interval}},
@@ -349,7 +400,7 @@ def main(argv=None):
             save()
         for name, settings in (json.loads(args.extra_sdserve) if args.extra_sdserve else {}).items():
             bench_sdserve(wl, name, {**best, **settings}, batches, args.repeats, info, peak, flops, records,
-                          args.cache_dir)
+                          args.cache_dir, reference=reference)
             save()
         if args.auto_budgets:
             records.extend(auto_choices(wl, [float(b) for b in args.auto_budgets.split(",")], info))

@@ -80,3 +80,40 @@ def test_a1111_parameters_without_negative_prompt():
     text = a1111_parameters({"prompt": "p", "steps": 2, "scheduler": "ddim", "guidance_scale": 7, "seed": 3,
                              "width": 64, "height": 72, "model": "m"})
     assert text == "p\nSteps: 2, Sampler: ddim, CFG scale: 7, Seed: 3, Size: 64x72, Model: m"
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 53), (800, 1000)])  # 800x1000 spans several deflate slices
+def test_parallel_png_round_trips_pixels_and_unicode_prompt(shape):
+    from core import encoding
+
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    params = {"prompt": "café ✓ 東京", "seed": 3, "steps": 4}
+    data = encoding.encode_png(pixels, params)
+    assert data.count(b"IDAT") == 1
+    if shape == (800, 1000):
+        assert pixels.nbytes > 2 * encoding.PNG_SLICE_BYTES  # the multi-slice path really ran
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # PIL checks every chunk's CRC and the zlib stream while decoding
+        assert img.size == (shape[1], shape[0])
+        assert np.array_equal(np.asarray(img.convert("RGB")), pixels)
+    text = read_png_parameters(data)
+    assert "café ✓ 東京" in text["parameters"] and json.loads(text["sdserve"]) == params
+
+
+def test_parallel_png_bytes_do_not_depend_on_thread_count(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core import encoding
+
+    pixels = np.random.default_rng(1).integers(0, 256, (800, 800, 3), dtype=np.uint8)
+    many = encoding.encode_png(pixels)
+    monkeypatch.setattr(encoding, "_png_pool", ThreadPoolExecutor(max_workers=1))
+    assert encoding.encode_png(pixels) == many
+
+
+def test_parallel_png_compresses_smooth_images():
+    from core.encoding import encode_png
+
+    ramp = np.tile(np.linspace(0, 255, 512).astype(np.uint8)[None, :, None], (512, 1, 3))
+    assert len(encode_png(ramp)) < ramp.nbytes / 20
