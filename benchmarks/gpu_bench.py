@@ -148,7 +148,8 @@ def record(workload, variant, batch, latency, first, alloc, reserved, flops, pea
             **extra}
 
 
-def bench_diffusers(workload, variants, batches, repeats, info, peak_tflops, records, count=True):
+def bench_diffusers(workload, variants, batches, repeats, info, peak_tflops, records, count=True,
+                    compile_batches=None):
     import torch
 
     from core.embedded import build_pipeline
@@ -177,7 +178,7 @@ def bench_diffusers(workload, variants, batches, repeats, info, peak_tflops, rec
     if "diffusers-compile" in variants:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
-        for b in batches:
+        for b in compile_batches or batches:
             lat, first, a, r = time_calls(lambda: run_diffusers(pipe, w, h, steps, b), repeats)
             records.append(record(workload, "diffusers-compile", b, lat, first, a, r, flops[b], peak_tflops, info,
                                   {"dtype": str(dtype), "compile": "reduce-overhead", "channels_last": True}))
@@ -206,9 +207,9 @@ def image_quality(reference: list[bytes], images: list[bytes]) -> dict:
                     "how far the output moves, only a proxy for the quality cost"}
 
 
-def save_reference(cache_dir: str, workload: str, images: dict[int, list[bytes]]) -> None:
+def save_reference(root: str, workload: str, images: dict[int, list[bytes]]) -> None:
     """Keep the sdserve variant's images, so opt-in variants measured in a later call get a quality figure."""
-    folder = os.path.join(cache_dir, "bench-reference", workload)
+    folder = os.path.join(root, workload)
     os.makedirs(folder, exist_ok=True)
     for b, blobs in images.items():
         for i, blob in enumerate(blobs):
@@ -216,8 +217,8 @@ def save_reference(cache_dir: str, workload: str, images: dict[int, list[bytes]]
                 fh.write(blob)
 
 
-def load_reference(cache_dir: str, workload: str) -> dict[int, list[bytes]] | None:
-    folder = os.path.join(cache_dir, "bench-reference", workload)
+def load_reference(root: str, workload: str) -> dict[int, list[bytes]] | None:
+    folder = os.path.join(root, workload)
     if not os.path.isdir(folder):
         return None
     out: dict[int, list[bytes]] = {}
@@ -350,6 +351,8 @@ def main(argv=None):
                    help="also: sdserve-deepcache (step caching; its records carry `quality` vs sdserve's images)")
     p.add_argument("--deepcache-interval", type=int, default=3, help="step_cache interval of sdserve-deepcache")
     p.add_argument("--batches", default="", help="comma list; default: the workload's list")
+    p.add_argument("--compile-batches", default="", help="batches for diffusers-compile (default: --batches); "
+                   "each costs a full compile")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sdserve-settings", default="", help="JSON overriding SDSERVE_BEST")
     p.add_argument("--extra-sdserve", default="", help="JSON dict name -> settings for extra sdserve variants")
@@ -362,8 +365,11 @@ def main(argv=None):
                    help="torch.profiler over one sdserve call per batch: <out>/profile-<workload>-b<N>.txt")
     p.add_argument("--cache-dir", default=os.environ.get("SDSERVE_CACHE_DIR", "/tmp/sdserve-cache"))
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--reference-dir", default=None, help="where the sdserve variant's images are kept for the "
+                   "quality figures of later runs (default <cache-dir>/bench-reference; also copied to <out>/reference)")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
+    args.reference_dir = args.reference_dir or os.path.join(args.cache_dir, "bench-reference")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     info = env_info()
     peak = measure_matmul_tflops()
@@ -384,15 +390,18 @@ def main(argv=None):
     best = {**SDSERVE_BEST, **(json.loads(args.sdserve_settings) if args.sdserve_settings else {})}
     for wl in args.workloads.split(","):
         batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else WORKLOADS[wl][4]
-        flops = bench_diffusers(wl, variants, batches, args.repeats, info, peak, records, count=not args.no_flops)
+        flops = bench_diffusers(wl, variants, batches, args.repeats, info, peak, records, count=not args.no_flops,
+                                compile_batches=[int(b) for b in args.compile_batches.split(",")]
+                                if args.compile_batches else None)
         save()
         reference = None
         if "sdserve" in variants:
             reference = bench_sdserve(wl, "sdserve", best, batches, args.repeats, info, peak, flops, records,
                                       args.cache_dir, profile_dir=args.out if args.profile else None)
-            save_reference(args.cache_dir, wl, reference)
+            for root in (args.reference_dir, os.path.join(args.out, "reference")):
+                save_reference(root, wl, reference)
             save()
-        reference = reference or load_reference(args.cache_dir, wl)  # from an earlier call on this machine
+        reference = reference or load_reference(args.reference_dir, wl)  # from an earlier call
         if "sdserve-deepcache" in variants:  # same settings + step caching; quality vs the images just made
             # No FLOP count: shallow steps skip most of the UNet, so the full-UNet count would inflate its MFU.
             bench_sdserve(wl, "sdserve-deepcache", {**best, "step_cache": {"interval": args.deepcache_interval}},
