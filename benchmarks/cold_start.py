@@ -101,8 +101,8 @@ def run_child(args, phase: str) -> dict:
         cache_dir += "-pc"
     cmd = [sys.executable, "-m", "benchmarks.cold_start", "--child", "--phase", phase, "--family", args.family,
            "--folder", args.folder, "--cache-dir", cache_dir, "--batch", str(args.batch), "--device",
-           args.device] + (["--eager"] if args.eager else []) + (["--profile-load"] if args.profile_load else [])
-           + (["--aot"] if args.aot else [])
+           args.device] + (["--eager"] if args.eager else []) + (["--profile-load"] if args.profile_load else []) \
+        + (["--aot"] if args.aot else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
