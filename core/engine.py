@@ -77,7 +77,8 @@ class Engine:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         mark("device")  # torch import + CUDA init
-        pipe, self.family = load_pipeline(cfg, self.device, self.dtype)   # 1. dtype
+        pipe, self.family = load_pipeline(cfg, self.device, self.dtype,   # 1. dtype
+                                          onto_device=self.level == MemoryLevel.NONE)
         mark("read")
         pipe.set_progress_bar_config(disable=True)
         self.base_scheduler_config = pipe.scheduler.config

@@ -107,8 +107,20 @@ def quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_pipeline(config: EngineConfig, device: str, dtype):
-    """Return (pipeline on CPU in `dtype`, family). Placement is the memory level's job."""
+def direct_device_map(device: str) -> str | None:
+    """diffusers' device_map for loading straight onto `device` (the current CUDA device only: its pipeline
+    loader accepts "cuda", not "cuda:N"); None where weights go through host memory."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return "cuda" if torch.device(device).index in (None, torch.cuda.current_device()) else None
+
+
+def load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool = False):
+    """Return (pipeline in `dtype`, family): on the CPU, placement being the memory level's job, or with
+    `onto_device` (fully resident levels) read straight onto the GPU: safetensors land in VRAM with no host
+    copy (SDXL's read + move were 14 s + 4 s of a warm replica start on the H100)."""
     quiet_libraries()
     kind = source_kind(config.source)
     family = None if config.family == "auto" else config.family
@@ -153,6 +165,9 @@ def load_pipeline(config: EngineConfig, device: str, dtype):
         cls = pipeline_class(family)
         if cls.__name__ == "StableDiffusionPipeline":
             extra.update(safety_checker=None, requires_safety_checker=False)
+        device_map = direct_device_map(device) if onto_device else None
+        if device_map:
+            extra["device_map"] = device_map
         pipe = cls.from_pretrained(source, **extra)
     if family == "sd15" and pipe.unet.config.cross_attention_dim == 1024:
         family = "sd21"

@@ -115,3 +115,9 @@ def test_unknown_single_file_is_rejected(tmp_path):
     save_file({"lora_unet_down.weight": torch.zeros(2)}, str(f))
     with pytest.raises(ModelLoadError, match="not a Stable Diffusion checkpoint"):
         family_of_single_file(f)
+
+
+def test_weights_go_through_host_memory_off_cuda():
+    from core.loading import direct_device_map
+
+    assert direct_device_map("cpu") is None  # on CUDA, NONE-level engines read straight into VRAM ("cuda")

@@ -1,0 +1,53 @@
+"""The GPU benchmark harness and cold-start benchmark run end to end on the CPU (tiny model), so a broken
+harness shows up here and not after minutes of booked GPU time."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+EAGER = '{"compile": "none", "sdpa_backend": "auto"}'
+
+
+def bench(out, *args):
+    subprocess.run([sys.executable, "-m", "benchmarks.gpu_bench", "--workloads", "tiny-64-4", "--repeats", "1",
+                    "--no-flops", "--sdserve-settings", EAGER, "--out", str(out), *args], check=True,
+                   capture_output=True, text=True, timeout=300)
+    (path,) = out.glob("*.json")
+    return json.loads(path.read_text())["records"]
+
+
+def test_gpu_bench_records_variants_profiles_and_quality_across_runs(tmp_path, sdserve_cache_dir):
+    refs = tmp_path / "refs"
+    first = bench(tmp_path / "a", "--batches", "1,2", "--variants", "diffusers-eager,sdserve", "--profile",
+                  "--reference-dir", str(refs), "--cache-dir", sdserve_cache_dir)
+    by = {(r["variant"], r["batch"]): r for r in first}
+    assert set(by) == {("diffusers-eager", 1), ("diffusers-eager", 2), ("sdserve", 1), ("sdserve", 2)}
+    for r in first:
+        assert r["latency_s"] > 0 and r["img_per_s"] > 0 and r["device"] == "cpu"
+    assert by[("sdserve", 2)]["profile"]["wall_s"] > 0 and by[("sdserve", 2)]["speedup_vs_diffusers-eager"] > 0
+    assert (tmp_path / "a" / "profile-tiny-64-4-b2.txt").exists()
+    kept = sorted(p.name for p in (refs / "tiny-64-4").iterdir())
+    assert kept == ["b1-0.png", "b2-0.png", "b2-1.png"]
+    with Image.open(refs / "tiny-64-4" / "b2-1.png") as img:
+        assert img.size == (64, 64)
+
+    # A later run of opt-in variants only: quality against the kept reference. The same settings under another
+    # name must reproduce it exactly (identical pixels), step caching must move it.
+    later = bench(tmp_path / "b", "--batches", "1,2", "--variants", "sdserve-deepcache", "--extra-sdserve",
+                  '{"sdserve-again": {}}', "--reference-dir", str(refs), "--cache-dir", sdserve_cache_dir)
+    q = {(r["variant"], r["batch"]): r["quality"] for r in later}
+    assert q[("sdserve-again", 2)]["mean_abs_diff"] == 0 and q[("sdserve-again", 2)]["psnr_db"] is None
+    assert q[("sdserve-deepcache", 2)]["mean_abs_diff"] > 0
+
+
+def test_cold_start_benchmark_runs_cold_then_warm(tmp_path):
+    subprocess.run([sys.executable, "-m", "benchmarks.cold_start", "--family", "tiny-sd", "--eager", "--device",
+                    "cpu", "--phases", "cold,warm", "--folder", str(tmp_path / "model"), "--cache-dir",
+                    str(tmp_path / "cache"), "--out", str(tmp_path)], check=True, capture_output=True, text=True,
+                   timeout=300)
+    runs = json.loads((tmp_path / "cold-start-tiny-sd.json").read_text())["runs"]
+    assert [r["phase"] for r in runs] == ["cold", "warm"]
+    assert all(r["ok"] and r["ready_s"] > 0 and "read" in r["load_times"] for r in runs)
