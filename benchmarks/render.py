@@ -18,8 +18,8 @@ def fmt(v, nd=3):
 
 def table(records) -> str:
     rows = ["| file | workload | variant | batch | latency s | img/s | peak alloc GiB | peak reserved GiB | MFU | "
-            "vs eager | vs compile | denoise+decode s | encode s | warm-up s |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "vs eager | vs compile | denoise+decode s | encode s | warm-up s | PSNR dB vs sdserve |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in records:
         if r.get("latency_s") is None:
             continue
@@ -29,7 +29,7 @@ def table(records) -> str:
                     f"{fmt(r['img_per_s'], 2)} | {fmt(r.get('peak_vram_gib'), 2)} | {fmt(r.get('peak_reserved_gib'), 2)} | "
                     f"{fmt(r.get('mfu'), 2)} | {fmt(r.get('speedup_vs_diffusers-eager'), 2)} | "
                     f"{fmt(r.get('speedup_vs_diffusers-compile'), 2)} | {fmt(gen)} | {fmt(st.get('encode_s'))} | "
-                    f"{fmt(r.get('ready_s', r.get('warmup_s')), 1)} |")
+                    f"{fmt(r.get('ready_s', r.get('warmup_s')), 1)} | {fmt((r.get('quality') or {}).get('psnr_db'), 1)} |")
     return "\n".join(rows)
 
 
