@@ -178,10 +178,31 @@ def apply_level(pipe, level: MemoryLevel, device: str, dtype, offload: str = "au
     elif strategy == "group-leaf":
         pipe.enable_group_offload(onload_device=onload, offload_device=offload_to, offload_type="leaf_level",
                                   use_stream=True)
-    else:  # group-block: each UNet block is one group, the next one prefetched while this one computes
-        pipe.enable_group_offload(onload_device=onload, offload_device=offload_to, offload_type="block_level",
-                                  num_blocks_per_group=1, use_stream=True, record_stream=True,
-                                  exclude_modules=["vae"])
+    else:  # group-block: every transformer block / resnet is a group, the next one prefetched on a side stream
+        apply_block_streaming(pipe, onload, offload_to, use_stream=True)
+
+
+# diffusers' default block grouping makes each of the UNet's down/up blocks one group (SDXL: up to ~2 GB), too coarse
+# for the copies to overlap the compute (SDXL BALANCED with it: 23.2 s vs 4.3 s resident, 2026-11-24). Recursing
+# into these children (block_modules) makes every transformer block, resnet and sampler its own group, each copy
+# (SDXL <= ~70 MB, ~1.3 ms at 53 GB/s) prefetched while the previous group computes.
+UNET_BLOCK_MODULES = ["down_blocks", "mid_block", "up_blocks", "attentions", *map(str, range(8))]
+TEXT_ENCODER_BLOCK_MODULES = ["text_model", "encoder"]  # CLIP: one group per encoder layer
+
+
+def apply_block_streaming(pipe, onload, offload_to, use_stream: bool) -> None:
+    """Fine-grained streamed group offloading of the UNet and text encoders; the VAE stays resident (it runs
+    once per call, and untiled decode is the fast one)."""
+    from diffusers.hooks import apply_group_offloading
+
+    kwargs = dict(onload_device=onload, offload_device=offload_to, offload_type="block_level",
+                  num_blocks_per_group=1, use_stream=use_stream, record_stream=use_stream)
+    apply_group_offloading(pipe.unet, block_modules=UNET_BLOCK_MODULES, **kwargs)
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            apply_group_offloading(encoder, block_modules=TEXT_ENCODER_BLOCK_MODULES, **kwargs)
+    pipe.vae.to(onload)
 
 
 class MemoryMonitor:

@@ -92,3 +92,31 @@ def test_unknown_offload_strategy_is_rejected_naming_the_key():
 
     with pytest.raises(ValidationError, match="offload"):
         MemoryConfig(offload="disk")
+
+
+def test_block_streaming_groups_each_transformer_block_and_resnet_and_keeps_the_pixels():
+    """group-block's grouping, checked without CUDA (no side stream): every transformer block and resnet is its own
+    group (diffusers' default would make each whole down/up block one), and the output is unchanged."""
+    import torch
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    from core.embedded import build_pipeline
+    from core.memory import apply_block_streaming
+
+    def run(pipe):
+        return pipe(prompt="a red fox", num_inference_steps=2, width=64, height=64, output_type="np",
+                    generator=torch.Generator("cpu").manual_seed(3)).images
+
+    resident = run(build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32))
+    pipe = build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32)
+    apply_block_streaming(pipe, torch.device("cpu"), torch.device("cpu"), use_stream=False)
+    leaders = {name for name, m in pipe.unet.named_modules()
+               if getattr(m, "_diffusers_hook", None) is not None
+               and (hook := m._diffusers_hook.get_hook(_GROUP_OFFLOADING)) is not None and hook.group.onload_leader is m}
+    blocks = {name for name, _ in pipe.unet.named_modules()
+              if name.rsplit(".", 2)[-2:-1] in (["transformer_blocks"], ["resnets"])}
+    assert blocks and blocks <= leaders
+    assert not {"down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1"} & leaders
+    text_layers = {name for name, _ in pipe.text_encoder.named_modules() if name.rsplit(".", 2)[-2:-1] == ["layers"]}
+    assert text_layers and all(getattr(pipe.text_encoder.get_submodule(n), "_diffusers_hook", None) for n in text_layers)
+    assert (run(pipe) == resident).all()
