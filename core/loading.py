@@ -120,7 +120,7 @@ def direct_device_map(device: str) -> str | None:
 def load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool = False):
     """Return (pipeline in `dtype`, family): on the CPU, placement being the memory level's job, or with
     `onto_device` (fully resident levels) read straight onto the GPU: safetensors land in VRAM with no host
-    copy (SDXL's read + move were 14 s + 4 s of a warm replica start on the H100)."""
+    copy (with it and compiled .pyc files, an SDXL warm start's load fell from 19.9 s to 9.4 s on the H100)."""
     quiet_libraries()
     kind = source_kind(config.source)
     family = None if config.family == "auto" else config.family
