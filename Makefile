@@ -26,7 +26,7 @@ serve: install
 
 test: install
 	bash .ci/ensure-redis
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest tests -m "not integration and not slow" $(PYTEST_ARGS)

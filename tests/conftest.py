@@ -22,6 +22,15 @@ def sdserve_cache_dir(tmp_path_factory) -> str:
     return path
 
 
+def pytest_sessionfinish(session, exitstatus):
+    # Inductor's compile-worker pool (started by the CPU compile tests) is otherwise torn down during interpreter
+    # finalization, where it once crashed the process (SIGSEGV) after every test had passed.
+    import sys
+
+    if "torch._inductor.async_compile" in sys.modules:
+        sys.modules["torch._inductor.async_compile"].shutdown_compile_workers()
+
+
 def pytest_collection_modifyitems(config, items):
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items:
