@@ -66,8 +66,10 @@ class OptimizationConfig(Strict):
         "cache", description="How compiled code is reused across processes: cache (Inductor/AOTAutograd caches; "
         "Dynamo still re-traces at every start) or aot (experimental: torch.compile().aot_compile() functions per "
         "warmed shape saved in cache_dir/aot, loaded without tracing; not with step_cache).")
-    fp8: bool = Field(False, description="FP8 (float8 e4m3, per-row dynamic scaling) matmuls for the UNet's "
-                      "linear layers on Hopper+. Opt-in: changes images slightly.")
+    fp8: bool | Literal["dynamic", "static"] = Field(
+        False, description="FP8 (float8 e4m3) matmuls for the UNet's transformer linears on sm_89+: true/dynamic "
+        "(per-row scales computed every call) or static (activation scales calibrated once at load). Opt-in: "
+        "changes images slightly.")
     sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
         "auto", description="Kernel behind PyTorch SDPA: auto (PyTorch's choice) or a fixed one; cudnn is "
         "fastest on Hopper for SD shapes (see docs/benchmarks.md).")

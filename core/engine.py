@@ -135,6 +135,7 @@ class Engine:
 
     def warmup(self) -> None:
         steps = self.config.optimization.warmup_steps
+        self._calibrate_fp8(max(steps, 2))
         if steps == 0:
             return
         from core.fastpath import batch_buckets
@@ -162,6 +163,20 @@ class Engine:
             for forward in self.aot_forwards:
                 forward.compiling = False
         self.warmup_s = time.perf_counter() - t0
+
+    def _calibrate_fp8(self, steps: int) -> None:
+        """Static FP8: one call at the first warm-up shape records each layer's input range. It runs before the
+        warm-up marks shapes as compiled, so shape_context keeps it eager (no graph with the recording in it)."""
+        from core import fp8
+
+        if not fp8.static_layers(self.pipe.unet):
+            return
+        w, h, _ = self.warmup_shapes()[0]
+        with fp8.calibrating(self.pipe.unet):
+            for out in self.submit([GenerationRequest(prompt="calibration", negative_prompt="low quality", width=w,
+                                                      height=h, steps=steps, seed=0)], _warmup=True):
+                if isinstance(out, GenerationError):
+                    raise RuntimeError(f"fp8 calibration at {w}x{h} failed: {out.message}")
 
     # ------------------------------------------------------------------ requests
     def resolve(self, req: GenerationRequest) -> GenerationRequest:

@@ -31,7 +31,7 @@ def install_fastpath(engine) -> dict:
     if opt.fp8:
         from core.fp8 import apply_fp8
 
-        applied.update(apply_fp8(engine.pipe.unet, engine.device))
+        applied.update(apply_fp8(engine.pipe.unet, engine.device, opt.fp8))
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
     engine.step_cache = install_step_cache(engine, applied)
