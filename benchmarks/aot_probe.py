@@ -833,6 +833,21 @@ class Probe:
               f" ({wall} s)", flush=True)
         return res
 
+    def compile_then_load(self, run: dict, spec: dict, tag: str, compile_stage: str, load_stage: str,
+                          compile_needs: float, load_needs: float) -> None:
+        """Compile in one process; if that worked, load the artifact in a fresh process with an empty cache,
+        then again with the cache that load left behind. Each result goes into `run` and the report on disk."""
+        run["compile"] = self.stage(compile_stage, spec, os.path.join(self.workdir, f"cache-compile-{tag}"),
+                                    compile_needs)
+        self.write()
+        if not (run["compile"] and run["compile"].get("ok")):
+            return
+        load_cache = os.path.join(self.workdir, f"cache-load-{tag}")
+        run["load_fresh_cache"] = self.stage(load_stage, spec, load_cache, load_needs)
+        self.write()
+        run["load_same_cache_again"] = self.stage(load_stage, {**spec, "quick": True}, load_cache, load_needs)
+        self.write()
+
     def run(self) -> dict:
         a = self.args
         self.report["env"] = _env(a.device)
@@ -862,16 +877,8 @@ class Probe:
                             "inputs": os.path.join(self.workdir, f"{tag}.inputs.pt")}
                     run = {"model": model, "part": part, "mode": mode, "method": "aot_compile"}
                     self.report["runs"].append(run)
-                    run["compile"] = self.stage("compile", spec, os.path.join(self.workdir, f"cache-compile-{tag}"),
-                                                need(model, "compile"))
-                    self.write()
-                    if run["compile"] and run["compile"].get("ok"):
-                        load_cache = os.path.join(self.workdir, f"cache-load-{tag}")
-                        run["load_fresh_cache"] = self.stage("load", spec, load_cache, need(model, "load"))
-                        self.write()
-                        run["load_same_cache_again"] = self.stage("load", {**spec, "quick": True}, load_cache,
-                                                                  need(model, "load"))
-                        self.write()
+                    self.compile_then_load(run, spec, tag, "compile", "load", need(model, "compile"),
+                                           need(model, "load"))
             for part in a.parts:
                 failed = any(r["model"] == model and r["part"] == part and r.get("compile") is not None
                              and not _run_ok(r) for r in self.report["runs"])  # (None: skipped, not failed)
@@ -882,16 +889,8 @@ class Probe:
                             "inputs": os.path.join(self.workdir, f"{tag}.inputs.pt")}
                     run = {"model": model, "part": part, "method": "aoti"}
                     self.report["aoti"].append(run)
-                    run["compile"] = self.stage("aoti_compile", spec, os.path.join(self.workdir, f"cache-c-{tag}"),
-                                                need(model, "compile"))
-                    self.write()
-                    if run["compile"] and run["compile"].get("ok"):
-                        cache = os.path.join(self.workdir, f"cache-l-{tag}")
-                        run["load_fresh_cache"] = self.stage("aoti_load", spec, cache, need(model, "load"))
-                        self.write()
-                        run["load_same_cache_again"] = self.stage("aoti_load", {**spec, "quick": True}, cache,
-                                                                  need(model, "load"))
-                        self.write()
+                    self.compile_then_load(run, spec, tag, "aoti_compile", "aoti_load", need(model, "compile"),
+                                           need(model, "load"))
         self.write()
         if not a.keep:
             for f in os.listdir(self.workdir):  # artifacts and caches (GBs for SDXL); logs stay
