@@ -156,6 +156,8 @@ def bench_diffusers(workload, variants, batches, repeats, info, peak_tflops, rec
 
     from core.embedded import build_pipeline
 
+    if not count and not {"diffusers-eager", "diffusers-offload", "diffusers-compile"} & set(variants):
+        return {b: None for b in batches}  # nothing to count or run: no pipeline to build (SDXL: ~10 s)
     family, w, h, steps, _ = WORKLOADS[workload]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32

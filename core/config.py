@@ -93,8 +93,9 @@ class MemoryConfig(Strict):
     enforce_budget: bool = Field(True, description="Cap this process's CUDA allocations at the budget.")
     offload: Literal["auto", "model", "group-block", "group-leaf", "sequential"] = Field(
         "auto", description="How a level below NONE keeps weights off the GPU. auto: the level's own (balanced: "
-        "model, aggressive: sequential, ultra: group-leaf); model: whole components in turn; group-block: the "
-        "UNet's blocks streamed in with prefetch on a side CUDA stream, VAE resident; group-leaf: per-layer "
+        "model, aggressive: sequential, ultra: group-leaf); model: whole components in turn; group-block: "
+        "each transformer block, resnet and text-encoder layer streamed in with prefetch on a side CUDA stream, "
+        "VAE resident; group-leaf: per-layer "
         "streaming; sequential: accelerate's per-layer hooks (slowest).")
 
 

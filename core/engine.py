@@ -167,9 +167,11 @@ class Engine:
     def _calibrate_fp8(self, steps: int) -> None:
         """Static FP8: one call at the first warm-up shape records each layer's input range. It runs before the
         warm-up marks shapes as compiled, so shape_context keeps it eager (no graph with the recording in it)."""
+        if self.config.optimization.fp8 != "static":
+            return
         from core import fp8
 
-        if not fp8.static_layers(self.pipe.unet):
+        if not fp8.static_layers(self.pipe.unet):  # refused: this GPU has no FP8 tensor cores
             return
         w, h, _ = self.warmup_shapes()[0]
         with fp8.calibrating(self.pipe.unet):

@@ -35,7 +35,6 @@ def install_fastpath(engine) -> dict:
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
     engine.step_cache = install_step_cache(engine, applied)
-    engine.aot_forwards = []
     if engine.compiled:
         from core import compile_cache
 
