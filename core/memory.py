@@ -185,7 +185,7 @@ def apply_level(pipe, level: MemoryLevel, device: str, dtype, offload: str = "au
 # diffusers' default block grouping makes each of the UNet's down/up blocks one group (SDXL: up to ~2 GB), too coarse
 # for the copies to overlap the compute (SDXL BALANCED with it: 23.2 s vs 4.3 s resident, 2026-11-24). Recursing
 # into these children (block_modules) makes every transformer block, resnet and sampler its own group, each copy
-# (SDXL <= ~70 MB, ~1.3 ms at 53 GB/s) prefetched while the previous group computes.
+# prefetched while the previous group computes (not yet measured on the H100).
 UNET_BLOCK_MODULES = ["down_blocks", "mid_block", "up_blocks", "attentions", *map(str, range(8))]
 TEXT_ENCODER_BLOCK_MODULES = ["text_model", "encoder"]  # CLIP: one group per encoder layer
 
