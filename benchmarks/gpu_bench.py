@@ -123,20 +123,23 @@ def run_diffusers(pipe, w, h, steps, batch):
                 num_inference_steps=steps, guidance_scale=7.0, generator=gens).images
 
 
-def time_calls(fn, repeats: int) -> tuple[float, float, float | None, float | None]:
-    """(median latency, first call latency, peak alloc GiB, peak reserved GiB)."""
+def time_calls(fn, repeats: int, keep: list | None = None) -> tuple[float, float, float | None, float | None]:
+    """(median latency, first call latency, peak alloc GiB, peak reserved GiB); the last call's result is
+    appended to `keep` (no extra call just to collect images)."""
     reset_peak()
     t = time.perf_counter()
-    fn()
+    out = fn()
     sync()
     first = time.perf_counter() - t
     lat = []
     for _ in range(repeats):
         t = time.perf_counter()
-        fn()
+        out = fn()
         sync()
         lat.append(time.perf_counter() - t)
     alloc, reserved = peaks()
+    if keep is not None:
+        keep.append(out)
     return statistics.median(lat), first, alloc, reserved
 
 
@@ -210,14 +213,37 @@ def profile_call(fn, path: str) -> dict:
                                                          "cudaMemcpyAsync", "cudaEventSynchronize")}
     with open(path, "w") as fh:
         fh.write(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+        fh.write("\n\nHost side, by self CPU time:\n")
+        fh.write(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
     # (the profiler's own overhead stretches the wall time a little: busy is a lower bound)
     return {"wall_s": round(wall, 4), "gpu_kernel_s": round(kernel_us / 1e6, 4),
-            "gpu_busy": round(kernel_us / 1e6 / wall, 3), "host_sync_calls": syncs, "table": os.path.basename(path)}
+            "gpu_busy": round(kernel_us / 1e6 / wall, 3), "host_sync_calls": syncs, "table": os.path.basename(path),
+            **gpu_idle_gaps(prof.events())}
+
+
+def gpu_idle_gaps(events) -> dict:
+    """Where the GPU sat idle between its first and last kernel: total idle time and the gaps over 20 us
+    (host-bound stretches show as many small gaps, a sync as one long one per step)."""
+    import torch
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    if not spans:
+        return {}
+    gaps, end = [], spans[0][1]
+    for start, stop in spans[1:]:
+        if start > end:
+            gaps.append(start - end)
+        end = max(end, stop)
+    big = sorted((g for g in gaps if g > 20), reverse=True)
+    return {"gpu_span_s": round((end - spans[0][0]) / 1e6, 4), "gpu_idle_s": round(sum(gaps) / 1e6, 4),
+            "gpu_gaps_over_20us": len(big), "gpu_gaps_over_20us_s": round(sum(big) / 1e6, 4),
+            "gpu_longest_gaps_us": [round(g) for g in big[:8]]}
 
 
 def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflops, flops, records, cache_dir,
                   memory_level="none", reference=None, memory_offload="auto",
-                  profile_dir=None) -> dict[int, list[bytes]]:
+                  profile_dir=None, pinned_gbps=None) -> dict[int, list[bytes]]:
     """Records one entry per batch; returns the last call's encoded images per batch. With `reference` (those
     of another variant), each record gets a `quality` figure against it."""
     import torch
@@ -249,10 +275,12 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
             raise RuntimeError(f"sdserve call failed: {bad[0]}")
         return outs
 
+    bound = copy_bound(engine, steps, pinned_gbps)
     images = {}
     for b in batches:
-        lat, first, a, r = time_calls(lambda: call(b), repeats)
-        outs = call(b)
+        kept: list = []
+        lat, first, a, r = time_calls(lambda: call(b), repeats, kept)
+        outs = kept[0]
         images[b] = [img.data for o in outs for img in o.images]
         stages = {"denoise_s": round(outs[0].timings.denoise_s, 4), "decode_s": round(outs[0].timings.decode_s, 4),
                   "encode_s": round(statistics.mean(o.timings.encode_s for o in outs), 4)}
@@ -262,7 +290,7 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
         records.append(record(workload, variant, b, lat, first, a, r, flops.get(b), peak_tflops, info,
                               {**settings, "dtype": dtype, "memory_level": engine.level.value,
                                "memory_offload": memory_offload}, ready_s=round(ready_s, 1),
-                              memory_level=engine.level.value, stages=stages, **extra))
+                              memory_level=engine.level.value, stages=stages, **bound, **extra))
         log.info("%s", records[-1])
     del engine
     torch._dynamo.reset()
@@ -272,6 +300,19 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
 
 SDSERVE_BEST = {"attention": "sdpa", "sdpa_backend": "cudnn", "fuse_qkv": True, "channels_last": True,
                 "compile": "reduce-overhead", "compile_vae": True, "warmup_steps": 2}
+
+
+def copy_bound(engine, steps: int, pinned_gbps: float | None) -> dict:
+    """Streamed offload copies every UNet weight (at its storage dtype) once per step and the text encoders
+    once per call: the call cannot be faster than those bytes over the measured pinned H2D bandwidth (issue 7)."""
+    from core.memory import GROUP_OFFLOAD_LEVELS, footprint_of, offload_strategy
+
+    strategy = offload_strategy(engine.level, engine.config.memory.offload)
+    if not pinned_gbps or strategy not in (*GROUP_OFFLOAD_LEVELS, "sequential"):
+        return {}
+    fp = footprint_of(engine.pipe)
+    streamed = fp.unet * steps + fp.text_encoders
+    return {"streamed_gib_per_call": round(streamed / 1024**3, 2), "copy_bound_s": round(streamed / pinned_gbps / 1e9, 3)}
 
 
 def auto_choices(workload, budgets_gib, info) -> list[dict]:
@@ -377,11 +418,14 @@ def main(argv=None):
             save()
         if args.auto_budgets:
             records.extend(auto_choices(wl, [float(b) for b in args.auto_budgets.split(",")], info))
+        level_ref = None  # the first level's images (NONE): every other level's quality is read against them
         for entry in filter(None, args.memory_levels.split(",")):
             level, _, offload = entry.partition(":")  # e.g. balanced:group-block (memory.offload strategy)
-            bench_sdserve(wl, f"sdserve-{entry.replace(':', '-')}", {"attention": "sdpa", "warmup_steps": 1}, (1,),
-                          args.repeats, info, peak, flops, records, args.cache_dir, memory_level=level,
-                          memory_offload=offload or "auto")
+            images = bench_sdserve(wl, f"sdserve-{entry.replace(':', '-')}", {"attention": "sdpa", "warmup_steps": 1},
+                                   (1,), args.repeats, info, peak, flops, records, args.cache_dir, memory_level=level,
+                                   memory_offload=offload or "auto", reference=level_ref,
+                                   pinned_gbps=h2d.get("pinned"))
+            level_ref = level_ref or images
             save()
     save()
     print(f"\nwrote {path}")

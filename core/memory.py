@@ -185,7 +185,7 @@ def apply_level(pipe, level: MemoryLevel, device: str, dtype, offload: str = "au
 # diffusers' default block grouping makes each of the UNet's down/up blocks one group (SDXL: up to ~2 GB), too coarse
 # for the copies to overlap the compute (SDXL BALANCED with it: 23.2 s vs 4.3 s resident, 2026-11-24). Recursing
 # into these children (block_modules) makes every transformer block, resnet and sampler its own group, each copy
-# prefetched while the previous group computes (not yet measured on the H100).
+# prefetched while the previous group computes.
 UNET_BLOCK_MODULES = ["down_blocks", "mid_block", "up_blocks", "attentions", *map(str, range(8))]
 TEXT_ENCODER_BLOCK_MODULES = ["text_model", "encoder"]  # CLIP: one group per encoder layer
 
@@ -197,12 +197,35 @@ def apply_block_streaming(pipe, onload, offload_to, use_stream: bool) -> None:
 
     kwargs = dict(onload_device=onload, offload_device=offload_to, offload_type="block_level",
                   num_blocks_per_group=1, use_stream=use_stream, record_stream=use_stream)
-    apply_group_offloading(pipe.unet, block_modules=UNET_BLOCK_MODULES, **kwargs)
-    for name in ("text_encoder", "text_encoder_2"):
-        encoder = getattr(pipe, name, None)
-        if encoder is not None:
-            apply_group_offloading(encoder, block_modules=TEXT_ENCODER_BLOCK_MODULES, **kwargs)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            with one_prefetch_chain(model):
+                apply_group_offloading(model, block_modules=UNET_BLOCK_MODULES if name == "unet"
+                                       else TEXT_ENCODER_BLOCK_MODULES, **kwargs)
     pipe.vae.to(onload)
+
+
+@contextmanager
+def one_prefetch_chain(top):
+    """diffusers 0.42 gives every nested block module (block_modules recursion) its own lazy-prefetch hook when
+    streams are on, and the outer hook then fails registering its execution tracker a second time ("Hook with name
+    layer_execution_tracker already exists"). Only the top module needs one: it traces every group hook below it,
+    nested ones included, and chains their prefetches in execution order. Nested modules get the plain group hook."""
+    import diffusers.hooks.group_offloading as go
+
+    lazy = go._apply_lazy_group_offloading_hook
+
+    def only_top(module, group, *, config):
+        if module is top:
+            return lazy(module, group, config=config)
+        return go._apply_group_offloading_hook(module, group, config=config)
+
+    go._apply_lazy_group_offloading_hook = only_top
+    try:
+        yield
+    finally:
+        go._apply_lazy_group_offloading_hook = lazy
 
 
 class MemoryMonitor:

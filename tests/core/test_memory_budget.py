@@ -120,3 +120,50 @@ def test_block_streaming_groups_each_transformer_block_and_resnet_and_keeps_the_
     text_layers = {name for name, _ in pipe.text_encoder.named_modules() if name.rsplit(".", 2)[-2:-1] == ["layers"]}
     assert text_layers and all(getattr(pipe.text_encoder.get_submodule(n), "_diffusers_hook", None) for n in text_layers)
     assert (run(pipe) == resident).all()
+
+
+def test_block_streaming_with_side_streams_builds_one_prefetch_chain_and_keeps_the_pixels(monkeypatch):
+    """The streamed form (what runs on CUDA) exercised on the CPU with a stand-in stream: diffusers' nested block
+    modules would each register a lazy-prefetch hook and fail ("layer_execution_tracker already exists"); with
+    one chain per model the first call traces every group, later calls prefetch along it, pixels unchanged."""
+    import diffusers.hooks
+    import diffusers.hooks.group_offloading as go
+    import torch
+
+    from core.embedded import build_pipeline
+    from core.memory import apply_block_streaming
+
+    class StandInStream:  # CPU torch has no stream that synchronizes; order is trivially kept on the CPU
+        def synchronize(self):
+            pass
+
+    def streamed_on_cpu(module, *, onload_device, offload_device, offload_type, num_blocks_per_group, use_stream,
+                        record_stream, block_modules):
+        assert use_stream and record_stream
+        config = go.GroupOffloadingConfig(
+            onload_device=onload_device, offload_device=offload_device, offload_type=go.GroupOffloadingType(offload_type),
+            non_blocking=False, record_stream=False, low_cpu_mem_usage=True, num_blocks_per_group=num_blocks_per_group,
+            stream=StandInStream(), block_modules=block_modules)
+        go._apply_group_offloading(module, config)
+
+    monkeypatch.setattr(diffusers.hooks, "apply_group_offloading", streamed_on_cpu)
+    monkeypatch.setattr(torch.cpu, "current_stream", lambda *a, **k: StandInStream())
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)  # no pinned memory without CUDA
+
+    def run(pipe):
+        return pipe(prompt="a red fox", num_inference_steps=2, width=64, height=64, output_type="np",
+                    generator=torch.Generator("cpu").manual_seed(3)).images
+
+    resident = run(build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32))
+    pipe = build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32)
+    apply_block_streaming(pipe, torch.device("cpu"), torch.device("cpu"), use_stream=True)
+    lazy = [name for name, m in pipe.unet.named_modules()
+            if getattr(m, "_diffusers_hook", None) is not None
+            and m._diffusers_hook.get_hook(go._LAZY_PREFETCH_GROUP_OFFLOADING) is not None]
+    assert lazy == [""]  # the UNet itself, no nested chain
+    assert (run(pipe) == resident).all()  # first call: traces the order
+    chained = [h.next_group for _, m in pipe.unet.named_modules() if getattr(m, "_diffusers_hook", None) is not None
+               and (h := m._diffusers_hook.get_hook(go._GROUP_OFFLOADING)) is not None and h.next_group is not None]
+    blocks = [name for name, _ in pipe.unet.named_modules() if name.rsplit(".", 2)[-2:-1] in (["transformer_blocks"], ["resnets"])]
+    assert len(chained) >= len(blocks)  # every block is prefetched by its predecessor
+    assert (run(pipe) == resident).all()  # prefetching calls
