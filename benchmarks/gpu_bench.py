@@ -243,7 +243,7 @@ def gpu_idle_gaps(events) -> dict:
 
 def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflops, flops, records, cache_dir,
                   memory_level="none", reference=None, memory_offload="auto",
-                  profile_dir=None, pinned_gbps=None) -> dict[int, list[bytes]]:
+                  profile_dir=None, pinned_gbps=None, streamed_share=None) -> dict[int, list[bytes]]:
     """Records one entry per batch; returns the last call's encoded images per batch. With `reference` (those
     of another variant), each record gets a `quality` figure against it."""
     import torch
@@ -259,7 +259,8 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
     cfg = EngineConfig(name=family, source=source, cache_dir=cache_dir, scheduler="euler", dtype=dtype,
                        optimization={**settings, "warmup_shapes": [(w, h, max(batches))],
                                      "batch_buckets": list(batches)},
-                       memory={"level": memory_level, "offload": memory_offload},
+                       memory={"level": memory_level, "offload": memory_offload,
+                               **({"streamed_share": streamed_share} if streamed_share is not None else {})},
                        limits={"max_batch_size": max(batches), "max_steps": 150})
     reset_peak()
     t = time.perf_counter()
@@ -289,7 +290,8 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
             extra["profile"] = profile_call(lambda: call(b), os.path.join(profile_dir, f"profile-{workload}-b{b}.txt"))
         records.append(record(workload, variant, b, lat, first, a, r, flops.get(b), peak_tflops, info,
                               {**settings, "dtype": dtype, "memory_level": engine.level.value,
-                               "memory_offload": memory_offload}, ready_s=round(ready_s, 1),
+                               "memory_offload": memory_offload, "streamed_share": streamed_share},
+                              ready_s=round(ready_s, 1),
                               memory_level=engine.level.value, stages=stages, **bound, **extra))
         log.info("%s", records[-1])
     del engine
@@ -305,13 +307,15 @@ SDSERVE_BEST = {"attention": "sdpa", "sdpa_backend": "cudnn", "fuse_qkv": True, 
 def copy_bound(engine, steps: int, pinned_gbps: float | None) -> dict:
     """Streamed offload copies every UNet weight (at its storage dtype) once per step and the text encoders
     once per call: the call cannot be faster than those bytes over the measured pinned H2D bandwidth (issue 7)."""
-    from core.memory import GROUP_OFFLOAD_LEVELS, footprint_of, offload_strategy
+    from core.memory import STREAMED_STRATEGIES, footprint_of, offload_strategy
 
     strategy = offload_strategy(engine.level, engine.config.memory.offload)
-    if not pinned_gbps or strategy not in (*GROUP_OFFLOAD_LEVELS, "sequential"):
+    if not pinned_gbps or strategy not in STREAMED_STRATEGIES:
         return {}
     fp = footprint_of(engine.pipe)
-    streamed = fp.unet * steps + fp.text_encoders
+    streamer = getattr(engine, "streamer", None)  # offload=stream: only the streamed share of the UNet
+    per_step = (streamer.streamed_bytes if streamer else 0) if strategy == "stream" else fp.unet
+    streamed = per_step * steps + fp.text_encoders
     return {"streamed_gib_per_call": round(streamed / 1024**3, 2), "copy_bound_s": round(streamed / pinned_gbps / 1e9, 3)}
 
 
@@ -420,11 +424,12 @@ def main(argv=None):
             records.extend(auto_choices(wl, [float(b) for b in args.auto_budgets.split(",")], info))
         level_ref = None  # the first level's images (NONE): every other level's quality is read against them
         for entry in filter(None, args.memory_levels.split(",")):
-            level, _, offload = entry.partition(":")  # e.g. balanced:group-block (memory.offload strategy)
+            # level[:offload[:share]], e.g. balanced:group-block, balanced:stream:0.6 (memory.streamed_share)
+            level, offload, share = (entry.split(":") + ["", ""])[:3]
             images = bench_sdserve(wl, f"sdserve-{entry.replace(':', '-')}", {"attention": "sdpa", "warmup_steps": 1},
                                    (1,), args.repeats, info, peak, flops, records, args.cache_dir, memory_level=level,
                                    memory_offload=offload or "auto", reference=level_ref,
-                                   pinned_gbps=h2d.get("pinned"))
+                                   pinned_gbps=h2d.get("pinned"), streamed_share=float(share) if share else None)
             level_ref = level_ref or images
             save()
     save()

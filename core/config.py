@@ -91,12 +91,17 @@ class MemoryConfig(Strict):
     gpu_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of the GPU this replica owns "
                                 "(Ray num_gpus); enforced with torch.cuda.set_per_process_memory_fraction.")
     enforce_budget: bool = Field(True, description="Cap this process's CUDA allocations at the budget.")
-    offload: Literal["auto", "model", "group-block", "group-leaf", "sequential"] = Field(
+    offload: Literal["auto", "stream", "model", "group-block", "group-leaf", "sequential"] = Field(
         "auto", description="How a level below NONE keeps weights off the GPU. auto: the level's own (balanced: "
-        "model, aggressive: sequential, ultra: group-leaf); model: whole components in turn; group-block: "
-        "each transformer block, resnet and text-encoder layer streamed in with prefetch on a side CUDA stream, "
-        "VAE resident; group-leaf: per-layer "
-        "streaming; sequential: accelerate's per-layer hooks (slowest).")
+        "stream, aggressive and ultra: group-block); stream: the UNet resident but for streamed_share of its "
+        "transformer blocks, copied in a few blocks ahead on a side CUDA stream, text encoders streamed per layer; "
+        "group-block: every UNet block and text-encoder layer streamed with prefetch (diffusers group offloading); "
+        "model: whole components in turn; group-leaf: per-layer streaming; sequential: accelerate's per-layer "
+        "hooks (slowest).")
+    streamed_share: float = Field(0.4, ge=0, le=1, description="offload=stream: fraction of the UNet's weight bytes "
+                                  "streamed from pinned host memory in every call (more: less VRAM, slower).")
+    fp8_storage: bool = Field(False, description="Store the UNet's weights in fp8 (e4m3) at offloading levels, "
+                              "cast per layer at compute: half the bytes, but images change and the casts cost time.")
 
 
 class LimitsConfig(Strict):

@@ -86,20 +86,23 @@ class Engine:
         self.budget = memory.enforce_budget(cfg.memory, self.device)
         if self.level == MemoryLevel.AUTO:
             w, h, *_ = self.family_defaults()
-            self.level = memory.pick_level(self.footprint, self.family, self.budget, w, h)
+            self.level = memory.pick_level(self.footprint, self.family, self.budget, w, h,
+                                           streamed_share=cfg.memory.streamed_share)
             log.info("memory level AUTO -> %s (budget %s)", self.level.value, self.budget)
         # Fully resident: move first, so QKV fusion and channels_last run on the GPU (seconds faster for SDXL
         # than on the host). Offload levels need the optimized modules before their hooks wrap them.
         resident = self.level == MemoryLevel.NONE
         if resident:
-            memory.apply_level(pipe, self.level, self.device, self.dtype, cfg.memory.offload)  # 7
+            self.streamer = memory.apply_level(pipe, self.level, self.device, self.dtype, cfg.memory)  # 7
             mark("place")
         self.applied = optimizations.apply_pre_placement(pipe, cfg.optimization, self.device)  # 2-6
         mark("optimize")
         if not resident:
-            memory.apply_level(pipe, self.level, self.device, self.dtype, cfg.memory.offload)  # 7
+            self.streamer = memory.apply_level(pipe, self.level, self.device, self.dtype, cfg.memory)  # 7
             mark("place")
         self.applied["memory_level"] = self.level.value
+        if self.streamer is not None:
+            self.applied["streamed_gib_per_call"] = round(self.streamer.streamed_bytes / 1024**3, 2)
         self.pipe = pipe
         from core.fastpath import install_fastpath
 
@@ -291,7 +294,8 @@ class Engine:
         cap = self.config.limits.max_batch_size
         if self.budget is None:
             return cap
-        return max_batch_within(self.footprint, self.family, self.level, self.budget, width, height, cap)
+        return max_batch_within(self.footprint, self.family, self.level, self.budget, width, height, cap,
+                                self.config.memory.streamed_share)
 
     def check_capacity(self, req: GenerationRequest) -> None:
         """Reject, instead of running out of memory, a resolved request that cannot fit the budget at batch 1."""
@@ -299,7 +303,8 @@ class Engine:
             return
         from core.memory import GiB, estimate_peak_bytes
 
-        need = estimate_peak_bytes(self.footprint, self.family, self.level, req.width, req.height, 1)
+        need = estimate_peak_bytes(self.footprint, self.family, self.level, req.width, req.height, 1,
+                                   self.config.memory.streamed_share)
         raise GenerationError(
             f"{req.width}x{req.height} needs about {need / GiB:.1f} GiB at memory level {self.level.value}; this "
             f"replica's VRAM budget is {self.budget / GiB:.1f} GiB: use a smaller size or a lower-memory level",

@@ -57,9 +57,9 @@ def install_step_cache(engine, applied: dict):
     from core.memory import GROUP_OFFLOAD_LEVELS, offload_strategy
 
     strategy = offload_strategy(engine.level, engine.config.memory.offload)
-    if strategy in GROUP_OFFLOAD_LEVELS and engine.device.startswith("cuda"):
-        # Streamed group offloading prefetches groups in the order of the first forward; a shallow step skips
-        # most of them, so the prefetch chain would break.
+    if strategy in (*GROUP_OFFLOAD_LEVELS, "stream") and engine.device.startswith("cuda"):
+        # Streamed weights are prefetched in the order of a full forward; a shallow step skips most blocks, so
+        # the prefetch chain would break.
         log.warning("step cache skipped: it does not combine with group offloading (%s)", strategy)
         applied["step_cache"] = False
         return None

@@ -1,12 +1,15 @@
 """Memory levels, VRAM budgets, estimates and the per-call memory monitor.
 
-Levels:
+Levels (SDXL 1024² b1 on the H100 in docs/benchmarks.md):
   NONE        everything resident on the GPU.
-  BALANCED    model CPU offload (one component on the GPU at a time) + VAE tiling.
-  AGGRESSIVE  leaf-level sequential offload + attention/VAE slicing + VAE tiling.
-  ULTRA       diffusers group offloading (leaf level, CUDA streams prefetching the next group) + fp8
-              layerwise weight storage + all slicing/tiling.
+  BALANCED    the UNet resident except an evenly spread share of its transformer blocks (memory.streamed_share),
+              streamed from pinned host memory a few blocks ahead (core/streaming.py); text encoders streamed per
+              layer; VAE resident with tiled decode.
+  AGGRESSIVE  every UNet block and text-encoder layer streamed (diffusers group offloading, side CUDA stream),
+              VAE resident with untiled decode.
+  ULTRA       AGGRESSIVE + tiled, one-image-at-a-time VAE decode: the lowest peak.
   AUTO        the fastest level whose estimated peak fits the VRAM budget.
+memory.fp8_storage (opt-in) keeps the UNet's weights in fp8 at any offloading level: images change.
 """
 from __future__ import annotations
 
@@ -20,17 +23,14 @@ from core.config import MemoryConfig, MemoryLevel
 
 log = logging.getLogger(__name__)
 GiB = 1024**3
-# Fastest first, as measured on the H100 (docs/benchmarks.md): ULTRA's streamed group offload beats AGGRESSIVE's
-# leaf-by-leaf sequential offload (SDXL 1024^2: 17.7 s vs 44.9 s) at the same peak.
-LEVEL_ORDER = (MemoryLevel.NONE, MemoryLevel.BALANCED, MemoryLevel.ULTRA, MemoryLevel.AGGRESSIVE)
+# Fastest first (measured on the H100, docs/benchmarks.md); each level's peak is below the previous one's.
+LEVEL_ORDER = (MemoryLevel.NONE, MemoryLevel.BALANCED, MemoryLevel.AGGRESSIVE, MemoryLevel.ULTRA)
 
 # Activation peak per megapixel per image (GiB, fp16, SDPA, batch incl. CFG doubling), by family; the VAE decode
 # of the full image dominates. Calibrated on the H100 (benchmarks/results); conservative on purpose.
 ACTIVATION_GIB_PER_MPIX = {"sd15": 1.9, "sd21": 2.1, "sdxl": 2.6}
 TILED_DECODE_GIB = 0.6  # VAE tiling bounds the decode activations to a tile
-# Fraction of the UNet's weights resident at the low levels (streamed groups + fp8 storage halves it again).
-RESIDENT_FRACTION = {MemoryLevel.AGGRESSIVE: 0.05, MemoryLevel.ULTRA: 0.04}
-
+STREAM_BUFFER_GIB = 0.3  # streamed weights on the GPU at once: the running block/group and those prefetched
 
 @dataclass(frozen=True)
 class ModelFootprint:
@@ -54,42 +54,42 @@ def footprint_of(pipe) -> ModelFootprint:
 
 
 def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, width: int, height: int,
-                        batch: int) -> int:
-    """Estimated peak allocated VRAM for one pipeline call at `level` (CFG on)."""
+                        batch: int, streamed_share: float = 0.4) -> int:
+    """Estimated peak allocated VRAM for one pipeline call at `level` (CFG on; BALANCED streams
+    `streamed_share` of the UNet's weight bytes)."""
     mpix = width * height / 1e6
     per_img = ACTIVATION_GIB_PER_MPIX.get(family, 2.6) * mpix * GiB
     if level == MemoryLevel.NONE:
         return int(fp.total + per_img * batch)
-    # VAE tiling from BALANCED on: decode bounded by a tile; the UNet's activations still scale with the batch.
     unet_act = 0.45 * per_img * batch
-    decode = min(0.55 * per_img * batch, TILED_DECODE_GIB * GiB)
+    decode = 0.55 * per_img * batch  # untiled
+    streamed = fp.vae + STREAM_BUFFER_GIB * GiB + unet_act  # VAE resident, weights in flight, UNet activations
     if level == MemoryLevel.BALANCED:
-        return int(max(fp.unet, fp.text_encoders, fp.vae) + unet_act + decode)
-    resident = RESIDENT_FRACTION[level] * fp.unet
-    if level == MemoryLevel.ULTRA:
-        resident *= 0.5  # fp8 storage of the streamed weights
-    return int(resident + unet_act + decode + 0.4 * GiB)
+        return int(streamed + fp.unet * (1 - streamed_share) + min(decode, TILED_DECODE_GIB * GiB))
+    if level == MemoryLevel.AGGRESSIVE:
+        return int(streamed + decode)
+    return int(streamed + min(decode / batch, TILED_DECODE_GIB * GiB))  # ULTRA: tiled, one image at a time
 
 
 def pick_level(fp: ModelFootprint, family: str, budget_bytes: int | None, width: int, height: int,
-               batch: int = 1) -> MemoryLevel:
+               batch: int = 1, streamed_share: float = 0.4) -> MemoryLevel:
     """AUTO: the fastest level whose estimate fits the budget (the smallest estimate when nothing fits)."""
     if budget_bytes is None:
         return MemoryLevel.NONE
     for level in LEVEL_ORDER:
-        if estimate_peak_bytes(fp, family, level, width, height, batch) <= budget_bytes:
+        if estimate_peak_bytes(fp, family, level, width, height, batch, streamed_share) <= budget_bytes:
             return level
-    return min(LEVEL_ORDER, key=lambda lv: estimate_peak_bytes(fp, family, lv, width, height, batch))
+    return min(LEVEL_ORDER, key=lambda lv: estimate_peak_bytes(fp, family, lv, width, height, batch, streamed_share))
 
 
 def max_batch_within(fp: ModelFootprint, family: str, level: MemoryLevel, budget_bytes: int | None,
-                     width: int, height: int, cap: int) -> int:
+                     width: int, height: int, cap: int, streamed_share: float = 0.4) -> int:
     """Largest batch (<= cap) whose estimate fits the budget; 0 when even one image does not fit."""
     if budget_bytes is None:
         return cap
     best = 0
     for b in range(1, cap + 1):
-        if estimate_peak_bytes(fp, family, level, width, height, b) > budget_bytes:
+        if estimate_peak_bytes(fp, family, level, width, height, b, streamed_share) > budget_bytes:
             break
         best = b
     return best
@@ -137,8 +137,9 @@ def enforce_budget(cfg: MemoryConfig, device: str) -> int | None:
     return budget
 
 
-LEVEL_OFFLOAD = {MemoryLevel.BALANCED: "model", MemoryLevel.AGGRESSIVE: "sequential", MemoryLevel.ULTRA: "group-leaf"}
+LEVEL_OFFLOAD = {MemoryLevel.BALANCED: "stream", MemoryLevel.AGGRESSIVE: "group-block", MemoryLevel.ULTRA: "group-block"}
 GROUP_OFFLOAD_LEVELS = ("group-block", "group-leaf")
+STREAMED_STRATEGIES = ("stream", "group-block", "group-leaf", "sequential")  # weights copied in every UNet call
 
 
 def offload_strategy(level: MemoryLevel, offload: str = "auto") -> str | None:
@@ -148,29 +149,37 @@ def offload_strategy(level: MemoryLevel, offload: str = "auto") -> str | None:
     return LEVEL_OFFLOAD[level] if offload == "auto" else offload
 
 
-def apply_level(pipe, level: MemoryLevel, device: str, dtype, offload: str = "auto") -> None:
-    """Place the pipeline according to `level` (the offload step of the optimization order)."""
+def apply_level(pipe, level: MemoryLevel, device: str, dtype, mem: MemoryConfig | None = None) -> object | None:
+    """Place the pipeline according to `level` (the offload step of the optimization order). Returns the
+    partial weight streamer when one was installed (BALANCED's default), else None."""
     import torch
 
+    mem = mem or MemoryConfig()
     if not device.startswith("cuda"):
         if level not in (MemoryLevel.NONE, MemoryLevel.AUTO):
             log.warning("memory level %s has no effect on %s (CUDA-only); running fully resident", level.value, device)
         pipe.to(device)
-        return
-    strategy = offload_strategy(level, offload)
+        return None
+    strategy = offload_strategy(level, mem.offload)
     if strategy is None:
         pipe.to(device)
-        return
-    # Tiled decode bounds the VAE's 1024²+ activations; streamed-block BALANCED keeps the fast untiled decode.
-    if not (strategy == "group-block" and level == MemoryLevel.BALANCED):
+        return None
+    # Tiled decode bounds the VAE's 1024²+ activations (SDXL: ~2.3 GiB untiled); AGGRESSIVE keeps the faster
+    # untiled decode, ULTRA also decodes one image at a time. Attention slicing is never used: SDPA's kernels
+    # already keep attention memory linear in the tokens, slicing only slows it.
+    if level != MemoryLevel.AGGRESSIVE:
         pipe.vae.enable_tiling()
-    if level != MemoryLevel.BALANCED:
-        pipe.enable_attention_slicing()
+    if level == MemoryLevel.ULTRA:
         pipe.vae.enable_slicing()
-    if level == MemoryLevel.ULTRA and dtype in (torch.float16, torch.bfloat16):
-        # fp8 storage of UNet weights (upcast per layer at compute): half the bytes to stream
+    if mem.fp8_storage and dtype in (torch.float16, torch.bfloat16):
+        # fp8 storage of UNet weights (upcast per layer at compute): half the bytes to keep and copy, images change
         pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     onload, offload_to = torch.device(device), torch.device("cpu")
+    if strategy == "stream":  # part of the UNet streamed, the rest resident; text encoders streamed per layer
+        from core.streaming import stream_unet_share
+
+        apply_block_streaming(pipe, onload, offload_to, use_stream=True, unet=False)
+        return stream_unet_share(pipe.unet, onload, mem.streamed_share)
     if strategy == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif strategy == "sequential":
@@ -180,24 +189,25 @@ def apply_level(pipe, level: MemoryLevel, device: str, dtype, offload: str = "au
                                   use_stream=True)
     else:  # group-block: every transformer block / resnet is a group, the next one prefetched on a side stream
         apply_block_streaming(pipe, onload, offload_to, use_stream=True)
+    return None
 
 
 # diffusers' default block grouping makes each of the UNet's down/up blocks one group (SDXL: up to ~2 GB), too coarse
 # for the copies to overlap the compute (SDXL BALANCED with it: 23.2 s vs 4.3 s resident, 2026-11-24). Recursing
 # into these children (block_modules) makes every transformer block, resnet and sampler its own group, each copy
-# prefetched while the previous group computes.
+# prefetched while the previous group computes (SDXL 1024² b1 on the H100: 6.9 s vs 23.2 s, 2.6 GiB peak).
 UNET_BLOCK_MODULES = ["down_blocks", "mid_block", "up_blocks", "attentions", *map(str, range(8))]
 TEXT_ENCODER_BLOCK_MODULES = ["text_model", "encoder"]  # CLIP: one group per encoder layer
 
 
-def apply_block_streaming(pipe, onload, offload_to, use_stream: bool) -> None:
-    """Fine-grained streamed group offloading of the UNet and text encoders; the VAE stays resident (it runs
-    once per call, and untiled decode is the fast one)."""
+def apply_block_streaming(pipe, onload, offload_to, use_stream: bool, unet: bool = True) -> None:
+    """Fine-grained streamed group offloading of the UNet (unless `unet=False`) and text encoders; the VAE stays
+    resident (it runs once per call)."""
     from diffusers.hooks import apply_group_offloading
 
     kwargs = dict(onload_device=onload, offload_device=offload_to, offload_type="block_level",
                   num_blocks_per_group=1, use_stream=use_stream, record_stream=use_stream)
-    for name in ("unet", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "text_encoder", "text_encoder_2") if unet else ("text_encoder", "text_encoder_2"):
         model = getattr(pipe, name, None)
         if model is not None:
             with one_prefetch_chain(model):

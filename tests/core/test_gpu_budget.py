@@ -41,7 +41,7 @@ def test_allocated_memory_returns_to_its_post_warmup_baseline(make_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("offload", ["model", "group-block"])
+@pytest.mark.parametrize("offload", ["stream", "model", "group-block"])
 def test_balanced_offload_lowers_the_peak_and_keeps_the_pixels(make_config, offload):
     """BALANCED keeps weights off the GPU between uses: a lower peak than NONE, and the same images."""
     import gc
