@@ -276,7 +276,6 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
             raise RuntimeError(f"sdserve call failed: {bad[0]}")
         return outs
 
-    bound = copy_bound(engine, steps, pinned_gbps)
     images = {}
     for b in batches:
         kept: list = []
@@ -285,9 +284,11 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
         images[b] = [img.data for o in outs for img in o.images]
         stages = {"denoise_s": round(outs[0].timings.denoise_s, 4), "decode_s": round(outs[0].timings.decode_s, 4),
                   "encode_s": round(statistics.mean(o.timings.encode_s for o in outs), 4)}
+        bound = copy_bound(engine, steps, pinned_gbps, lambda: call(b))
         extra = {"quality": image_quality(reference[b], images[b])} if reference and b in reference else {}
         if profile_dir:
-            extra["profile"] = profile_call(lambda: call(b), os.path.join(profile_dir, f"profile-{workload}-b{b}.txt"))
+            name = f"profile-{workload}{'' if variant == 'sdserve' else '-' + variant}-b{b}.txt"
+            extra["profile"] = profile_call(lambda: call(b), os.path.join(profile_dir, name))
         records.append(record(workload, variant, b, lat, first, a, r, flops.get(b), peak_tflops, info,
                               {**settings, "dtype": dtype, "memory_level": engine.level.value,
                                "memory_offload": memory_offload, "streamed_share": streamed_share},
@@ -304,18 +305,23 @@ SDSERVE_BEST = {"attention": "sdpa", "sdpa_backend": "cudnn", "fuse_qkv": True, 
                 "compile": "reduce-overhead", "compile_vae": True, "warmup_steps": 2}
 
 
-def copy_bound(engine, steps: int, pinned_gbps: float | None) -> dict:
-    """Streamed offload copies every UNet weight (at its storage dtype) once per step and the text encoders
-    once per call: the call cannot be faster than those bytes over the measured pinned H2D bandwidth (issue 7)."""
+def copy_bound(engine, steps: int, pinned_gbps: float | None, call=None) -> dict:
+    """Streamed offload copies weights in every call: the call cannot be faster than those bytes over the measured
+    pinned H2D bandwidth (issue 7). offload=stream counts the bytes its streamers copy during one `call`; the other
+    strategies are estimated (every UNet weight once per step, the text encoders once)."""
     from core.memory import STREAMED_STRATEGIES, footprint_of, offload_strategy
 
     strategy = offload_strategy(engine.level, engine.config.memory.offload)
     if not pinned_gbps or strategy not in STREAMED_STRATEGIES:
         return {}
-    fp = footprint_of(engine.pipe)
-    streamer = getattr(engine, "streamer", None)  # offload=stream: only the streamed share of the UNet
-    per_step = (streamer.streamed_bytes if streamer else 0) if strategy == "stream" else fp.unet
-    streamed = per_step * steps + fp.text_encoders
+    streamers = getattr(engine, "streamers", [])
+    if strategy == "stream" and call is not None:
+        before = sum(s.copied_bytes for s in streamers)
+        call()
+        streamed = sum(s.copied_bytes for s in streamers) - before
+    else:
+        fp = footprint_of(engine.pipe)
+        streamed = fp.unet * steps + fp.text_encoders
     return {"streamed_gib_per_call": round(streamed / 1024**3, 2), "copy_bound_s": round(streamed / pinned_gbps / 1e9, 3)}
 
 
@@ -429,7 +435,8 @@ def main(argv=None):
             images = bench_sdserve(wl, f"sdserve-{entry.replace(':', '-')}", {"attention": "sdpa", "warmup_steps": 1},
                                    (1,), args.repeats, info, peak, flops, records, args.cache_dir, memory_level=level,
                                    memory_offload=offload or "auto", reference=level_ref,
-                                   pinned_gbps=h2d.get("pinned"), streamed_share=float(share) if share else None)
+                                   pinned_gbps=h2d.get("pinned"), streamed_share=float(share) if share else None,
+                                   profile_dir=args.out if args.profile else None)
             level_ref = level_ref or images
             save()
     save()

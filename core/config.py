@@ -92,14 +92,14 @@ class MemoryConfig(Strict):
                                 "(Ray num_gpus); enforced with torch.cuda.set_per_process_memory_fraction.")
     enforce_budget: bool = Field(True, description="Cap this process's CUDA allocations at the budget.")
     offload: Literal["auto", "stream", "model", "group-block", "group-leaf", "sequential"] = Field(
-        "auto", description="How a level below NONE keeps weights off the GPU. auto: the level's own (balanced: "
-        "stream, aggressive and ultra: group-block); stream: the UNet resident but for streamed_share of its "
-        "transformer blocks, copied in a few blocks ahead on a side CUDA stream, text encoders streamed per layer; "
-        "group-block: every UNet block and text-encoder layer streamed with prefetch (diffusers group offloading); "
-        "model: whole components in turn; group-leaf: per-layer streaming; sequential: accelerate's per-layer "
-        "hooks (slowest).")
-    streamed_share: float = Field(0.4, ge=0, le=1, description="offload=stream: fraction of the UNet's weight bytes "
-                                  "streamed from pinned host memory in every call (more: less VRAM, slower).")
+        "auto", description="How a level below NONE keeps weights off the GPU. auto and stream: UNet transformer "
+        "blocks (balanced: streamed_share of the UNet's bytes; aggressive, ultra: all of them) and CLIP layers "
+        "copied from pinned host memory a few blocks ahead on a side CUDA stream, the rest resident; group-block: "
+        "diffusers group offloading of every block and layer; model: whole components in turn; group-leaf: "
+        "per-layer streaming; sequential: accelerate's per-layer hooks (slowest).")
+    streamed_share: float = Field(1.0, ge=0, le=1, description="BALANCED: fraction of the UNet's weight bytes "
+                                  "streamed in every call, up to what its transformer blocks hold (SDXL ~85%); "
+                                  "less keeps more resident: more VRAM, fewer copies to hide.")
     fp8_storage: bool = Field(False, description="Store the UNet's weights in fp8 (e4m3) at offloading levels, "
                               "cast per layer at compute: half the bytes, but images change and the casts cost time.")
 

@@ -1,15 +1,16 @@
 """Memory levels, VRAM budgets, estimates and the per-call memory monitor.
 
-Levels (SDXL 1024² b1 on the H100 in docs/benchmarks.md):
+Levels (SDXL 1024² b1, eager, on the H100: docs/benchmarks.md):
   NONE        everything resident on the GPU.
-  BALANCED    the UNet resident except an evenly spread share of its transformer blocks (memory.streamed_share),
-              streamed from pinned host memory a few blocks ahead (core/streaming.py); text encoders streamed per
-              layer; VAE resident with tiled decode.
-  AGGRESSIVE  every UNet block and text-encoder layer streamed (diffusers group offloading, side CUDA stream),
-              VAE resident with untiled decode.
-  ULTRA       AGGRESSIVE + tiled, one-image-at-a-time VAE decode: the lowest peak.
+  BALANCED    the UNet's transformer blocks (memory.streamed_share of its bytes; default all of them, ~85%) and the
+              CLIP encoder layers streamed from pinned host memory a few blocks ahead of use on a side CUDA stream
+              (core/streaming.py), the rest resident: the copies hide behind the compute (4.0 GiB, 1.02x NONE).
+  AGGRESSIVE  BALANCED with every transformer block streamed + VAE decode in 512² tiles (SDXL's native 1024² decode
+              alone takes ~2.3 GiB): 2.2 GiB. Tile seams are blended, so pixels differ slightly from NONE.
+  ULTRA       AGGRESSIVE + one image at a time through the VAE: the lowest peak for batches.
   AUTO        the fastest level whose estimated peak fits the VRAM budget.
-memory.fp8_storage (opt-in) keeps the UNet's weights in fp8 at any offloading level: images change.
+memory.offload picks other placements (diffusers' model / group / sequential offloading); memory.fp8_storage
+(opt-in) keeps the UNet's weights in fp8 at any offloading level: images change.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ LEVEL_ORDER = (MemoryLevel.NONE, MemoryLevel.BALANCED, MemoryLevel.AGGRESSIVE, M
 ACTIVATION_GIB_PER_MPIX = {"sd15": 1.9, "sd21": 2.1, "sdxl": 2.6}
 TILED_DECODE_GIB = 0.6  # VAE tiling bounds the decode activations to a tile
 STREAM_BUFFER_GIB = 0.3  # streamed weights on the GPU at once: the running block/group and those prefetched
+TEXT_ENCODER_RESIDENT = 0.15  # CLIP's token/position embeddings and final norm stay resident when its layers stream
+RESIDENT_WHEN_STREAMING = 0.2  # share of the UNet outside its transformer blocks (SDXL 0.18, SD1.5 0.72: conservative
+# for SDXL, where it matters; SD1.5's whole UNet is 1.6 GiB)
 
 @dataclass(frozen=True)
 class ModelFootprint:
@@ -54,7 +58,7 @@ def footprint_of(pipe) -> ModelFootprint:
 
 
 def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, width: int, height: int,
-                        batch: int, streamed_share: float = 0.4) -> int:
+                        batch: int, streamed_share: float = 1.0) -> int:
     """Estimated peak allocated VRAM for one pipeline call at `level` (CFG on; BALANCED streams
     `streamed_share` of the UNet's weight bytes)."""
     mpix = width * height / 1e6
@@ -62,17 +66,19 @@ def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, wid
     if level == MemoryLevel.NONE:
         return int(fp.total + per_img * batch)
     unet_act = 0.45 * per_img * batch
-    decode = 0.55 * per_img * batch  # untiled
-    streamed = fp.vae + STREAM_BUFFER_GIB * GiB + unet_act  # VAE resident, weights in flight, UNet activations
-    if level == MemoryLevel.BALANCED:
-        return int(streamed + fp.unet * (1 - streamed_share) + min(decode, TILED_DECODE_GIB * GiB))
-    if level == MemoryLevel.AGGRESSIVE:
-        return int(streamed + decode)
-    return int(streamed + min(decode / batch, TILED_DECODE_GIB * GiB))  # ULTRA: tiled, one image at a time
+    decode = 0.55 * per_img * batch  # untiled (tiling starts above the VAE's native size)
+    share = streamed_share if level == MemoryLevel.BALANCED else 1.0
+    resident = (fp.unet * max(1 - share, RESIDENT_WHEN_STREAMING) + fp.vae
+                + TEXT_ENCODER_RESIDENT * fp.text_encoders + STREAM_BUFFER_GIB * GiB)
+    if level == MemoryLevel.AGGRESSIVE:  # 512² tiles, the whole batch per tile
+        decode = min(decode, TILED_DECODE_GIB * GiB * batch)
+    elif level == MemoryLevel.ULTRA:  # 512² tiles, one image at a time
+        decode = min(decode / batch, TILED_DECODE_GIB * GiB)
+    return int(resident + unet_act + decode)
 
 
 def pick_level(fp: ModelFootprint, family: str, budget_bytes: int | None, width: int, height: int,
-               batch: int = 1, streamed_share: float = 0.4) -> MemoryLevel:
+               batch: int = 1, streamed_share: float = 1.0) -> MemoryLevel:
     """AUTO: the fastest level whose estimate fits the budget (the smallest estimate when nothing fits)."""
     if budget_bytes is None:
         return MemoryLevel.NONE
@@ -83,7 +89,7 @@ def pick_level(fp: ModelFootprint, family: str, budget_bytes: int | None, width:
 
 
 def max_batch_within(fp: ModelFootprint, family: str, level: MemoryLevel, budget_bytes: int | None,
-                     width: int, height: int, cap: int, streamed_share: float = 0.4) -> int:
+                     width: int, height: int, cap: int, streamed_share: float = 1.0) -> int:
     """Largest batch (<= cap) whose estimate fits the budget; 0 when even one image does not fit."""
     if budget_bytes is None:
         return cap
@@ -137,9 +143,10 @@ def enforce_budget(cfg: MemoryConfig, device: str) -> int | None:
     return budget
 
 
-LEVEL_OFFLOAD = {MemoryLevel.BALANCED: "stream", MemoryLevel.AGGRESSIVE: "group-block", MemoryLevel.ULTRA: "group-block"}
+LEVEL_OFFLOAD = {MemoryLevel.BALANCED: "stream", MemoryLevel.AGGRESSIVE: "stream", MemoryLevel.ULTRA: "stream"}
 GROUP_OFFLOAD_LEVELS = ("group-block", "group-leaf")
 STREAMED_STRATEGIES = ("stream", "group-block", "group-leaf", "sequential")  # weights copied in every UNet call
+SMALL_TILE_PX = 512  # AGGRESSIVE/ULTRA decode in tiles of this size even at SDXL's native 1024² (blended seams)
 
 
 def offload_strategy(level: MemoryLevel, offload: str = "auto") -> str | None:
@@ -149,9 +156,15 @@ def offload_strategy(level: MemoryLevel, offload: str = "auto") -> str | None:
     return LEVEL_OFFLOAD[level] if offload == "auto" else offload
 
 
-def apply_level(pipe, level: MemoryLevel, device: str, dtype, mem: MemoryConfig | None = None) -> object | None:
-    """Place the pipeline according to `level` (the offload step of the optimization order). Returns the
-    partial weight streamer when one was installed (BALANCED's default), else None."""
+def streamed_share(level: MemoryLevel, mem: MemoryConfig) -> float:
+    """Share of the UNet's weight bytes streamed per call: BALANCED's setting, every transformer block below it
+    (the share is capped at what the transformer blocks hold)."""
+    return mem.streamed_share if level == MemoryLevel.BALANCED else 1.0
+
+
+def apply_level(pipe, level: MemoryLevel, device: str, dtype, mem: MemoryConfig | None = None) -> list:
+    """Place the pipeline according to `level` (the offload step of the optimization order). Returns the weight
+    streamers installed (offload=stream), for their byte counts."""
     import torch
 
     mem = mem or MemoryConfig()
@@ -159,27 +172,32 @@ def apply_level(pipe, level: MemoryLevel, device: str, dtype, mem: MemoryConfig 
         if level not in (MemoryLevel.NONE, MemoryLevel.AUTO):
             log.warning("memory level %s has no effect on %s (CUDA-only); running fully resident", level.value, device)
         pipe.to(device)
-        return None
+        return []
     strategy = offload_strategy(level, mem.offload)
     if strategy is None:
         pipe.to(device)
-        return None
-    # Tiled decode bounds the VAE's 1024²+ activations (SDXL: ~2.3 GiB untiled); AGGRESSIVE keeps the faster
-    # untiled decode, ULTRA also decodes one image at a time. Attention slicing is never used: SDPA's kernels
-    # already keep attention memory linear in the tokens, slicing only slows it.
-    if level != MemoryLevel.AGGRESSIVE:
-        pipe.vae.enable_tiling()
+        return []
+    # Tiling bounds the decode of images larger than the VAE's native size; AGGRESSIVE and ULTRA also tile at the
+    # native size (SDXL 1024²: ~2.3 GiB of decode activations otherwise, more than the rest of the call), ULTRA
+    # one image at a time. Attention slicing is never used: SDPA keeps attention memory linear, slicing only slows it.
+    pipe.vae.enable_tiling()
+    if level in (MemoryLevel.AGGRESSIVE, MemoryLevel.ULTRA):
+        pipe.vae.tile_sample_min_size = min(pipe.vae.tile_sample_min_size, SMALL_TILE_PX)
+        pipe.vae.tile_latent_min_size = min(pipe.vae.tile_latent_min_size, SMALL_TILE_PX // 8)
     if level == MemoryLevel.ULTRA:
         pipe.vae.enable_slicing()
     if mem.fp8_storage and dtype in (torch.float16, torch.bfloat16):
         # fp8 storage of UNet weights (upcast per layer at compute): half the bytes to keep and copy, images change
         pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     onload, offload_to = torch.device(device), torch.device("cpu")
-    if strategy == "stream":  # part of the UNet streamed, the rest resident; text encoders streamed per layer
-        from core.streaming import stream_unet_share
+    if strategy == "stream":  # UNet transformer blocks and CLIP layers streamed from pinned memory, rest resident
+        from core.streaming import stream_text_encoder, stream_unet_share
 
-        apply_block_streaming(pipe, onload, offload_to, use_stream=True, unet=False)
-        return stream_unet_share(pipe.unet, onload, mem.streamed_share)
+        streamers = [stream_text_encoder(enc, onload) for enc in (getattr(pipe, "text_encoder", None),
+                                                                  getattr(pipe, "text_encoder_2", None)) if enc]
+        streamers.append(stream_unet_share(pipe.unet, onload, streamed_share(level, mem)))
+        pipe.vae.to(onload)
+        return [s for s in streamers if s is not None]
     if strategy == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif strategy == "sequential":
@@ -189,7 +207,7 @@ def apply_level(pipe, level: MemoryLevel, device: str, dtype, mem: MemoryConfig 
                                   use_stream=True)
     else:  # group-block: every transformer block / resnet is a group, the next one prefetched on a side stream
         apply_block_streaming(pipe, onload, offload_to, use_stream=True)
-    return None
+    return []
 
 
 # diffusers' default block grouping makes each of the UNet's down/up blocks one group (SDXL: up to ~2 GB), too coarse

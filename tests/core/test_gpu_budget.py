@@ -64,5 +64,8 @@ def test_balanced_offload_lowers_the_peak_and_keeps_the_pixels(make_config, offl
 
     none_peak, none_px = run("none")
     peak, px = run("balanced", offload)
-    assert peak < none_peak - 0.5 * GiB, (peak / GiB, none_peak / GiB)  # the SD1.5 UNet alone is 1.6 GiB
+    # model offload: the SD1.5 UNet alone is 1.6 GiB; stream: its transformer blocks (0.45 GiB) and CLIP layers
+    # stream, the copy slots stay (H100 bench, 512² b1: 2.32 vs 2.69 GiB)
+    saved = 0.25 if offload == "stream" else 0.5
+    assert peak < none_peak - saved * GiB, (peak / GiB, none_peak / GiB)
     assert np.abs(px - none_px).mean() < 1.0  # same weights, same math: at most fp16 rounding differences

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from core.embedded import build_pipeline
-from core.streaming import WeightStreamer, module_bytes, pick_streamed, stream_unet_share, transformer_blocks
+from core.streaming import (WeightStreamer, module_bytes, pick_streamed, slot_plan, stream_unet_share,
+                            transformer_blocks)
 
 
 class Sized(torch.nn.Module):
@@ -81,17 +82,40 @@ def test_partially_streamed_unet_keeps_the_pixels_and_prefetches_after_the_first
     monkeypatch.setattr(WeightStreamer, "_load", lambda self, i: (loads.append(i), real_load(self, i)))
     streamer = stream_unet_share(pipe.unet, "cpu", share=0.25, lookahead=1)
     assert streamer is not None and 0 < len(streamer.blocks) < len(blocks)
-    host = {id(h) for pairs in streamer.host for _, h in pairs}
+
+    slots = {t.untyped_storage().data_ptr() for slot in streamer.slots for t in slot.values()}
+    assert all(t.untyped_storage().data_ptr() in slots for b in streamer.blocks for t in b.parameters())
     assert (run(pipe) == resident).all()
     n = len(streamer.blocks)
     # every streamed block copied once per UNet call (3 steps), never twice; plus the prefetch for the next call
     assert len(loads) == 3 * n + streamer.lookahead
-    # between calls every streamed tensor points at its host copy again (no device copy kept) ...
-    assert all(id(t.data) in host or t.data.data_ptr() == h.data_ptr() for pairs in streamer.host for t, h in pairs)
-    # ... but for the blocks prefetched for the next call, ready for its first step
-    assert set(streamer.ready) == set(range(streamer.lookahead))
+    assert streamer.copied_bytes == sum(h.numel() * h.element_size() for i in loads for h in streamer.host[i].values())
+    assert set(streamer.ready) == set(range(streamer.lookahead))  # prefetched for the next call's first step
     assert (run(pipe) == resident).all()
     assert len(loads) == 6 * n + streamer.lookahead
+
+
+@pytest.mark.parametrize("lookahead", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 16, 33, 50, 70])
+def test_blocks_in_flight_together_never_share_a_device_slot(n, lookahead):
+    slots = slot_plan(n, lookahead)
+    window = min(n, lookahead + 1)  # the block computing and those prefetched, cyclically
+    for i in range(n):
+        assert len({slots[(i + k) % n] for k in range(window)}) == window
+    assert max(slots) + 1 <= min(n, 2 * lookahead + 1)  # a few slots, not one per block
+
+
+def test_streamed_text_encoder_keeps_its_embeddings(cpu_cuda_calls):
+    from core.streaming import stream_text_encoder
+
+    pipe = build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32)
+    ids = pipe.tokenizer(["a red fox"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    before = pipe.text_encoder(ids)[0]
+    streamer = stream_text_encoder(pipe.text_encoder, "cpu")
+    layers = dict(pipe.text_encoder.named_modules())["encoder.layers"]
+    assert streamer.blocks == list(layers)  # the embeddings and final norm stay resident
+    assert torch.equal(pipe.text_encoder(ids)[0], before)
 
 
 def test_blocks_run_in_the_order_they_are_streamed():
