@@ -41,6 +41,44 @@ def auto_table(records) -> str:
     return "\n".join(rows)
 
 
+PLOT_VARIANTS = ("diffusers-eager", "diffusers-compile", "sdserve", "sdserve-fp8-static", "sdserve-deepcache")
+PLOT_COLORS = ("#9e9e9e", "#5c6bc0", "#2e7d32", "#ef6c00", "#00897b")
+
+
+def latency_plot(records, path: str) -> int:
+    """SVG bar chart of the newest batch-1 latency per (workload, variant): no plotting library needed."""
+    newest: dict = {}
+    for name, r in records:  # files sort by date: later records win; memory-level runs are eager-only, noisier
+        if "memory" not in name and r.get("batch") == 1 and r.get("variant") in PLOT_VARIANTS and r.get("latency_s"):
+            newest[(r["workload"], r["variant"])] = r["latency_s"]
+    workloads = sorted({w for w, _ in newest})
+    if not workloads:
+        return 0
+    top = max(newest.values())
+    bar, gap, left, height = 26, 40, 150, 220
+    width = left + len(workloads) * (len(PLOT_VARIANTS) * bar + gap) + 20
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 90}" font-family="sans-serif" '
+           f'font-size="11">', f'<text x="10" y="16" font-size="13">Batch-1 latency, H100, seconds (lower is better)</text>']
+    for wi, wl in enumerate(workloads):
+        x0 = left + wi * (len(PLOT_VARIANTS) * bar + gap)
+        out.append(f'<text x="{x0}" y="{height + 50}">{wl}</text>')
+        for vi, variant in enumerate(PLOT_VARIANTS):
+            if (wl, variant) not in newest:
+                continue
+            v = newest[(wl, variant)]
+            h = v / top * (height - 40)
+            x, y = x0 + vi * bar, height + 30 - h
+            out.append(f'<rect x="{x}" y="{y:.1f}" width="{bar - 4}" height="{h:.1f}" fill="{PLOT_COLORS[vi]}"/>')
+            out.append(f'<text x="{x}" y="{y - 3:.1f}" font-size="9">{v:.2f}</text>')
+    for vi, variant in enumerate(PLOT_VARIANTS):
+        out.append(f'<rect x="10" y="{30 + vi * 16}" width="10" height="10" fill="{PLOT_COLORS[vi]}"/>'
+                   f'<text x="24" y="{39 + vi * 16}">{variant}</text>')
+    out.append("</svg>")
+    with open(path, "w") as fh:
+        fh.write("\n".join(out) + "\n")
+    return len(newest)
+
+
 def main(results="benchmarks/results", doc="docs/benchmarks.md") -> None:
     records, envs = [], []
     for path in sorted(glob.glob(os.path.join(results, "*.json"))):
@@ -52,6 +90,7 @@ def main(results="benchmarks/results", doc="docs/benchmarks.md") -> None:
         records += [(name, r) for r in data["records"]]
     body = "\n".join([START, "", *envs, "", table(records), "", "AUTO memory-level choices:", "", auto_table(records),
                       "", END])
+    latency_plot(records, os.path.join(os.path.dirname(doc), "benchmarks-latency.svg"))
     text = open(doc).read()
     text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: body, text, flags=re.S)
     open(doc, "w").write(text)

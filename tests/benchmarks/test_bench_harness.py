@@ -51,3 +51,20 @@ def test_cold_start_benchmark_runs_cold_then_warm(tmp_path):
     runs = json.loads((tmp_path / "cold-start-tiny-sd.json").read_text())["runs"]
     assert [r["phase"] for r in runs] == ["cold", "warm"]
     assert all(r["ok"] and r["ready_s"] > 0 and "read" in r["load_times"] for r in runs)
+
+
+def test_render_draws_the_newest_batch1_latency_per_variant(tmp_path):
+    """The plot in docs/benchmarks.md: one bar per (workload, variant), later files win, memory runs skipped."""
+    from benchmarks.render import latency_plot
+
+    def rec(variant, latency, batch=1):
+        return {"workload": "sd15-512-50", "variant": variant, "batch": batch, "latency_s": latency}
+
+    records = [("2026-01-01-a", rec("sdserve", 0.9)), ("2026-01-02-b", rec("sdserve", 0.4)),
+               ("2026-01-02-b", rec("diffusers-eager", 2.0)), ("2026-01-02-b", rec("sdserve", 0.1, batch=8)),
+               ("2026-01-03-memory", rec("diffusers-eager", 5.0))]
+    path = tmp_path / "plot.svg"
+    assert latency_plot(records, str(path)) == 2
+    svg = path.read_text()
+    assert svg.startswith("<svg") and svg.count("<rect") == 2 + 5  # two bars + the legend's five swatches
+    assert ">0.40<" in svg and ">2.00<" in svg and ">0.90<" not in svg and ">5.00<" not in svg
