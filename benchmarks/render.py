@@ -58,7 +58,7 @@ def latency_plot(records, path: str) -> int:
     bar, gap, left, height = 26, 40, 150, 220
     width = left + len(workloads) * (len(PLOT_VARIANTS) * bar + gap) + 20
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 90}" font-family="sans-serif" '
-           f'font-size="11">', f'<text x="10" y="16" font-size="13">Batch-1 latency, H100, seconds (lower is better)</text>']
+           f'font-size="11">', '<text x="10" y="16" font-size="13">Batch-1 latency, H100, seconds (lower is better)</text>']
     for wi, wl in enumerate(workloads):
         x0 = left + wi * (len(PLOT_VARIANTS) * bar + gap)
         out.append(f'<text x="{x0}" y="{height + 50}">{wl}</text>')

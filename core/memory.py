@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 

@@ -98,21 +98,32 @@ def test_unknown_offload_strategy_is_rejected_naming_the_key():
         MemoryConfig(offload="disk")
 
 
+def tiny_run(pipe):
+    import torch
+
+    return pipe(prompt="a red fox", num_inference_steps=2, width=64, height=64, output_type="np",
+                generator=torch.Generator("cpu").manual_seed(3)).images
+
+
+def tiny_resident_and_fresh():
+    """The images of a resident tiny-sd pipeline, and a fresh one to offload."""
+    import torch
+
+    from core.embedded import build_pipeline
+
+    return (tiny_run(build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32)),
+            build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32))
+
+
 def test_block_streaming_groups_each_transformer_block_and_resnet_and_keeps_the_pixels():
     """group-block's grouping, checked without CUDA (no side stream): every transformer block and resnet is its own
     group (diffusers' default would make each whole down/up block one), and the output is unchanged."""
     import torch
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
-    from core.embedded import build_pipeline
     from core.memory import apply_block_streaming
 
-    def run(pipe):
-        return pipe(prompt="a red fox", num_inference_steps=2, width=64, height=64, output_type="np",
-                    generator=torch.Generator("cpu").manual_seed(3)).images
-
-    resident = run(build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32))
-    pipe = build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32)
+    resident, pipe = tiny_resident_and_fresh()
     apply_block_streaming(pipe, torch.device("cpu"), torch.device("cpu"), use_stream=False)
     leaders = {name for name, m in pipe.unet.named_modules()
                if getattr(m, "_diffusers_hook", None) is not None
@@ -123,7 +134,7 @@ def test_block_streaming_groups_each_transformer_block_and_resnet_and_keeps_the_
     assert not {"down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1"} & leaders
     text_layers = {name for name, _ in pipe.text_encoder.named_modules() if name.rsplit(".", 2)[-2:-1] == ["layers"]}
     assert text_layers and all(getattr(pipe.text_encoder.get_submodule(n), "_diffusers_hook", None) for n in text_layers)
-    assert (run(pipe) == resident).all()
+    assert (tiny_run(pipe) == resident).all()
 
 
 def test_block_streaming_with_side_streams_builds_one_prefetch_chain_and_keeps_the_pixels(monkeypatch):
@@ -134,7 +145,6 @@ def test_block_streaming_with_side_streams_builds_one_prefetch_chain_and_keeps_t
     import diffusers.hooks.group_offloading as go
     import torch
 
-    from core.embedded import build_pipeline
     from core.memory import apply_block_streaming
 
     class StandInStream:  # CPU torch has no stream that synchronizes; order is trivially kept on the CPU
@@ -154,20 +164,15 @@ def test_block_streaming_with_side_streams_builds_one_prefetch_chain_and_keeps_t
     monkeypatch.setattr(torch.cpu, "current_stream", lambda *a, **k: StandInStream())
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)  # no pinned memory without CUDA
 
-    def run(pipe):
-        return pipe(prompt="a red fox", num_inference_steps=2, width=64, height=64, output_type="np",
-                    generator=torch.Generator("cpu").manual_seed(3)).images
-
-    resident = run(build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32))
-    pipe = build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32)
+    resident, pipe = tiny_resident_and_fresh()
     apply_block_streaming(pipe, torch.device("cpu"), torch.device("cpu"), use_stream=True)
     lazy = [name for name, m in pipe.unet.named_modules()
             if getattr(m, "_diffusers_hook", None) is not None
             and m._diffusers_hook.get_hook(go._LAZY_PREFETCH_GROUP_OFFLOADING) is not None]
     assert lazy == [""]  # the UNet itself, no nested chain
-    assert (run(pipe) == resident).all()  # first call: traces the order
+    assert (tiny_run(pipe) == resident).all()  # first call: traces the order
     chained = [h.next_group for _, m in pipe.unet.named_modules() if getattr(m, "_diffusers_hook", None) is not None
                and (h := m._diffusers_hook.get_hook(go._GROUP_OFFLOADING)) is not None and h.next_group is not None]
     blocks = [name for name, _ in pipe.unet.named_modules() if name.rsplit(".", 2)[-2:-1] in (["transformer_blocks"], ["resnets"])]
     assert len(chained) >= len(blocks)  # every block is prefetched by its predecessor
-    assert (run(pipe) == resident).all()  # prefetching calls
+    assert (tiny_run(pipe) == resident).all()  # prefetching calls
