@@ -217,14 +217,14 @@ UNET_BLOCK_MODULES = ["down_blocks", "mid_block", "up_blocks", "attentions", *ma
 TEXT_ENCODER_BLOCK_MODULES = ["text_model", "encoder"]  # CLIP: one group per encoder layer
 
 
-def apply_block_streaming(pipe, onload, offload_to, use_stream: bool, unet: bool = True) -> None:
-    """Fine-grained streamed group offloading of the UNet (unless `unet=False`) and text encoders; the VAE stays
-    resident (it runs once per call)."""
+def apply_block_streaming(pipe, onload, offload_to, use_stream: bool) -> None:
+    """Fine-grained streamed group offloading (diffusers) of the UNet and text encoders; the VAE stays resident (it
+    runs once per call)."""
     from diffusers.hooks import apply_group_offloading
 
     kwargs = dict(onload_device=onload, offload_device=offload_to, offload_type="block_level",
                   num_blocks_per_group=1, use_stream=use_stream, record_stream=use_stream)
-    for name in ("unet", "text_encoder", "text_encoder_2") if unet else ("text_encoder", "text_encoder_2"):
+    for name in ("unet", "text_encoder", "text_encoder_2"):
         model = getattr(pipe, name, None)
         if model is not None:
             with one_prefetch_chain(model):
