@@ -112,6 +112,8 @@ class WeightStreamer:
         import torch
 
         slot = self.slot_of[i]
+        for j in [j for j in self.ready if self.slot_of[j] == slot]:
+            del self.ready[j]  # its copy is about to be overwritten (only after a call broke off mid-forward)
         with torch.cuda.stream(self.stream):
             if slot in self.slot_free:
                 self.stream.wait_event(self.slot_free[slot])

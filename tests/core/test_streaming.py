@@ -127,3 +127,22 @@ def test_blocks_run_in_the_order_they_are_streamed():
         b.register_forward_pre_hook(lambda m, a, i=i: seen.append(i))
     run(pipe)
     assert seen == list(range(len(blocks))) * 3
+
+
+def test_a_call_that_breaks_off_mid_forward_does_not_leave_stale_blocks(cpu_cuda_calls):
+    """An exception between blocks leaves prefetched blocks marked ready; the next call loads other blocks into
+    their slots, so those marks must not survive (else a block would compute with another block's weights)."""
+    resident = run(build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32))
+    pipe = build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32)
+    streamer = stream_unet_share(pipe.unet, "cpu", share=1.0, lookahead=1)
+    assert streamer is not None and len(streamer.blocks) >= 3
+    victim = streamer.blocks[len(streamer.blocks) // 2 + 1]
+
+    def boom(module, args):
+        raise RuntimeError("out of memory (simulated)")
+
+    handle = victim.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(pipe)
+    handle.remove()
+    assert (run(pipe) == resident).all()
