@@ -243,7 +243,8 @@ def gpu_idle_gaps(events) -> dict:
 
 def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflops, flops, records, cache_dir,
                   memory_level="none", reference=None, memory_offload="auto",
-                  profile_dir=None, pinned_gbps=None, streamed_share=None) -> dict[int, list[bytes]]:
+                  profile_dir=None, pinned_gbps=None, streamed_share=None,
+                  vram_budget_gib=None) -> dict[int, list[bytes]]:
     """Records one entry per batch; returns the last call's encoded images per batch. With `reference` (those
     of another variant), each record gets a `quality` figure against it."""
     import torch
@@ -260,7 +261,8 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
                        optimization={**settings, "warmup_shapes": [(w, h, max(batches))],
                                      "batch_buckets": list(batches)},
                        memory={"level": memory_level, "offload": memory_offload,
-                               **({"streamed_share": streamed_share} if streamed_share is not None else {})},
+                               **({"streamed_share": streamed_share} if streamed_share is not None else {}),
+                               **({"vram_budget_gib": vram_budget_gib} if vram_budget_gib else {})},
                        limits={"max_batch_size": max(batches), "max_steps": 150})
     reset_peak()
     t = time.perf_counter()
@@ -291,7 +293,8 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
             extra["profile"] = profile_call(lambda: call(b), os.path.join(profile_dir, name))
         records.append(record(workload, variant, b, lat, first, a, r, flops.get(b), peak_tflops, info,
                               {**settings, "dtype": dtype, "memory_level": engine.level.value,
-                               "memory_offload": memory_offload, "streamed_share": streamed_share},
+                               "memory_offload": memory_offload, "streamed_share": streamed_share,
+                               "vram_budget_gib": vram_budget_gib},
                               ready_s=round(ready_s, 1),
                               memory_level=engine.level.value, stages=stages, **bound, **extra))
         log.info("%s", records[-1])
@@ -374,6 +377,9 @@ def main(argv=None):
     p.add_argument("--memory-levels", default="",
                    help="comma list of levels to run at batch 1 (issue 7); level:offload picks memory.offload, "
                    "e.g. balanced:group-block")
+    p.add_argument("--vram-budget-gib", type=float, default=None,
+                   help="memory-level runs: enforce this VRAM budget (set_per_process_memory_fraction caps the "
+                   "reserved memory too)")
     p.add_argument("--auto-budgets", default="", help="comma list of GiB budgets: record AUTO's level choice")
     p.add_argument("--no-flops", action="store_true")
     p.add_argument("--profile", action="store_true",
@@ -436,7 +442,8 @@ def main(argv=None):
                                    (1,), args.repeats, info, peak, flops, records, args.cache_dir, memory_level=level,
                                    memory_offload=offload or "auto", reference=level_ref,
                                    pinned_gbps=h2d.get("pinned"), streamed_share=float(share) if share else None,
-                                   profile_dir=args.out if args.profile else None)
+                                   profile_dir=args.out if args.profile else None,
+                                   vram_budget_gib=args.vram_budget_gib)
             level_ref = level_ref or images
             save()
     save()
