@@ -367,7 +367,8 @@ def main(argv=None):
     p.add_argument("--workloads", default="sd15-512-50,sdxl-1024-30")
     p.add_argument("--variants", default="diffusers-eager,diffusers-compile,sdserve",
                    help="also: sdserve-deepcache (step caching; its records carry `quality` vs sdserve's images)")
-    p.add_argument("--deepcache-interval", type=int, default=3, help="step_cache interval of sdserve-deepcache")
+    p.add_argument("--deepcache-interval", default="3",
+                   help="step_cache interval(s) of sdserve-deepcache, e.g. 3 or 3,5 (then sdserve-deepcache-i5 too)")
     p.add_argument("--batches", default="", help="comma list; default: the workload's list")
     p.add_argument("--compile-batches", default="", help="batches for diffusers-compile (default: --batches); "
                    "each costs a full compile")
@@ -425,9 +426,11 @@ def main(argv=None):
         reference = reference or load_reference(args.reference_dir, wl)  # from an earlier call
         if "sdserve-deepcache" in variants:  # same settings + step caching; quality vs the images just made
             # No FLOP count: shallow steps skip most of the UNet, so the full-UNet count would inflate its MFU.
-            bench_sdserve(wl, "sdserve-deepcache", {**best, "step_cache": {"interval": args.deepcache_interval}},
-                          batches, args.repeats, info, peak, {}, records, args.cache_dir, reference=reference)
-            save()
+            for n, interval in enumerate(int(v) for v in str(args.deepcache_interval).split(",")):
+                bench_sdserve(wl, "sdserve-deepcache" + (f"-i{interval}" if n else ""),
+                              {**best, "step_cache": {"interval": interval}}, batches, args.repeats, info, peak, {},
+                              records, args.cache_dir, reference=reference)
+                save()
         for name, settings in (json.loads(args.extra_sdserve) if args.extra_sdserve else {}).items():
             bench_sdserve(wl, name, {**best, **settings}, batches, args.repeats, info, peak, flops, records,
                           args.cache_dir, reference=reference)
