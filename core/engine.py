@@ -102,7 +102,7 @@ class Engine:
             mark("place")
         self.applied["memory_level"] = self.level.value
         if self.streamers:
-            self.applied["streamed_gib"] = round(sum(s.streamed_bytes for s in self.streamers) / 1024**3, 2)
+            self.applied["streamed_gib"] = round(sum(s.streamed_bytes for s in self.streamers) / memory.GiB, 2)
         self.pipe = pipe
         from core.fastpath import install_fastpath
 

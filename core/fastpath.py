@@ -60,7 +60,7 @@ def install_step_cache(engine, applied: dict):
     if strategy in (*GROUP_OFFLOAD_LEVELS, "stream") and engine.device.startswith("cuda"):
         # Streamed weights are prefetched in the order of a full forward; a shallow step skips most blocks, so
         # the prefetch chain would break.
-        log.warning("step cache skipped: it does not combine with group offloading (%s)", strategy)
+        log.warning("step cache skipped: it does not combine with streamed offloading (%s)", strategy)
         applied["step_cache"] = False
         return None
     from core.step_cache import apply_step_cache

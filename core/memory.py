@@ -35,6 +35,7 @@ TEXT_ENCODER_RESIDENT = 0.15  # CLIP's token/position embeddings and final norm 
 RESIDENT_WHEN_STREAMING = 0.2  # share of the UNet outside its transformer blocks (SDXL 0.18, SD1.5 0.72: conservative
 # for SDXL, where it matters; SD1.5's whole UNet is 1.6 GiB)
 
+
 @dataclass(frozen=True)
 class ModelFootprint:
     """Weight bytes per component in the compute dtype."""
@@ -48,12 +49,22 @@ class ModelFootprint:
         return self.unet + self.text_encoders + self.vae
 
 
-def footprint_of(pipe) -> ModelFootprint:
-    def nbytes(module) -> int:
-        return sum(p.numel() * p.element_size() for p in module.parameters()) if module is not None else 0
+def module_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers (0 for None)."""
+    if module is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
-    te = nbytes(getattr(pipe, "text_encoder", None)) + nbytes(getattr(pipe, "text_encoder_2", None))
-    return ModelFootprint(unet=nbytes(pipe.unet), text_encoders=te, vae=nbytes(pipe.vae))
+
+def footprint_of(pipe) -> ModelFootprint:
+    te = module_bytes(getattr(pipe, "text_encoder", None)) + module_bytes(getattr(pipe, "text_encoder_2", None))
+    return ModelFootprint(unet=module_bytes(pipe.unet), text_encoders=te, vae=module_bytes(pipe.vae))
+
+
+def level_share(level: MemoryLevel, balanced_share: float) -> float:
+    """Share of the UNet's weight bytes streamed per call: BALANCED's setting (memory.streamed_share), every
+    transformer block below it (the share is capped at what the transformer blocks hold)."""
+    return balanced_share if level == MemoryLevel.BALANCED else 1.0
 
 
 def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, width: int, height: int,
@@ -66,7 +77,7 @@ def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, wid
         return int(fp.total + per_img * batch)
     unet_act = 0.45 * per_img * batch
     decode = 0.55 * per_img * batch  # untiled (tiling starts above the VAE's native size)
-    share = streamed_share if level == MemoryLevel.BALANCED else 1.0
+    share = level_share(level, streamed_share)
     resident = (fp.unet * max(1 - share, RESIDENT_WHEN_STREAMING) + fp.vae
                 + TEXT_ENCODER_RESIDENT * fp.text_encoders + STREAM_BUFFER_GIB * GiB)
     if level == MemoryLevel.AGGRESSIVE:  # 512² tiles, the whole batch per tile
@@ -155,12 +166,6 @@ def offload_strategy(level: MemoryLevel, offload: str = "auto") -> str | None:
     return LEVEL_OFFLOAD[level] if offload == "auto" else offload
 
 
-def streamed_share(level: MemoryLevel, mem: MemoryConfig) -> float:
-    """Share of the UNet's weight bytes streamed per call: BALANCED's setting, every transformer block below it
-    (the share is capped at what the transformer blocks hold)."""
-    return mem.streamed_share if level == MemoryLevel.BALANCED else 1.0
-
-
 def apply_level(pipe, level: MemoryLevel, device: str, dtype, mem: MemoryConfig | None = None) -> list:
     """Place the pipeline according to `level` (the offload step of the optimization order). Returns the weight
     streamers installed (offload=stream), for their byte counts."""
@@ -194,7 +199,7 @@ def apply_level(pipe, level: MemoryLevel, device: str, dtype, mem: MemoryConfig 
 
         streamers = [stream_text_encoder(enc, onload) for enc in (getattr(pipe, "text_encoder", None),
                                                                   getattr(pipe, "text_encoder_2", None)) if enc]
-        streamers.append(stream_unet_share(pipe.unet, onload, streamed_share(level, mem)))
+        streamers.append(stream_unet_share(pipe.unet, onload, level_share(level, mem.streamed_share)))
         pipe.vae.to(onload)
         return [s for s in streamers if s is not None]
     if strategy == "model":

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from functools import partial
 
+from core.memory import GiB, module_bytes
+
 log = logging.getLogger(__name__)
 
 
@@ -23,10 +25,6 @@ def transformer_blocks(unet) -> list:
     parts = [p for p in parts if p is not None] or [unet]
     return [m for part in parts for name, m in part.named_modules()
             if name.rsplit(".", 2)[-2:-1] == ["transformer_blocks"]]
-
-
-def module_bytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def pick_streamed(blocks: list, total_bytes: int, share: float) -> list[int]:
@@ -104,8 +102,8 @@ class WeightStreamer:
         for i, block in enumerate(blocks):
             block.register_forward_pre_hook(partial(self._before, i))
             block.register_forward_hook(partial(self._after, i))
-        self.streamed_bytes = sum(h.numel() * h.element_size() for host in self.host for h in host.values())
-        self.slot_bytes = sum(t.numel() * t.element_size() for slot in self.slots for t in slot.values())
+        self.block_bytes = [sum(h.numel() * h.element_size() for h in host.values()) for host in self.host]
+        self.streamed_bytes = sum(self.block_bytes)
         self.copied_bytes = 0  # running total of bytes copied in (benchmarks read the copy bound off it)
 
     def _load(self, i: int) -> None:
@@ -119,10 +117,10 @@ class WeightStreamer:
                 self.stream.wait_event(self.slot_free[slot])
             for dt, h in self.host[i].items():
                 self.slots[slot][dt][: h.numel()].copy_(h, non_blocking=True)
-                self.copied_bytes += h.numel() * h.element_size()
             event = torch.cuda.Event()
             event.record(self.stream)
         self.ready[i] = event
+        self.copied_bytes += self.block_bytes[i]
 
     def _before(self, i: int, module, args):
         import torch
@@ -162,7 +160,7 @@ def stream_unet_share(unet, device, share: float, lookahead: int = 2) -> WeightS
     streamer = place_streamed(unet, [blocks[i] for i in picked], device, lookahead)
     if streamer:
         log.info("streaming %d of %d transformer blocks (%.2f of %.2f GiB UNet weights)", len(picked), len(blocks),
-                 streamer.streamed_bytes / 1024**3, module_bytes(unet) / 1024**3)
+                 streamer.streamed_bytes / GiB, module_bytes(unet) / GiB)
     return streamer
 
 
