@@ -61,6 +61,40 @@ def peaks() -> tuple[float | None, float | None]:
     return torch.cuda.max_memory_allocated() / GiB, torch.cuda.max_memory_reserved() / GiB
 
 
+def held() -> tuple[float, float]:
+    """(allocated, reserved) GiB held right now, after freeing the cache: what engines kept alive for the interleaved
+    timing occupy, subtracted from the next engine's peaks."""
+    import torch
+
+    reset_peak()
+    if not torch.cuda.is_available():
+        return 0.0, 0.0
+    return torch.cuda.memory_allocated() / GiB, torch.cuda.memory_reserved() / GiB
+
+
+def interleave(calls: list, rounds: int) -> list[list[float]]:
+    """Latency of each call per round, the calls taking turns (round-robin): host-paced eager runs on the GPU host
+    drift by up to ±30% between minutes, so ratios between levels are read within a round, not across runs."""
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for i, fn in enumerate(calls):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[i].append(time.perf_counter() - t)
+    return times
+
+
+def add_interleaved(recs: list[dict], times: list[list[float]]) -> None:
+    """Per record: its median interleaved latency and the median of its per-round ratio to the first record's
+    (the first memory level run: NONE)."""
+    for rec, ts in zip(recs, times):
+        rec["interleaved_s"] = round(statistics.median(ts), 4)
+        rec["interleaved_vs_first"] = round(statistics.median(t / t0 for t, t0 in zip(ts, times[0])), 3)
+        rec["interleaved_rounds"] = len(ts)
+
+
 def measure_matmul_tflops() -> float | None:
     """Measured dense bf16 matmul rate on this GPU (the MFU denominator)."""
     import torch
@@ -244,9 +278,10 @@ def gpu_idle_gaps(events) -> dict:
 def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflops, flops, records, cache_dir,
                   memory_level="none", reference=None, memory_offload="auto",
                   profile_dir=None, pinned_gbps=None, streamed_share=None,
-                  vram_budget_gib=None) -> dict[int, list[bytes]]:
+                  vram_budget_gib=None, fp8_storage=None, lookahead=None, keep: list | None = None) -> dict[int, list[bytes]]:
     """Records one entry per batch; returns the last call's encoded images per batch. With `reference` (those
-    of another variant), each record gets a `quality` figure against it."""
+    of another variant), each record gets a `quality` figure against it. With `keep`, the engine stays alive and
+    (its last record, its batch-1 call) is appended for the interleaved timing; peaks exclude what was held before."""
     import torch
 
     from core.config import EngineConfig
@@ -262,9 +297,11 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
                                      "batch_buckets": list(batches)},
                        memory={"level": memory_level, "offload": memory_offload,
                                **({"streamed_share": streamed_share} if streamed_share is not None else {}),
+                               **({"fp8_storage": fp8_storage} if fp8_storage is not None else {}),
+                               **({"stream_lookahead": lookahead} if lookahead else {}),
                                **({"vram_budget_gib": vram_budget_gib} if vram_budget_gib else {})},
                        limits={"max_batch_size": max(batches), "max_steps": 150})
-    reset_peak()
+    base_alloc, base_reserved = held()
     t = time.perf_counter()
     engine = Engine(cfg).load()
     ready_s = time.perf_counter() - t
@@ -283,6 +320,7 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
         kept: list = []
         copied = streamed_bytes(engine)
         lat, first, a, r = time_calls(lambda: call(b), repeats, kept)
+        a, r = a and a - base_alloc, r and r - base_reserved
         copied = (streamed_bytes(engine) - copied) / (repeats + 1)  # per call, over the timed calls
         outs = kept[0]
         images[b] = [img.data for o in outs for img in o.images]
@@ -296,10 +334,14 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
         records.append(record(workload, variant, b, lat, first, a, r, flops.get(b), peak_tflops, info,
                               {**settings, "dtype": dtype, "memory_level": engine.level.value,
                                "memory_offload": memory_offload, "streamed_share": streamed_share,
+                               "fp8_storage": engine.applied.get("fp8_storage"), "stream_lookahead": lookahead,
                                "vram_budget_gib": vram_budget_gib},
                               ready_s=round(ready_s, 1),
                               memory_level=engine.level.value, stages=stages, **bound, **extra))
         log.info("%s", records[-1])
+    if keep is not None:
+        keep.append((records[-1], lambda: call(1)))
+        return images
     del engine
     torch._dynamo.reset()
     reset_peak()
@@ -380,8 +422,10 @@ def main(argv=None):
     p.add_argument("--sdserve-settings", default="", help="JSON overriding SDSERVE_BEST")
     p.add_argument("--extra-sdserve", default="", help="JSON dict name -> settings for extra sdserve variants")
     p.add_argument("--memory-levels", default="",
-                   help="comma list of levels to run at batch 1 (issue 7); level:offload picks memory.offload, "
-                   "e.g. balanced:group-block")
+                   help="comma list of levels to run at batch 1 (issue 7), NONE first: level[:offload[:share"
+                   "[:fp8|fp16[:lookahead]]]] sets memory.offload, streamed_share, fp8_storage, stream_lookahead, "
+                   "e.g. balanced:group-block, balanced:stream:0.6, aggressive:::fp8, aggressive::::6; then all of "
+                   "them again in turns (interleaved_vs_first)")
     p.add_argument("--vram-budget-gib", type=float, default=None,
                    help="memory-level runs: enforce this VRAM budget (set_per_process_memory_fraction caps the "
                    "reserved memory too)")
@@ -442,16 +486,25 @@ def main(argv=None):
         if args.auto_budgets:
             records.extend(auto_choices(wl, [float(b) for b in args.auto_budgets.split(",")], info))
         level_ref = None  # the first level's images (NONE): every other level's quality is read against them
+        # engines kept alive for the interleaved timing (not under an enforced budget: it caps the whole process)
+        kept: list | None = [] if args.vram_budget_gib is None else None
         for entry in filter(None, args.memory_levels.split(",")):
-            # level[:offload[:share]], e.g. balanced:group-block, balanced:stream:0.6 (memory.streamed_share)
-            level, offload, share = (entry.split(":") + ["", ""])[:3]
-            images = bench_sdserve(wl, f"sdserve-{entry.replace(':', '-')}", {"attention": "sdpa", "warmup_steps": 1},
+            # level[:offload[:share[:fp8|fp16[:lookahead]]]], e.g. balanced:group-block, balanced:stream:0.6
+            level, offload, share, storage, ahead = (entry.split(":") + ["", "", "", ""])[:5]
+            images = bench_sdserve(wl, "-".join(["sdserve", *filter(None, entry.split(":"))]), {"attention": "sdpa", "warmup_steps": 1},
                                    (1,), args.repeats, info, peak, flops, records, args.cache_dir, memory_level=level,
                                    memory_offload=offload or "auto", reference=level_ref,
                                    pinned_gbps=h2d.get("pinned"), streamed_share=float(share) if share else None,
                                    profile_dir=args.out if args.profile else None,
-                                   vram_budget_gib=args.vram_budget_gib)
+                                   vram_budget_gib=args.vram_budget_gib,
+                                   fp8_storage={"fp8": True, "fp16": False}.get(storage),
+                                   lookahead=int(ahead) if ahead else None, keep=kept)
             level_ref = level_ref or images
+            save()
+        if kept and len(kept) > 1:
+            add_interleaved([rec for rec, _ in kept], interleave([fn for _, fn in kept], args.repeats + 1))
+            kept.clear()
+            reset_peak()
             save()
     save()
     print(f"\nwrote {path}")
@@ -464,7 +517,9 @@ def main(argv=None):
         print(f"{r['workload']:14} {r['variant']:26} {r['batch']:>3} {r['latency_s']:>8.3f} {r['img_per_s']:>7.2f} "
               f"{(r['peak_vram_gib'] or 0):>6.2f} {(r['mfu'] or 0):>5.2f} {r.get('speedup_vs_diffusers-eager', 0):>6.2f} "
               f"{r.get('speedup_vs_diffusers-compile', 0):>6.2f}"
-              + (f"  PSNR {q['psnr_db']} dB, mean |diff| {q['mean_abs_diff']}" if q else ""))
+              + (f"  PSNR {q['psnr_db']} dB, mean |diff| {q['mean_abs_diff']}" if q else "")
+              + (f"  interleaved {r['interleaved_s']} s = {r['interleaved_vs_first']}x first" if "interleaved_s" in r
+                 else ""))
     return 0
 
 

@@ -24,6 +24,8 @@ def default_cache_dir() -> str:
 Side = Annotated[int, Field(ge=64, le=8192, multiple_of=8)]  # an image width or height in pixels
 
 
+BALANCED_SHARE = 1.0  # BALANCED streams this share of the UNet's bytes by default (docs/benchmarks.md)
+
 class Strict(BaseModel):
     """Base for every config/schema model: unknown keys are errors, assignments are validated."""
 
@@ -97,11 +99,17 @@ class MemoryConfig(Strict):
         "copied from pinned host memory a few blocks ahead on a side CUDA stream, the rest resident; group-block: "
         "diffusers group offloading of every block and layer; model: whole components in turn; group-leaf: "
         "per-layer streaming; sequential: accelerate's per-layer hooks (slowest).")
-    streamed_share: float = Field(1.0, ge=0, le=1, description="BALANCED: fraction of the UNet's weight bytes "
-                                  "streamed in every call, up to what its transformer blocks hold (SDXL ~85%); "
-                                  "less keeps more resident: more VRAM, fewer copies to hide.")
-    fp8_storage: bool = Field(False, description="Store the UNet's weights in fp8 (e4m3) at offloading levels, "
-                              "cast per layer at compute: half the bytes, but images change and the casts cost time.")
+    streamed_share: float = Field(BALANCED_SHARE, ge=0, le=1, description="BALANCED: fraction of the UNet's "
+                                  "weight bytes streamed in every call, up to what its transformer blocks hold "
+                                  "(SDXL ~85%); less keeps more resident: more VRAM, fewer copies to hide.")
+    fp8_storage: bool = Field(False, description="Keep the UNet's weights in fp8 (e4m3) at offloading levels: "
+                              "with offload stream, the streamed blocks are stored and copied as fp8 and scaled "
+                              "back on the GPU (half the pinned host memory; no faster on the H100, where eager "
+                              "steps are host-paced); with other offloads, diffusers' layerwise casting. Images "
+                              "change.")
+    stream_lookahead: int | None = Field(None, ge=1, le=32, description="offload stream: how many streamed blocks "
+                                         "are copied ahead of the one computing (each takes one more block-sized "
+                                         "device slot). Default: the level's (balanced 12, aggressive/ultra 2).")
 
 
 class LimitsConfig(Strict):

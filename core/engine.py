@@ -41,6 +41,7 @@ class Engine:
         self.broken: str | None = None  # set after an unrecoverable (CUDA) error; check_health reports it
         self.budget: int | None = None
         self.footprint = None
+        self.tiled_sizes: set[tuple[int, int]] = set()  # sizes that ran out of memory untiled: decode them tiled
         self._load_lock = threading.Lock()
         self._ready = False
         # PNG/JPEG encoders release the GIL: a few threads keep up with a batch while the GPU runs the next one.
@@ -101,6 +102,8 @@ class Engine:
             self.streamers = memory.apply_level(pipe, self.level, self.device, self.dtype, cfg.memory)  # 7
             mark("place")
         self.applied["memory_level"] = self.level.value
+        if self.level != MemoryLevel.NONE and self.device.startswith("cuda"):  # (levels are CUDA-only)
+            self.applied["fp8_storage"] = cfg.memory.fp8_storage
         if self.streamers:
             self.applied["streamed_gib"] = round(sum(s.streamed_bytes for s in self.streamers) / memory.GiB, 2)
         self.pipe = pipe
@@ -314,13 +317,15 @@ class Engine:
 
     # ------------------------------------------------------------------ one pipeline call
     def _run_with_oom_retry(self, key: Hashable, samples: list[Sample], cb: StepCallback | None):
-        """[(samples, result or GenerationError)]. On CUDA OOM: free, split the batch in two, tile the VAE, retry once."""
+        """[(samples, result or GenerationError)]. On CUDA OOM: free, split the batch in two, tile the VAE, retry once;
+        a size that fit only tiled is decoded tiled from then on (no OOM and retry on every later request)."""
         import torch
 
         from core.memory import free_memory
 
+        size = (key[1], key[2])
         try:
-            return [(samples, self._run_chunk(key, samples, cb))]
+            return [(samples, self._run_chunk(key, samples, cb, force_tiling=size in self.tiled_sizes))]
         except GenerationCancelled as err:
             return [(samples, err)]
         except torch.cuda.OutOfMemoryError:
@@ -335,6 +340,7 @@ class Engine:
                 continue
             try:
                 out.append((part, self._run_chunk(key, part, cb, force_tiling=True)))
+                self.tiled_sizes.add(size)
             except GenerationCancelled as err:
                 out.append((part, err))
             except torch.cuda.OutOfMemoryError:

@@ -2,15 +2,17 @@
 
 Levels (SDXL 1024² b1, eager, on the H100: docs/benchmarks.md):
   NONE        everything resident on the GPU.
-  BALANCED    the UNet's transformer blocks (memory.streamed_share of its bytes; default all of them, ~85%) and the
-              CLIP encoder layers streamed from pinned host memory a few blocks ahead of use on a side CUDA stream
-              (core/streaming.py), the rest resident: the copies hide behind the compute (4.0 GiB, 1.02x NONE).
-  AGGRESSIVE  BALANCED with every transformer block streamed + VAE decode in 512² tiles (SDXL's native 1024² decode
-              alone takes ~2.3 GiB): 2.2 GiB. Tile seams are blended, so pixels differ slightly from NONE.
-  ULTRA       AGGRESSIVE + one image at a time through the VAE: the lowest peak for batches.
-  AUTO        the fastest level whose estimated peak fits the VRAM budget.
+  BALANCED    every UNet transformer block (~85% of SDXL's UNet bytes; memory.streamed_share keeps some resident)
+              and the CLIP encoder layers streamed from pinned host memory on a side CUDA stream, 12 blocks ahead
+              of use (core/streaming.py): deep enough that the copies of the big 32² blocks start during the
+              compute-heavy 64²/128² parts. VAE decode in 512² tiles (SDXL's native 1024² decode alone takes
+              ~2.3 GiB); tile seams are blended, so pixels differ slightly from NONE.
+  AGGRESSIVE  BALANCED with 2 blocks ahead: ~0.9 GiB less for SDXL, copy-bound where the 32² blocks run.
+  ULTRA       AGGRESSIVE + one image at a time through the VAE + cached blocks handed back after every call: the
+              lowest peak for batches and the lowest footprint between calls.
+  AUTO        the fastest level whose estimated peak fits the VRAM budget (less the allocator's headroom).
 memory.offload picks other placements (diffusers' model / group / sequential offloading); memory.fp8_storage
-(opt-in) keeps the UNet's weights in fp8 at any offloading level: images change.
+(opt-in) keeps the UNet's streamed weights in fp8: half the pinned host memory and copies, images change.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from core.config import MemoryConfig, MemoryLevel
+from core.config import BALANCED_SHARE, MemoryConfig, MemoryLevel
 
 log = logging.getLogger(__name__)
 GiB = 1024**3
@@ -30,8 +32,15 @@ LEVEL_ORDER = (MemoryLevel.NONE, MemoryLevel.BALANCED, MemoryLevel.AGGRESSIVE, M
 # of the full image dominates. Calibrated on the H100 (benchmarks/results); conservative on purpose.
 ACTIVATION_GIB_PER_MPIX = {"sd15": 1.9, "sd21": 2.1, "sdxl": 2.6}
 TILED_DECODE_GIB = 0.6  # VAE tiling bounds the decode activations to a tile
-STREAM_BUFFER_GIB = 0.3  # streamed weights on the GPU at once: the running block/group and those prefetched
+STREAM_BUFFER_GIB = 0.3  # streamed weights on the GPU at once at 2 blocks ahead (the running block and those
+# prefetched); scaled by the level's lookahead (SDXL: +0.09 GiB per block ahead, H100 2026-11-25)
+LEVEL_LOOKAHEAD = {MemoryLevel.BALANCED: 12, MemoryLevel.AGGRESSIVE: 2, MemoryLevel.ULTRA: 2}
 TEXT_ENCODER_RESIDENT = 0.15  # CLIP's token/position embeddings and final norm stay resident when its layers stream
+# A budget caps what the caching allocator reserves, and it reserves more than is allocated at once (blocks split
+# around live weights; SDXL 1024² BALANCED: 3.10 GiB allocated, 4.36 reserved). Measured under enforced caps on the
+# H100 (2026-11-25): BALANCED ran out of memory under 5 GiB (estimate 3.92), BALANCED with half the UNet streamed
+# ran under 6 GiB, AGGRESSIVE under 4 GiB (estimate 2.92). Estimates must fit this share of a budget.
+ALLOCATOR_HEADROOM = 0.75
 RESIDENT_WHEN_STREAMING = 0.2  # share of the UNet outside its transformer blocks (SDXL 0.18, SD1.5 0.72: conservative
 # for SDXL, where it matters; SD1.5's whole UNet is 1.6 GiB)
 
@@ -68,44 +77,50 @@ def level_share(level: MemoryLevel, balanced_share: float) -> float:
 
 
 def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, width: int, height: int,
-                        batch: int, streamed_share: float = 1.0) -> int:
+                        batch: int, streamed_share: float = BALANCED_SHARE) -> int:
     """Estimated peak allocated VRAM for one pipeline call at `level` (CFG on; BALANCED streams
     `streamed_share` of the UNet's weight bytes)."""
     mpix = width * height / 1e6
     per_img = ACTIVATION_GIB_PER_MPIX.get(family, 2.6) * mpix * GiB
     if level == MemoryLevel.NONE:
         return int(fp.total + per_img * batch)
-    unet_act = 0.45 * per_img * batch
-    decode = 0.55 * per_img * batch  # untiled (tiling starts above the VAE's native size)
+    unet_act = 0.25 * per_img * batch  # the untiled decode is most of NONE's activation peak
+    decode = 0.75 * per_img * batch
     share = level_share(level, streamed_share)
-    resident = (fp.unet * max(1 - share, RESIDENT_WHEN_STREAMING) + fp.vae
-                + TEXT_ENCODER_RESIDENT * fp.text_encoders + STREAM_BUFFER_GIB * GiB)
-    if level == MemoryLevel.AGGRESSIVE:  # 512² tiles, the whole batch per tile
-        decode = min(decode, TILED_DECODE_GIB * GiB * batch)
-    elif level == MemoryLevel.ULTRA:  # 512² tiles, one image at a time
+    slots = STREAM_BUFFER_GIB * GiB * (LEVEL_LOOKAHEAD.get(level, 2) + 1) / 3
+    resident = fp.unet * max(1 - share, RESIDENT_WHEN_STREAMING) + fp.vae + TEXT_ENCODER_RESIDENT * fp.text_encoders
+    resident += slots
+    if level == MemoryLevel.ULTRA:  # 512² tiles, one image at a time
         decode = min(decode / batch, TILED_DECODE_GIB * GiB)
+    else:  # 512² tiles, the whole batch per tile
+        decode = min(decode, TILED_DECODE_GIB * GiB * batch)
     return int(resident + unet_act + decode)
 
 
+def usable(budget_bytes: int) -> int:
+    """What estimates may take of a budget (the rest: the allocator's split blocks, see ALLOCATOR_HEADROOM)."""
+    return int(budget_bytes * ALLOCATOR_HEADROOM)
+
+
 def pick_level(fp: ModelFootprint, family: str, budget_bytes: int | None, width: int, height: int,
-               batch: int = 1, streamed_share: float = 1.0) -> MemoryLevel:
+               batch: int = 1, streamed_share: float = BALANCED_SHARE) -> MemoryLevel:
     """AUTO: the fastest level whose estimate fits the budget (the smallest estimate when nothing fits)."""
     if budget_bytes is None:
         return MemoryLevel.NONE
     for level in LEVEL_ORDER:
-        if estimate_peak_bytes(fp, family, level, width, height, batch, streamed_share) <= budget_bytes:
+        if estimate_peak_bytes(fp, family, level, width, height, batch, streamed_share) <= usable(budget_bytes):
             return level
     return min(LEVEL_ORDER, key=lambda lv: estimate_peak_bytes(fp, family, lv, width, height, batch, streamed_share))
 
 
 def max_batch_within(fp: ModelFootprint, family: str, level: MemoryLevel, budget_bytes: int | None,
-                     width: int, height: int, cap: int, streamed_share: float = 1.0) -> int:
+                     width: int, height: int, cap: int, streamed_share: float = BALANCED_SHARE) -> int:
     """Largest batch (<= cap) whose estimate fits the budget; 0 when even one image does not fit."""
     if budget_bytes is None:
         return cap
     best = 0
     for b in range(1, cap + 1):
-        if estimate_peak_bytes(fp, family, level, width, height, b, streamed_share) > budget_bytes:
+        if estimate_peak_bytes(fp, family, level, width, height, b, streamed_share) > usable(budget_bytes):
             break
         best = b
     return best
@@ -156,7 +171,7 @@ def enforce_budget(cfg: MemoryConfig, device: str) -> int | None:
 LEVEL_OFFLOAD = {MemoryLevel.BALANCED: "stream", MemoryLevel.AGGRESSIVE: "stream", MemoryLevel.ULTRA: "stream"}
 GROUP_OFFLOAD_LEVELS = ("group-block", "group-leaf")
 STREAMED_STRATEGIES = ("stream", "group-block", "group-leaf", "sequential")  # weights copied in every UNet call
-SMALL_TILE_PX = 512  # AGGRESSIVE/ULTRA decode in tiles of this size even at SDXL's native 1024² (blended seams)
+SMALL_TILE_PX = 512  # levels below NONE decode in tiles of this size even at SDXL's native 1024² (blended seams)
 
 
 def offload_strategy(level: MemoryLevel, offload: str = "auto") -> str | None:
@@ -181,27 +196,27 @@ def apply_level(pipe, level: MemoryLevel, device: str, dtype, mem: MemoryConfig 
     if strategy is None:
         pipe.to(device)
         return []
-    # Tiling bounds the decode of images larger than the VAE's native size; AGGRESSIVE and ULTRA also tile at the
-    # native size (SDXL 1024²: ~2.3 GiB of decode activations otherwise, more than the rest of the call), ULTRA
-    # one image at a time. Attention slicing is never used: SDPA keeps attention memory linear, slicing only slows it.
+    # Every level below NONE decodes in 512² tiles, also at the VAE's native size (SDXL 1024²: ~2.3 GiB of decode
+    # activations otherwise, more than the rest of the call); ULTRA one image at a time. Attention slicing is never
+    # used: SDPA keeps attention memory linear, slicing only slows it.
     pipe.vae.enable_tiling()
-    if level in (MemoryLevel.AGGRESSIVE, MemoryLevel.ULTRA):
-        pipe.vae.tile_sample_min_size = min(pipe.vae.tile_sample_min_size, SMALL_TILE_PX)
-        pipe.vae.tile_latent_min_size = min(pipe.vae.tile_latent_min_size, SMALL_TILE_PX // 8)
+    pipe.vae.tile_sample_min_size = min(pipe.vae.tile_sample_min_size, SMALL_TILE_PX)
+    pipe.vae.tile_latent_min_size = min(pipe.vae.tile_latent_min_size, SMALL_TILE_PX // 8)
     if level == MemoryLevel.ULTRA:
         pipe.vae.enable_slicing()
-    if mem.fp8_storage and dtype in (torch.float16, torch.bfloat16):
-        # fp8 storage of UNet weights (upcast per layer at compute): half the bytes to keep and copy, images change
-        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    fp8 = mem.fp8_storage and dtype in (torch.float16, torch.bfloat16)
     onload, offload_to = torch.device(device), torch.device("cpu")
     if strategy == "stream":  # UNet transformer blocks and CLIP layers streamed from pinned memory, rest resident
         from core.streaming import stream_text_encoder, stream_unet_share
 
         streamers = [stream_text_encoder(enc, onload) for enc in (getattr(pipe, "text_encoder", None),
                                                                   getattr(pipe, "text_encoder_2", None)) if enc]
-        streamers.append(stream_unet_share(pipe.unet, onload, level_share(level, mem.streamed_share)))
+        streamers.append(stream_unet_share(pipe.unet, onload, level_share(level, mem.streamed_share),
+                                           mem.stream_lookahead or LEVEL_LOOKAHEAD[level], store_fp8=fp8))
         pipe.vae.to(onload)
         return [s for s in streamers if s is not None]
+    if fp8:  # fp8 storage of all UNet weights (upcast per layer at compute): half the bytes, images change
+        pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     if strategy == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif strategy == "sequential":

@@ -16,6 +16,7 @@ from functools import partial
 from core.memory import GiB, module_bytes
 
 log = logging.getLogger(__name__)
+E4M3_MAX = 448.0
 
 
 def transformer_blocks(unet) -> list:
@@ -63,40 +64,57 @@ class WeightStreamer:
     per-tensor host work. Per-tensor copies and pointer swaps cost ~0.7 ms of host time per block, which stalled
     the (host-bound) eager SDXL loop on the H100: 4.2 s vs 2.6 s resident, 2026-11-25. Block i's pre-hook makes the
     compute stream wait for its copy and starts the copies of the next `lookahead` blocks, each after the compute
-    stream has released the slot it reuses (events only: the host never waits)."""
+    stream has released the slot it reuses (events only: the host never waits).
 
-    def __init__(self, blocks: list, device, lookahead: int = 2):
+    store_fp8: the blocks' matrices are kept (and copied) as e4m3 with one scale per tensor, cast back to the
+    compute dtype on the side stream as they arrive: half the bytes over PCIe and in pinned memory, where eager
+    SDXL is copy-bound with every block streamed; images change (docs/benchmarks.md has the figure)."""
+
+    def __init__(self, blocks: list, device, lookahead: int = 2, store_fp8: bool = False):
         import torch
 
+        FP8 = torch.float8_e4m3fn  # noqa: N806
         self.device = torch.device(device)
         self.blocks = blocks
         self.lookahead = max(1, min(lookahead, len(blocks) - 1)) if len(blocks) > 1 else 0
         self.slot_of = slot_plan(len(blocks), self.lookahead)
         self.stream = torch.cuda.Stream(self.device)
         pinned = torch.cuda.is_available()  # (CPU-only hosts, tests: plain host memory)
-        self.host: list[dict] = []  # per block: dtype -> packed host buffer
+        self.host: list[dict] = []  # per block: (dtype, fp8) -> packed host buffer
+        self.scaled: list[tuple[list, list]] = []  # per block: fp8-stored tensors and their scales
         layouts = []
         for block in blocks:
-            tensors, sizes = [*block.parameters(), *block.buffers()], {}
-            layout = []
-            for t in tensors:
-                layout.append((t, t.dtype, sizes.get(t.dtype, 0), t.shape))
-                sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
-            host = {dt: torch.empty(n, dtype=dt, pin_memory=pinned) for dt, n in sizes.items()}
-            for t, dt, off, _ in layout:
-                host[dt][off:off + t.numel()].copy_(t.data.reshape(-1))
+            sizes, layout, scaled = {}, [], ([], [])
+            for t in (*block.parameters(), *block.buffers()):
+                key = (t.dtype, store_fp8 and t.is_floating_point() and t.dim() >= 2)  # matrices only: norms, biases
+                layout.append((t, key, sizes.get(key, 0), t.shape))                   # stay exact
+                sizes[key] = sizes.get(key, 0) + t.numel()
+            host = {key: torch.empty(n, dtype=FP8 if key[1] else key[0], pin_memory=pinned)
+                    for key, n in sizes.items()}
+            for t, key, off, _ in layout:
+                src = t.data.reshape(-1)
+                if key[1]:  # per-tensor scale: the largest magnitude maps to e4m3's largest finite value
+                    scale = max(src.abs().max().item(), 1e-12) / E4M3_MAX
+                    src = (src.float() / scale).to(FP8)
+                    scaled[0].append(t)
+                    scaled[1].append(scale)
+                host[key][off:off + t.numel()].copy_(src)
             self.host.append(host)
+            self.scaled.append(scaled)
             layouts.append(layout)
         widest: dict = {}
         for host in self.host:
-            for dt, h in host.items():
-                widest[dt] = max(widest.get(dt, 0), h.numel())
-        self.slots = [{dt: torch.empty(n, dtype=dt, device=self.device) for dt, n in widest.items()}
+            for key, h in host.items():
+                widest[key] = max(widest.get(key, 0), h.numel())
+        self.slots = [{key: torch.empty(n, dtype=key[0], device=self.device) for key, n in widest.items()}
                       for _ in range(max(self.slot_of) + 1)]
+        # fp8 blocks land here first, then one cast per block into the slot (same side stream: ordered)
+        self.staging = {key: torch.empty(n, dtype=FP8, device=self.device) for key, n in widest.items() if key[1]}
         for i, layout in enumerate(layouts):  # the tensors live in their slot from now on (host copies above)
             slot = self.slots[self.slot_of[i]]
-            for t, dt, off, shape in layout:
-                t.data = slot[dt][off:off + t.numel()].view(shape)
+            for t, key, off, shape in layout:
+                t.data = slot[key][off:off + t.numel()].view(shape)
+        self.scaled = [([t.data for t in tensors], scales) for tensors, scales in self.scaled]  # slot views
         self.slot_free: dict[int, object] = {}  # slot -> event: the compute stream is done with its last block
         self.ready: dict[int, object] = {}  # block -> event: its copy into its slot is done
         for i, block in enumerate(blocks):
@@ -115,8 +133,16 @@ class WeightStreamer:
         with torch.cuda.stream(self.stream):
             if slot in self.slot_free:
                 self.stream.wait_event(self.slot_free[slot])
-            for dt, h in self.host[i].items():
-                self.slots[slot][dt][: h.numel()].copy_(h, non_blocking=True)
+            for key, h in self.host[i].items():
+                target = self.slots[slot][key][: h.numel()]
+                if key[1]:  # fp8 storage: copy the fp8 bytes, cast up on the GPU, then rescale each tensor
+                    staged = self.staging[key][: h.numel()]
+                    staged.copy_(h, non_blocking=True)
+                    target.copy_(staged)
+                else:
+                    target.copy_(h, non_blocking=True)
+            if self.scaled[i][0]:  # one multi-tensor kernel, not one launch per tensor
+                torch._foreach_mul_(*self.scaled[i])
             event = torch.cuda.Event()
             event.record(self.stream)
         self.ready[i] = event
@@ -142,25 +168,30 @@ class WeightStreamer:
         self.ready.pop(i, None)
 
 
-def place_streamed(model, blocks: list, device, lookahead: int = 2) -> WeightStreamer | None:
+def place_streamed(model, blocks: list, device, lookahead: int = 2, store_fp8: bool = False) -> WeightStreamer | None:
     """Stream `blocks` of `model` and put everything else on the device. The streamed blocks go to pinned host
     memory first and only the rest is copied (no transient peak of the whole model)."""
     streamed = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
-    streamer = WeightStreamer(blocks, device, lookahead) if blocks else None
+    streamer = WeightStreamer(blocks, device, lookahead, store_fp8) if blocks else None
     for t in (*model.parameters(), *model.buffers()):
         if id(t) not in streamed:
             t.data = t.data.to(device)
     return streamer
 
 
-def stream_unet_share(unet, device, share: float, lookahead: int = 2) -> WeightStreamer | None:
+def stream_unet_share(unet, device, share: float, lookahead: int = 2,
+                      store_fp8: bool = False) -> WeightStreamer | None:
     """Keep the UNet resident except an evenly spread `share` of its weight bytes, streamed per call."""
     blocks = transformer_blocks(unet)
     picked = pick_streamed(blocks, module_bytes(unet), share)
-    streamer = place_streamed(unet, [blocks[i] for i in picked], device, lookahead)
+    # Every block ahead takes a block-sized slot: past a fifth of the streamed blocks most of them would stay on
+    # the GPU anyway (SD1.5 streams 16: 3 ahead; SDXL 70: up to 14)
+    lookahead = min(lookahead, max(1, len(picked) // 5))
+    streamer = place_streamed(unet, [blocks[i] for i in picked], device, lookahead, store_fp8)
     if streamer:
-        log.info("streaming %d of %d transformer blocks (%.2f of %.2f GiB UNet weights)", len(picked), len(blocks),
-                 streamer.streamed_bytes / GiB, module_bytes(unet) / GiB)
+        log.info("streaming %d of %d transformer blocks, %d ahead (%.2f GiB copied per UNet call%s; UNet %.2f GiB)",
+                 len(picked), len(blocks), streamer.lookahead, streamer.streamed_bytes / GiB,
+                 ", fp8" if store_fp8 else "", module_bytes(unet) / GiB)
     return streamer
 
 

@@ -43,6 +43,17 @@ def test_gpu_bench_records_variants_profiles_and_quality_across_runs(tmp_path, s
     assert q[("sdserve-deepcache", 2)]["mean_abs_diff"] > 0
 
 
+def test_memory_levels_are_timed_again_in_turns_for_their_ratios(tmp_path, sdserve_cache_dir):
+    recs = bench(tmp_path, "--batches", "1", "--variants", "none", "--memory-levels", "none,balanced:stream:0.3:fp8:3",
+                 "--cache-dir", sdserve_cache_dir)
+    none, balanced = recs
+    assert (none["variant"], balanced["variant"]) == ("sdserve-none", "sdserve-balanced-stream-0.3-fp8-3")
+    assert balanced["settings"]["streamed_share"] == 0.3 and balanced["settings"]["stream_lookahead"] == 3
+    for r in recs:
+        assert r["interleaved_rounds"] == 2 and r["interleaved_s"] > 0
+    assert none["interleaved_vs_first"] == 1.0 and balanced["interleaved_vs_first"] > 0
+
+
 def test_cold_start_benchmark_runs_cold_then_warm(tmp_path):
     subprocess.run([sys.executable, "-m", "benchmarks.cold_start", "--family", "tiny-sd", "--eager", "--device",
                     "cpu", "--phases", "cold,warm", "--folder", str(tmp_path / "model"), "--cache-dir",

@@ -47,6 +47,22 @@ def test_oom_once_recovers_by_splitting(engine, req, ok, decode, unet_faults):
     assert not getattr(engine.pipe.vae, "use_tiling", False)  # forced tiling was undone
 
 
+def test_a_size_that_fit_only_tiled_is_decoded_tiled_from_then_on(engine, req, ok, unet_faults, monkeypatch):
+    """Without this, every later request of that size would run out of memory once and retry split."""
+    engine.tiled_sizes.clear()
+    tiled: list[bool] = []
+    decode = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda latents, force: (tiled.append(force), decode(latents, force))[1])
+    steps = req().steps  # UNet calls per generation
+    batches = unet_faults(1)
+    ok(engine.generate([req(seed=5, width=80)])[0])
+    assert tiled == [True] and len(batches) == 1 + steps  # the failed call, then its tiled retry
+    ok(engine.generate([req(seed=6, width=80)])[0])
+    ok(engine.generate([req(seed=6)])[0])  # other sizes are untouched
+    assert tiled == [True, True, False] and len(batches) == 1 + 3 * steps  # no more OOMs, no retries
+    engine.tiled_sizes.clear()
+
+
 def test_oom_always_fails_that_request_only(engine, req, ok, unet_faults):
     unet_faults(None)
     outs = engine.generate([req(seed=1), req(seed=2)])

@@ -146,3 +146,25 @@ def test_a_call_that_breaks_off_mid_forward_does_not_leave_stale_blocks(cpu_cuda
         run(pipe)
     handle.remove()
     assert (run(pipe) == resident).all()
+
+
+def test_fp8_storage_halves_the_copies_and_keeps_each_weight_within_e4m3_rounding(cpu_cuda_calls):
+    resident = run(build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32))
+    pipe = build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32)
+    originals = [{n: t.detach().clone() for n, t in b.named_parameters()} for b in transformer_blocks(pipe.unet)]
+    plain = stream_unet_share(build_pipeline("tiny-sd", 0, device="cpu", dtype=torch.float32).unet, "cpu", 1.0)
+    streamer = stream_unet_share(pipe.unet, "cpu", share=1.0, lookahead=1, store_fp8=True)
+    assert streamer.streamed_bytes < 0.35 * plain.streamed_bytes  # fp32 -> fp8 matrices; norms and biases exact
+    for i, block in enumerate(streamer.blocks):
+        streamer._load(i)  # what the pre-hook does: copy + cast + rescale into the block's slot
+        for name, t in block.named_parameters():
+            want = originals[i][name]
+            if t.dim() < 2:
+                assert torch.equal(t, want)
+                continue
+            scale = want.abs().max() / 448
+            # e4m3: 3 mantissa bits (relative step 1/8, rounding half of it), subnormals below 2^-6 of the scale
+            assert ((t - want).abs() <= want.abs() / 16 + scale * 2**-9 + 1e-7).all(), name
+            assert not torch.equal(t, want)  # the test would pass without quantization otherwise
+    images = run(pipe)
+    assert images.shape == resident.shape and 0 < abs(images - resident).mean() < 0.05
