@@ -109,7 +109,7 @@ class MemoryConfig(Strict):
                               "change.")
     stream_lookahead: int | None = Field(None, ge=1, le=32, description="offload stream: how many streamed blocks "
                                          "are copied ahead of the one computing (each takes one more block-sized "
-                                         "device slot). Default: the level's (balanced 12, aggressive/ultra 2).")
+                                         "device slot). Default: the level's (balanced 12, aggressive 8, ultra 2).")
 
 
 class LimitsConfig(Strict):

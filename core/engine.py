@@ -111,9 +111,7 @@ class Engine:
 
         self.applied.update(install_fastpath(self))  # 8. fp8 / step caching / compile
         mark("fastpath")
-        # ULTRA hands cached blocks back after every call (the lowest footprint between calls); the other levels
-        # keep them: gc + empty_cache cost SD1.5 BALANCED 0.5 s per call on the H100 (2.74 -> 2.23 s).
-        self.monitor = memory.MemoryMonitor(self.device, release_after_call=self.level == MemoryLevel.ULTRA)
+        self.monitor = memory.MemoryMonitor(self.device)
         if cfg.is_noise_model:
             self.note = NOISE_NOTE
         self.load_s = time.perf_counter() - t0
