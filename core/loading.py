@@ -131,7 +131,17 @@ def load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool = 
 
             log.warning("model %s: real %s architecture with RANDOM weights (benchmarks; images are noise)",
                         config.name, name)
-            return build_pipeline(name, config.seed, device=device, dtype=dtype), name
+            pipe = build_pipeline(name, config.seed, device=device, dtype=dtype)
+            if device.startswith("cuda") and not onto_device:
+                # Built on the GPU for speed, but an offloading level places it from host memory, and the VRAM
+                # budget (enforced after loading) counts every block the allocator still holds: with the whole
+                # SDXL build left there, BALANCED/AGGRESSIVE under a 5 GiB cap failed to allocate their first
+                # copy slot (5.89 GiB allocated, H100 2026-11-25).
+                import torch
+
+                pipe.to("cpu")
+                torch.cuda.empty_cache()
+            return pipe, name
         from core.embedded import NOISE_NOTE, ensure_saved
 
         log.warning("model %s: %s", config.name, NOISE_NOTE)

@@ -7,7 +7,7 @@ Levels (SDXL 1024² b1, eager, on the H100: docs/benchmarks.md):
               of use (core/streaming.py): deep enough that the copies of the big 32² blocks start during the
               compute-heavy 64²/128² parts. VAE decode in 512² tiles (SDXL's native 1024² decode alone takes
               ~2.3 GiB); tile seams are blended, so pixels differ slightly from NONE.
-  AGGRESSIVE  BALANCED with 8 blocks ahead (~0.35 GiB less for SDXL).
+  AGGRESSIVE  BALANCED with 8 blocks ahead (SDXL: 2.97 vs 3.10 GiB).
   ULTRA       2 blocks ahead (~0.9 GiB less than BALANCED for SDXL; copy-bound where the big 32² blocks run) + one
               image at a time through the VAE: the lowest peak, also for batches.
   AUTO        the fastest level whose estimated peak fits the VRAM budget (less the allocator's headroom).
@@ -37,9 +37,8 @@ STREAM_BUFFER_GIB = 0.3  # streamed weights on the GPU at once at 2 blocks ahead
 LEVEL_LOOKAHEAD = {MemoryLevel.BALANCED: 12, MemoryLevel.AGGRESSIVE: 8, MemoryLevel.ULTRA: 2}
 TEXT_ENCODER_RESIDENT = 0.15  # CLIP's token/position embeddings and final norm stay resident when its layers stream
 # A budget caps what the caching allocator reserves, and it reserves more than is allocated at once (blocks split
-# around live weights; SDXL 1024² BALANCED: 3.10 GiB allocated, 4.36 reserved). Measured under enforced caps on the
-# H100 (2026-11-25): BALANCED ran out of memory under 5 GiB (estimate 3.92), BALANCED with half the UNet streamed
-# ran under 6 GiB, AGGRESSIVE under 4 GiB (estimate 2.92). Estimates must fit this share of a budget.
+# around live weights): SDXL 1024² on the H100 (2026-11-25) reserved 4.36 GiB for 3.10 allocated at BALANCED, 3.03
+# for 2.18 at ULTRA, 11.87 for 9.00 at NONE; estimates (2.9-3.9 GiB for the streamed levels) must fit this share.
 ALLOCATOR_HEADROOM = 0.75
 RESIDENT_WHEN_STREAMING = 0.2  # share of the UNet outside its transformer blocks (SDXL 0.18, SD1.5 0.72: conservative
 # for SDXL, where it matters; SD1.5's whole UNet is 1.6 GiB)
