@@ -491,7 +491,8 @@ def main(argv=None):
         for entry in filter(None, args.memory_levels.split(",")):
             # level[:offload[:share[:fp8|fp16[:lookahead]]]], e.g. balanced:group-block, balanced:stream:0.6
             level, offload, share, storage, ahead = (entry.split(":") + ["", "", "", ""])[:5]
-            images = bench_sdserve(wl, "-".join(["sdserve", *filter(None, entry.split(":"))]), {"attention": "sdpa", "warmup_steps": 1},
+            name = "-".join(["sdserve", *filter(None, entry.split(":"))])
+            images = bench_sdserve(wl, name, {"attention": "sdpa", "warmup_steps": 1},
                                    (1,), args.repeats, info, peak, flops, records, args.cache_dir, memory_level=level,
                                    memory_offload=offload or "auto", reference=level_ref,
                                    pinned_gbps=h2d.get("pinned"), streamed_share=float(share) if share else None,

@@ -104,9 +104,9 @@ class MemoryConfig(Strict):
                                   "(SDXL ~85%); less keeps more resident: more VRAM, fewer copies to hide.")
     fp8_storage: bool = Field(False, description="Keep the UNet's weights in fp8 (e4m3) at offloading levels: "
                               "with offload stream, the streamed blocks are stored and copied as fp8 and scaled "
-                              "back on the GPU (half the pinned host memory; no faster on the H100, where eager "
-                              "steps are host-paced); with other offloads, diffusers' layerwise casting. Images "
-                              "change.")
+                              "back on the GPU (half the pinned host memory; no faster in the one H100 "
+                              "comparison, taken in a host-paced minute); with other offloads, diffusers' "
+                              "layerwise casting. Images change.")
     stream_lookahead: int | None = Field(None, ge=1, le=32, description="offload stream: how many streamed blocks "
                                          "are copied ahead of the one computing (each takes one more block-sized "
                                          "device slot). Default: the level's (balanced 12, aggressive 8, ultra 2).")
