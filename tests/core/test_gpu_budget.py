@@ -22,6 +22,26 @@ def test_budget_is_enforced_by_the_allocator(make_config):
     torch.cuda.set_per_process_memory_fraction(1.0)
 
 
+def test_a_streamed_level_loads_and_serves_under_a_cap_the_whole_model_would_not_fit(make_config):
+    """The random-weight models are built on the GPU (fast) and must leave it before the cap is set: with the build
+    still there, an SDXL BALANCED replica under 5 GiB could not allocate its first copy slot (H100, 2026-11-25)."""
+    import gc
+
+    import torch
+
+    gc.collect()  # earlier tests' engines must not count against this one's cap
+    torch.cuda.empty_cache()
+    try:
+        engine = Engine(make_config(source="embedded:sd15", device="cuda", dtype="fp16",
+                                    memory={"level": "balanced", "vram_budget_gib": 3.0},
+                                    optimization={"warmup_steps": 1, "warmup_shapes": [(256, 256, 1)]})).load()
+        out = engine.generate([GenerationRequest(prompt="a red fox", width=256, height=256, steps=4, seed=3)])[0]
+        assert not isinstance(out, GenerationError), out
+        assert torch.cuda.memory_reserved() <= 3 * GiB
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
 @pytest.mark.slow
 def test_allocated_memory_returns_to_its_post_warmup_baseline(make_config):
     import torch
