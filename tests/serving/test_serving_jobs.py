@@ -57,7 +57,8 @@ def test_twenty_jobs_complete_with_monotonic_progress(client):
 
 
 def test_cancel_queued_and_running(client):
-    slow = {"prompt": "slow", "steps": 400, "seed": 1, "width": 256, "height": 256}  # seconds, not one
+    slow = {"prompt": "slow", "steps": 400, "seed": 1, "width": 512, "height": 512}  # ~tens of seconds:
+    # at 256² a running job sometimes finished before its cancel arrived on the 2-core CI box
     running = [client.post("/v1/jobs", json=slow).json()["id"] for _ in range(2)]  # fills both slots
     queued = client.post("/v1/jobs", json=slow).json()["id"]
     wait_for(client, running[0], lambda r: r["status"] == "running" and r["progress"])

@@ -76,7 +76,8 @@ def test_redis_jobs_complete_with_monotonic_progress(rc, redis_url):
 
 
 def test_redis_cancel_queued_and_running(rc):
-    slow = {"prompt": "slow", "steps": 400, "seed": 1, "width": 256, "height": 256}  # seconds, not one
+    slow = {"prompt": "slow", "steps": 400, "seed": 1, "width": 512, "height": 512}  # ~tens of seconds:
+    # at 256² a running job sometimes finished before its cancel arrived on the 2-core CI box
     running = [rc.post("/v1/jobs", json=slow).json()["id"] for _ in range(2)]  # fills both slots
     queued = rc.post("/v1/jobs", json=slow).json()["id"]
     for j in running:
