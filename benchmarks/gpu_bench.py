@@ -78,11 +78,7 @@ def interleave(calls: list, rounds: int) -> list[list[float]]:
     times: list[list[float]] = [[] for _ in calls]
     for _ in range(rounds):
         for i, fn in enumerate(calls):
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            times[i].append(time.perf_counter() - t)
+            times[i].append(timed(fn)[0])
     return times
 
 
@@ -157,20 +153,24 @@ def run_diffusers(pipe, w, h, steps, batch):
                 num_inference_steps=steps, guidance_scale=7.0, generator=gens).images
 
 
+def timed(fn) -> tuple[float, object]:
+    """(seconds, result) of one call, the GPU drained before and after."""
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t, out
+
+
 def time_calls(fn, repeats: int, keep: list | None = None) -> tuple[float, float, float | None, float | None]:
     """(median latency, first call latency, peak alloc GiB, peak reserved GiB); the last call's result is
     appended to `keep` (no extra call just to collect images)."""
     reset_peak()
-    t = time.perf_counter()
-    out = fn()
-    sync()
-    first = time.perf_counter() - t
+    first, out = timed(fn)
     lat = []
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        sync()
-        lat.append(time.perf_counter() - t)
+        t, out = timed(fn)
+        lat.append(t)
     alloc, reserved = peaks()
     if keep is not None:
         keep.append(out)
@@ -278,7 +278,8 @@ def gpu_idle_gaps(events) -> dict:
 def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflops, flops, records, cache_dir,
                   memory_level="none", reference=None, memory_offload="auto",
                   profile_dir=None, pinned_gbps=None, streamed_share=None,
-                  vram_budget_gib=None, fp8_storage=None, lookahead=None, keep: list | None = None) -> dict[int, list[bytes]]:
+                  vram_budget_gib=None, fp8_storage=None, lookahead=None,
+                  keep: list | None = None) -> dict[int, list[bytes]]:
     """Records one entry per batch; returns the last call's encoded images per batch. With `reference` (those
     of another variant), each record gets a `quality` figure against it. With `keep`, the engine stays alive and
     (its last record, its batch-1 call) is appended for the interleaved timing; peaks exclude what was held before."""

@@ -137,10 +137,10 @@ def load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool = 
                 # budget (enforced after loading) counts every block the allocator still holds: with the whole
                 # SDXL build left there, BALANCED/AGGRESSIVE under a 5 GiB cap failed to allocate their first
                 # copy slot (5.89 GiB allocated, H100 2026-11-25).
-                import torch
+                from core.memory import free_memory
 
                 pipe.to("cpu")
-                torch.cuda.empty_cache()
+                free_memory()
             return pipe, name
         from core.embedded import NOISE_NOTE, ensure_saved
 

@@ -87,8 +87,8 @@ def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, wid
     decode = 0.75 * per_img * batch
     share = level_share(level, streamed_share)
     slots = STREAM_BUFFER_GIB * GiB * (LEVEL_LOOKAHEAD.get(level, 2) + 1) / 3
-    resident = fp.unet * max(1 - share, RESIDENT_WHEN_STREAMING) + fp.vae + TEXT_ENCODER_RESIDENT * fp.text_encoders
-    resident += slots
+    resident = (fp.unet * max(1 - share, RESIDENT_WHEN_STREAMING) + fp.vae + TEXT_ENCODER_RESIDENT * fp.text_encoders
+                + slots)
     if level == MemoryLevel.ULTRA:  # 512² tiles, one image at a time
         decode = min(decode / batch, TILED_DECODE_GIB * GiB)
     else:  # 512² tiles, the whole batch per tile
