@@ -84,11 +84,15 @@ def interleave(calls: list, rounds: int) -> list[list[float]]:
 
 def add_interleaved(recs: list[dict], times: list[list[float]]) -> None:
     """Per record: its median interleaved latency and the median of its per-round ratio to the first record's
-    (the first memory level run: NONE)."""
+    (the first memory level run: NONE). A streamed level can be no faster than its copies (copy_bound_s) nor than
+    the resident run: `interleaved_vs_bound` reads it against the larger of the two, per round."""
     for rec, ts in zip(recs, times):
         rec["interleaved_s"] = round(statistics.median(ts), 4)
         rec["interleaved_vs_first"] = round(statistics.median(t / t0 for t, t0 in zip(ts, times[0])), 3)
         rec["interleaved_rounds"] = len(ts)
+        if rec.get("copy_bound_s"):
+            rec["interleaved_vs_bound"] = round(statistics.median(
+                t / max(t0, rec["copy_bound_s"]) for t, t0 in zip(ts, times[0])), 3)
 
 
 def measure_matmul_tflops() -> float | None:

@@ -57,6 +57,9 @@ def slot_plan(n: int, lookahead: int) -> list[int]:
     return [j % size if j < n - tail else size + (j - (n - tail)) for j in range(n)]
 
 
+CAST_AHEAD = 2  # fp8 storage: blocks cast up ahead of the one computing (compute-dtype work slots: CAST_AHEAD + 1)
+
+
 class WeightStreamer:
     """Streams the weights of `blocks` (called in this cyclic order, each exactly once per model call).
 
@@ -67,9 +70,12 @@ class WeightStreamer:
     compute stream wait for its copy and starts the copies of the next `lookahead` blocks, each after the compute
     stream has released the slot it reuses (events only: the host never waits).
 
-    store_fp8: the blocks' matrices are kept (and copied) as e4m3 with one scale per tensor, cast back to the
-    compute dtype on the side stream as they arrive: half the bytes over PCIe and in pinned memory; images change
-    (PSNR 47.3 dB vs 48.6 for fp16 streaming, SDXL; docs/benchmarks.md)."""
+    store_fp8: the blocks' matrices are kept (and copied) as e4m3 with one scale per tensor: half the bytes over
+    PCIe and in pinned memory; images change (PSNR 47.3 dB vs 48.6 for fp16 streaming, SDXL; docs/benchmarks.md).
+    They land in fp8 staging slots (lookahead + 1) and a second side stream casts each block up into one of a few
+    compute-dtype work slots just ahead of its use. Casting on the copy stream itself made the copy engine wait for
+    every cast kernel (which queues behind the compute stream's kernels for SMs): ULTRA fp8 ran 1.82x NONE vs 1.45x
+    for fp16 streaming in one H100 run, 2026-11-25."""
 
     def __init__(self, blocks: list, device, lookahead: int = 2, store_fp8: bool = False):
         import torch
@@ -78,8 +84,11 @@ class WeightStreamer:
         self.device = torch.device(device)
         self.blocks = blocks
         self.lookahead = max(1, min(lookahead, len(blocks) - 1)) if len(blocks) > 1 else 0
-        self.slot_of = slot_plan(len(blocks), self.lookahead)
+        self.cast_ahead = min(CAST_AHEAD, self.lookahead)
+        self.slot_of = slot_plan(len(blocks), self.lookahead)  # copy targets: fp8 staging, exact tensors
+        self.work_of = slot_plan(len(blocks), self.cast_ahead)  # fp8 storage: where blocks are cast up to
         self.stream = torch.cuda.Stream(self.device)
+        self.cast_stream = torch.cuda.Stream(self.device) if store_fp8 else None
         pinned = torch.cuda.is_available()  # (CPU-only hosts, tests: plain host memory)
         self.host: list[dict] = []  # per block: (dtype, fp8) -> packed host buffer
         self.scaled: list[tuple[list, list]] = []  # per block: fp8-stored tensors and their scales
@@ -107,17 +116,21 @@ class WeightStreamer:
         for host in self.host:
             for key, h in host.items():
                 widest[key] = max(widest.get(key, 0), h.numel())
-        self.slots = [{key: torch.empty(n, dtype=key[0], device=self.device) for key, n in widest.items()}
-                      for _ in range(max(self.slot_of) + 1)]
-        # fp8 blocks land here first, then one cast per block into the slot (same side stream: ordered)
-        self.staging = {key: torch.empty(n, dtype=fp8, device=self.device) for key, n in widest.items() if key[1]}
+        # copy slots hold a block's exact tensors and its fp8 bytes; work slots its cast-up matrices
+        self.slots = [{key: torch.empty(n, dtype=fp8 if key[1] else key[0], device=self.device)
+                       for key, n in widest.items()} for _ in range(max(self.slot_of, default=0) + 1)]
+        self.work = [{key: torch.empty(n, dtype=key[0], device=self.device) for key, n in widest.items() if key[1]}
+                     for _ in range(max(self.work_of, default=0) + 1)] if store_fp8 else []
         for i, layout in enumerate(layouts):  # the tensors live in their slot from now on (host copies above)
+            home = self.work[self.work_of[i]] if store_fp8 else {}
             slot = self.slots[self.slot_of[i]]
             for t, key, off, shape in layout:
-                t.data = slot[key][off:off + t.numel()].view(shape)
+                t.data = (home if key[1] else slot)[key][off:off + t.numel()].view(shape)
         self.scaled = [([t.data for t in tensors], scales) for tensors, scales in self.scaled]  # slot views
-        self.slot_free: dict[int, object] = {}  # slot -> event: the compute stream is done with its last block
-        self.ready: dict[int, object] = {}  # block -> event: its copy into its slot is done
+        self.slot_free: dict[int, object] = {}  # copy slot -> event: the compute stream is done with its last block
+        self.work_free: dict[int, object] = {}  # work slot -> the same, for the cast-up copies
+        self.copied: dict[int, object] = {}  # block -> event: its copy into its slot is done
+        self.ready: dict[int, object] = {}  # block -> event: it can compute (copied, and cast up with fp8)
         for i, block in enumerate(blocks):
             block.register_forward_pre_hook(partial(self._before, i))
             block.register_forward_hook(partial(self._after, i))
@@ -129,35 +142,52 @@ class WeightStreamer:
         import torch
 
         slot = self.slot_of[i]
-        for j in [j for j in self.ready if self.slot_of[j] == slot]:
-            del self.ready[j]  # its copy is about to be overwritten (only after a call broke off mid-forward)
+        for j in [j for j in self.copied if self.slot_of[j] == slot]:
+            self.copied.pop(j)  # its copy is about to be overwritten (only after a call broke off mid-forward)
+            self.ready.pop(j, None)
         with torch.cuda.stream(self.stream):
             if slot in self.slot_free:
                 self.stream.wait_event(self.slot_free[slot])
             for key, h in self.host[i].items():
-                target = self.slots[slot][key][: h.numel()]
-                if key[1]:  # fp8 storage: copy the fp8 bytes, cast up on the GPU, then rescale each tensor
-                    staged = self.staging[key][: h.numel()]
-                    staged.copy_(h, non_blocking=True)
-                    target.copy_(staged)
-                else:
-                    target.copy_(h, non_blocking=True)
+                self.slots[slot][key][: h.numel()].copy_(h, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.copied[i] = event
+        if self.cast_stream is None:
+            self.ready[i] = event
+        self.copied_bytes += self.block_bytes[i]
+
+    def _cast(self, i: int) -> None:
+        """fp8 storage: cast block i's staged bytes up into its work slot and rescale each tensor (2 kernels)."""
+        import torch
+
+        work = self.work_of[i]
+        for j in [j for j in self.ready if self.work_of[j] == work]:
+            del self.ready[j]  # as in _load
+        with torch.cuda.stream(self.cast_stream):
+            self.cast_stream.wait_event(self.copied[i])
+            if work in self.work_free:
+                self.cast_stream.wait_event(self.work_free[work])
+            for key, h in self.host[i].items():
+                if key[1]:
+                    self.work[work][key][: h.numel()].copy_(self.slots[self.slot_of[i]][key][: h.numel()])
             if self.scaled[i][0]:  # one multi-tensor kernel, not one launch per tensor
                 torch._foreach_mul_(*self.scaled[i])
             event = torch.cuda.Event()
-            event.record(self.stream)
+            event.record(self.cast_stream)
         self.ready[i] = event
-        self.copied_bytes += self.block_bytes[i]
 
     def _before(self, i: int, module, args):
         import torch
 
-        if i not in self.ready:  # first call, or the chain was broken (an exception mid-forward)
-            self._load(i)
-        for k in range(1, self.lookahead + 1):
-            j = (i + k) % len(self.blocks)
-            if j not in self.ready:
+        n = len(self.blocks)
+        for j in [(i + k) % n for k in range(self.lookahead + 1)]:
+            if j not in self.copied:  # i itself: first call, or the chain was broken (an exception mid-forward)
                 self._load(j)
+        if self.cast_stream is not None:
+            for j in [(i + k) % n for k in range(self.cast_ahead + 1)]:
+                if j not in self.ready:
+                    self._cast(j)
         torch.cuda.current_stream(self.device).wait_event(self.ready[i])
 
     def _after(self, i: int, module, args, output):
@@ -166,6 +196,9 @@ class WeightStreamer:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         self.slot_free[self.slot_of[i]] = event
+        if self.cast_stream is not None:
+            self.work_free[self.work_of[i]] = event
+        self.copied.pop(i, None)
         self.ready.pop(i, None)
 
 
