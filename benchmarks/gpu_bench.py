@@ -90,6 +90,7 @@ def add_interleaved(recs: list[dict], times: list[list[float]]) -> None:
         rec["interleaved_s"] = round(statistics.median(ts), 4)
         rec["interleaved_vs_first"] = round(statistics.median(t / t0 for t, t0 in zip(ts, times[0])), 3)
         rec["interleaved_rounds"] = len(ts)
+        rec["interleaved_times_s"] = [round(t, 4) for t in ts]
         if rec.get("copy_bound_s"):
             rec["interleaved_vs_bound"] = round(statistics.median(
                 t / max(t0, rec["copy_bound_s"]) for t, t0 in zip(ts, times[0])), 3)
@@ -434,6 +435,7 @@ def main(argv=None):
     p.add_argument("--vram-budget-gib", type=float, default=None,
                    help="memory-level runs: enforce this VRAM budget (set_per_process_memory_fraction caps the "
                    "reserved memory too)")
+    p.add_argument("--rounds", type=int, default=0, help="rounds of the in-turns timing (default: repeats + 1)")
     p.add_argument("--auto-budgets", default="", help="comma list of GiB budgets: record AUTO's level choice")
     p.add_argument("--no-flops", action="store_true")
     p.add_argument("--profile", action="store_true",
@@ -508,7 +510,7 @@ def main(argv=None):
             level_ref = level_ref or images
             save()
         if kept and len(kept) > 1:
-            add_interleaved([rec for rec, _ in kept], interleave([fn for _, fn in kept], args.repeats + 1))
+            add_interleaved([rec for rec, _ in kept], interleave([fn for _, fn in kept], args.rounds or args.repeats + 1))
             kept.clear()
             reset_peak()
             save()

@@ -34,7 +34,7 @@ ACTIVATION_GIB_PER_MPIX = {"sd15": 1.9, "sd21": 2.1, "sdxl": 2.6}
 TILED_DECODE_GIB = 0.6  # VAE tiling bounds the decode activations to a tile
 STREAM_BUFFER_GIB = 0.3  # streamed weights on the GPU at once at 2 blocks ahead (the running block and those
 # prefetched); scaled by the level's lookahead (SDXL: +0.09 GiB per block ahead, H100 2026-11-25)
-LEVEL_LOOKAHEAD = {MemoryLevel.BALANCED: 12, MemoryLevel.AGGRESSIVE: 8, MemoryLevel.ULTRA: 2}
+LEVEL_LOOKAHEAD = {MemoryLevel.BALANCED: 12, MemoryLevel.AGGRESSIVE: 12, MemoryLevel.ULTRA: 2}
 TEXT_ENCODER_RESIDENT = 0.15  # CLIP's token/position embeddings and final norm stay resident when its layers stream
 # A budget caps what the caching allocator reserves, and it reserves more than is allocated at once (blocks split
 # around live weights): SDXL 1024² on the H100 (2026-11-25) reserved 4.36 GiB for 3.10 allocated at BALANCED, 3.03
