@@ -88,7 +88,8 @@ class Engine:
         if self.level == MemoryLevel.AUTO:
             w, h, *_ = self.family_defaults()
             self.level = memory.pick_level(self.footprint, self.family, self.budget, w, h,
-                                           streamed_share=cfg.memory.streamed_share)
+                                           streamed_share=cfg.memory.streamed_share,
+                                           lookahead=cfg.memory.stream_lookahead)
             log.info("memory level AUTO -> %s (budget %s)", self.level.value, self.budget)
         # Fully resident: move first, so QKV fusion and channels_last run on the GPU (seconds faster for SDXL
         # than on the host). Offload levels need the optimized modules before their hooks wrap them.
@@ -298,7 +299,7 @@ class Engine:
         if self.budget is None:
             return cap
         return max_batch_within(self.footprint, self.family, self.level, self.budget, width, height, cap,
-                                self.config.memory.streamed_share)
+                                self.config.memory.streamed_share, self.config.memory.stream_lookahead)
 
     def check_capacity(self, req: GenerationRequest) -> None:
         """Reject, instead of running out of memory, a resolved request that cannot fit the budget at batch 1."""
@@ -307,7 +308,7 @@ class Engine:
         from core.memory import GiB, estimate_peak_bytes
 
         need = estimate_peak_bytes(self.footprint, self.family, self.level, req.width, req.height, 1,
-                                   self.config.memory.streamed_share)
+                                   self.config.memory.streamed_share, self.config.memory.stream_lookahead)
         raise GenerationError(
             f"{req.width}x{req.height} needs about {need / GiB:.1f} GiB at memory level {self.level.value}; this "
             f"replica's VRAM budget is {self.budget / GiB:.1f} GiB: use a smaller size or a lower-memory level",

@@ -32,16 +32,17 @@ LEVEL_ORDER = (MemoryLevel.NONE, MemoryLevel.BALANCED, MemoryLevel.AGGRESSIVE, M
 # of the full image dominates. Calibrated on the H100 (benchmarks/results); conservative on purpose.
 ACTIVATION_GIB_PER_MPIX = {"sd15": 1.9, "sd21": 2.1, "sdxl": 2.6}
 TILED_DECODE_GIB = 0.6  # VAE tiling bounds the decode activations to a tile
-STREAM_BUFFER_GIB = 0.3  # streamed weights on the GPU at once at 2 blocks ahead (the running block and those
-# prefetched); scaled by the level's lookahead (SDXL: +0.09 GiB per block ahead, H100 2026-11-25)
+STREAM_SLOT_GIB = 0.07  # one device slot of streamed weights: the largest transformer block (1280 channels, SD1.5
+# and SDXL: ~65-70 MB); the running block and each one copied ahead take one
 LEVEL_LOOKAHEAD = {MemoryLevel.BALANCED: 12, MemoryLevel.AGGRESSIVE: 12, MemoryLevel.ULTRA: 2}
-TEXT_ENCODER_RESIDENT = 0.15  # CLIP's token/position embeddings and final norm stay resident when its layers stream
+TRANSFORMER_BLOCKS = {"sd15": 16, "sd21": 16, "sdxl": 70}  # streamable blocks per UNet
+# UNet share outside its transformer blocks: always resident (SDXL 0.18, SD1.5 0.72)
+RESIDENT_WHEN_STREAMING = {"sd15": 0.72, "sd21": 0.72, "sdxl": 0.18}
+TEXT_ENCODER_RESIDENT = 0.15  # CLIP's embeddings, final norm and layer slots stay resident when its layers stream
 # A budget caps what the caching allocator reserves, and it reserves more than is allocated at once (blocks split
 # around live weights): SDXL 1024² on the H100 (2026-11-25) reserved 4.36 GiB for 3.10 allocated at BALANCED, 3.03
 # for 2.18 at ULTRA, 11.87 for 9.00 at NONE; estimates (2.9-3.9 GiB for the streamed levels) must fit this share.
 ALLOCATOR_HEADROOM = 0.75
-RESIDENT_WHEN_STREAMING = 0.2  # share of the UNet outside its transformer blocks (SDXL 0.18, SD1.5 0.72: conservative
-# for SDXL, where it matters; SD1.5's whole UNet is 1.6 GiB)
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,27 @@ def level_share(level: MemoryLevel, balanced_share: float) -> float:
     return balanced_share if level == MemoryLevel.BALANCED else 1.0
 
 
+def fit_lookahead(n: int, lookahead: int) -> int:
+    """Blocks copied ahead of the one computing, for n streamed blocks: at most `lookahead` and a fifth of n (past
+    that most blocks would sit in slots anyway); among the values down to three quarters of that, the one needing
+    the fewest device slots: the wrap-around into the next call takes n % (ahead + 1) extra slots (slot_plan), so
+    SDXL's 70 blocks take 10 slots at 9 ahead but 18 at 12 ahead."""
+    top = max(1, min(lookahead, n // 5))
+    return min(range(max(1, -(-3 * top // 4)), top + 1), key=lambda a: (a + 1 + n % (a + 1), -a))
+
+
+def stream_slots(family: str, level: MemoryLevel, share: float, lookahead: int | None = None) -> int:
+    """Device slots the UNet's weight streamer takes (as core.streaming sizes them)."""
+    fixed = RESIDENT_WHEN_STREAMING.get(family, 0.18)
+    streamed = round(TRANSFORMER_BLOCKS.get(family, 70) * min(1.0, share / (1 - fixed)))
+    ahead = fit_lookahead(streamed, lookahead or LEVEL_LOOKAHEAD.get(level, 2))
+    return min(streamed, ahead + 1 + streamed % (ahead + 1))
+
+
 def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, width: int, height: int,
-                        batch: int, streamed_share: float = BALANCED_SHARE) -> int:
+                        batch: int, streamed_share: float = BALANCED_SHARE, lookahead: int | None = None) -> int:
     """Estimated peak allocated VRAM for one pipeline call at `level` (CFG on; BALANCED streams
-    `streamed_share` of the UNet's weight bytes)."""
+    `streamed_share` of the UNet's weight bytes; `lookahead`: memory.stream_lookahead)."""
     mpix = width * height / 1e6
     per_img = ACTIVATION_GIB_PER_MPIX.get(family, 2.6) * mpix * GiB
     if level == MemoryLevel.NONE:
@@ -86,9 +104,9 @@ def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, wid
     unet_act = 0.25 * per_img * batch  # the untiled decode is most of NONE's activation peak
     decode = 0.75 * per_img * batch
     share = level_share(level, streamed_share)
-    slots = STREAM_BUFFER_GIB * GiB * (LEVEL_LOOKAHEAD.get(level, 2) + 1) / 3
-    resident = (fp.unet * max(1 - share, RESIDENT_WHEN_STREAMING) + fp.vae + TEXT_ENCODER_RESIDENT * fp.text_encoders
-                + slots)
+    slots = STREAM_SLOT_GIB * GiB * stream_slots(family, level, share, lookahead)
+    resident = (fp.unet * max(1 - share, RESIDENT_WHEN_STREAMING.get(family, 0.18)) + fp.vae
+                + TEXT_ENCODER_RESIDENT * fp.text_encoders + slots)
     if level == MemoryLevel.ULTRA:  # 512² tiles, one image at a time
         decode = min(decode / batch, TILED_DECODE_GIB * GiB)
     else:  # 512² tiles, the whole batch per tile
@@ -102,24 +120,27 @@ def usable(budget_bytes: int) -> int:
 
 
 def pick_level(fp: ModelFootprint, family: str, budget_bytes: int | None, width: int, height: int,
-               batch: int = 1, streamed_share: float = BALANCED_SHARE) -> MemoryLevel:
+               batch: int = 1, streamed_share: float = BALANCED_SHARE, lookahead: int | None = None) -> MemoryLevel:
     """AUTO: the fastest level whose estimate fits the budget (the smallest estimate when nothing fits)."""
     if budget_bytes is None:
         return MemoryLevel.NONE
     for level in LEVEL_ORDER:
-        if estimate_peak_bytes(fp, family, level, width, height, batch, streamed_share) <= usable(budget_bytes):
+        if estimate_peak_bytes(fp, family, level, width, height, batch, streamed_share, lookahead) <= usable(
+                budget_bytes):
             return level
-    return min(LEVEL_ORDER, key=lambda lv: estimate_peak_bytes(fp, family, lv, width, height, batch, streamed_share))
+    return min(LEVEL_ORDER, key=lambda lv: estimate_peak_bytes(fp, family, lv, width, height, batch, streamed_share,
+                                                               lookahead))
 
 
 def max_batch_within(fp: ModelFootprint, family: str, level: MemoryLevel, budget_bytes: int | None,
-                     width: int, height: int, cap: int, streamed_share: float = BALANCED_SHARE) -> int:
+                     width: int, height: int, cap: int, streamed_share: float = BALANCED_SHARE,
+                     lookahead: int | None = None) -> int:
     """Largest batch (<= cap) whose estimate fits the budget; 0 when even one image does not fit."""
     if budget_bytes is None:
         return cap
     best = 0
     for b in range(1, cap + 1):
-        if estimate_peak_bytes(fp, family, level, width, height, b, streamed_share) > usable(budget_bytes):
+        if estimate_peak_bytes(fp, family, level, width, height, b, streamed_share, lookahead) > usable(budget_bytes):
             break
         best = b
     return best

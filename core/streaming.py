@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-from core.memory import GiB, module_bytes
+from core.memory import GiB, fit_lookahead, module_bytes
 
 log = logging.getLogger(__name__)
 E4M3_MAX = 448.0
@@ -218,10 +218,10 @@ def stream_unet_share(unet, device, share: float, lookahead: int = 2,
     """Keep the UNet resident except an evenly spread `share` of its weight bytes, streamed per call."""
     blocks = transformer_blocks(unet)
     picked = pick_streamed(blocks, module_bytes(unet), share)
-    # Every block ahead takes a block-sized slot: past a fifth of the streamed blocks most of them would stay on
-    # the GPU anyway (SD1.5 streams 16: 3 ahead; SDXL at BALANCED 50: 10). A third (BALANCED SDXL 12 ahead) cost
-    # 0.45 GiB more for no measurable gain (H100 in turns, 2026-11-25: 1.158x vs 1.160x NONE)
-    lookahead = min(lookahead, max(1, len(picked) // 5))
+    # Every block ahead takes a block-sized slot (SD1.5 streams 16: 3 ahead; SDXL 70: 9, BALANCED's 50: 9). A third
+    # of the blocks (BALANCED SDXL 12 ahead) cost 0.45 GiB more than 8 for no measurable gain (H100 in turns,
+    # 2026-11-25: 1.158x vs 1.160x NONE)
+    lookahead = fit_lookahead(len(picked), lookahead)
     streamer = place_streamed(unet, [blocks[i] for i in picked], device, lookahead, store_fp8)
     if streamer:
         log.info("streaming %d of %d transformer blocks, %d ahead (%.2f GiB copied per UNet call%s; UNet %.2f GiB)",

@@ -170,3 +170,17 @@ def test_fp8_storage_halves_the_copies_and_keeps_each_weight_within_e4m3_roundin
     images = run(pipe)
     assert images.shape == resident.shape and 0 < abs(images - resident).mean() < 0.05
     assert (run(pipe) == images).all()  # the copy/cast/work-slot cycle carries over into the next call intact
+
+
+@pytest.mark.parametrize("n", [16, 42, 50, 51, 70])
+@pytest.mark.parametrize("lookahead", [2, 8, 12])
+def test_the_fitted_lookahead_needs_no_more_slots_than_asked_and_the_estimate_counts_them(n, lookahead):
+    from core.memory import MemoryLevel, fit_lookahead, stream_slots
+
+    ahead = fit_lookahead(n, lookahead)
+    top = max(1, min(lookahead, n // 5))
+    assert 3 * top / 4 <= ahead <= top
+    slots = max(slot_plan(n, ahead)) + 1
+    assert slots <= max(slot_plan(n, top)) + 1  # never more device memory than the lookahead asked for
+    if n == 70:  # SDXL, every block streamed: what the memory estimate counts is what the streamer allocates
+        assert stream_slots("sdxl", MemoryLevel.AGGRESSIVE, 1.0, lookahead) == slots
