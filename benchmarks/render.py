@@ -18,8 +18,9 @@ def fmt(v, nd=3):
 
 def table(records) -> str:
     rows = ["| file | workload | variant | batch | latency s | img/s | peak alloc GiB | peak reserved GiB | MFU | "
-            "vs eager | vs compile | denoise+decode s | encode s | warm-up s | PSNR dB vs sdserve |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "vs eager | vs compile | denoise+decode s | encode s | warm-up s | PSNR dB vs sdserve | copy bound s | "
+            "in turns: vs NONE, vs bound |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in records:
         if r.get("latency_s") is None:
             continue
@@ -29,7 +30,9 @@ def table(records) -> str:
                     f"{fmt(r['img_per_s'], 2)} | {fmt(r.get('peak_vram_gib'), 2)} | {fmt(r.get('peak_reserved_gib'), 2)} | "
                     f"{fmt(r.get('mfu'), 2)} | {fmt(r.get('speedup_vs_diffusers-eager'), 2)} | "
                     f"{fmt(r.get('speedup_vs_diffusers-compile'), 2)} | {fmt(gen)} | {fmt(st.get('encode_s'))} | "
-                    f"{fmt(r.get('ready_s', r.get('warmup_s')), 1)} | {fmt((r.get('quality') or {}).get('psnr_db'), 1)} |")
+                    f"{fmt(r.get('ready_s', r.get('warmup_s')), 1)} | {fmt((r.get('quality') or {}).get('psnr_db'), 1)} | "
+                    f"{fmt(r.get('copy_bound_s'))} | "
+                    f"{' / '.join(fmt(r.get(k), 2) for k in ('interleaved_vs_first', 'interleaved_vs_bound') if k in r)} |")
     return "\n".join(rows)
 
 
