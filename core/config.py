@@ -106,8 +106,8 @@ class MemoryConfig(Strict):
                                   "(SDXL ~85%); less keeps more resident: more VRAM, fewer copies to hide.")
     fp8_storage: bool = Field(False, description="Keep the UNet's weights in fp8 (e4m3) at offloading levels: "
                               "with offload stream, the streamed blocks are stored and copied as fp8 and scaled "
-                              "back on the GPU (half the pinned host memory; no faster in the one H100 "
-                              "comparison, taken in a host-paced minute); with other offloads, diffusers' "
+                              "back on the GPU (half the copies and pinned host memory; no faster in the H100 "
+                              "comparisons so far, taken in host-paced minutes); with other offloads, diffusers' "
                               "layerwise casting. Images change.")
     stream_lookahead: int | None = Field(None, ge=1, le=32, description="offload stream: how many streamed blocks "
                                          "are copied ahead of the one computing (each takes one more block-sized "

@@ -4,8 +4,8 @@ The memory levels stream the UNet's transformer blocks (SDXL: ~85% of its bytes)
 rest stays resident. Each streamed block is packed into one pinned host buffer and computes out of one of a few
 device slots that the blocks reuse in turn; a side CUDA stream copies the next blocks in while the current one
 computes, ordered by CUDA events only. On the H100 (SDXL 1024² b1, eager, timed in turns with the resident
-engine): 12 blocks ahead 3.10 GiB at 1.19-1.40x the resident latency, 2 ahead 2.18 GiB at 1.27-1.49x (the ratio
-depends on how fast the host paces the resident run). diffusers' group offloading, the library mechanism, measured
+engine): 60% of the UNet streamed 9 ahead 3.80 GiB at 1.05-1.36x the resident latency, all of it 2 ahead 2.19 GiB
+at 1.23-1.42x (the ratio depends on how fast the host paces the resident run). diffusers' group offloading, the library mechanism, measured
 2.6 GiB at 2.0-2.4x: per-tensor copies, a host synchronize per group and pageable round trips of the text
 encoders' embeddings every call; it stays available as memory.offload=group-block.
 """
@@ -218,9 +218,8 @@ def stream_unet_share(unet, device, share: float, lookahead: int = 2,
     """Keep the UNet resident except an evenly spread `share` of its weight bytes, streamed per call."""
     blocks = transformer_blocks(unet)
     picked = pick_streamed(blocks, module_bytes(unet), share)
-    # Every block ahead takes a block-sized slot (SD1.5 streams 16: 3 ahead; SDXL 70: 9, BALANCED's 50: 9). A third
-    # of the blocks (BALANCED SDXL 12 ahead) cost 0.45 GiB more than 8 for no measurable gain (H100 in turns,
-    # 2026-11-25: 1.158x vs 1.160x NONE)
+    # Every block ahead takes a block-sized slot (SD1.5 streams 16: 3 ahead; SDXL 70: 9, BALANCED's 50: 9). 12
+    # ahead cost 0.64 GiB more than 8 for no measurable gain (H100 in turns, 2026-11-25: 1.158x vs 1.160x NONE)
     lookahead = fit_lookahead(len(picked), lookahead)
     streamer = place_streamed(unet, [blocks[i] for i in picked], device, lookahead, store_fp8)
     if streamer:
