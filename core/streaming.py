@@ -4,10 +4,11 @@ The memory levels stream the UNet's transformer blocks (SDXL: ~85% of its bytes)
 rest stays resident. Each streamed block is packed into one pinned host buffer and computes out of one of a few
 device slots that the blocks reuse in turn; a side CUDA stream copies the next blocks in while the current one
 computes, ordered by CUDA events only. On the H100 (SDXL 1024² b1, eager, timed in turns with the resident
-engine): 60% of the UNet streamed 9 ahead 3.80 GiB at 1.05-1.36x the resident latency, all of it 2 ahead 2.19 GiB
-at 1.23-1.42x (the ratio depends on how fast the host paces the resident run). diffusers' group offloading, the library mechanism, measured
-2.6 GiB at 2.0-2.4x: per-tensor copies, a host synchronize per group and pageable round trips of the text
-encoders' embeddings every call; it stays available as memory.offload=group-block.
+engine): 60% of the UNet streamed 9 ahead 3.80 GiB at 1.05-1.36x the resident latency, all of it 2 ahead
+2.19 GiB at 1.23-1.42x (the ratio depends on how fast the host paces the resident run). diffusers' group
+offloading, the library mechanism, measured 2.6 GiB at 2.0-2.4x: per-tensor copies, a host synchronize per group
+and pageable round trips of the text encoders' embeddings every call; it stays available as
+memory.offload=group-block.
 """
 from __future__ import annotations
 
@@ -73,9 +74,9 @@ class WeightStreamer:
     store_fp8: the blocks' matrices are kept (and copied) as e4m3 with one scale per tensor: half the bytes over
     PCIe and in pinned memory; images change (PSNR 47.3 dB vs 48.6 for fp16 streaming, SDXL; docs/benchmarks.md).
     They land in fp8 staging slots (lookahead + 1) and a second side stream casts each block up into one of a few
-    compute-dtype work slots just ahead of its use. Casting on the copy stream itself made the copy engine wait for
-    every cast kernel (which queues behind the compute stream's kernels for SMs): ULTRA fp8 ran 1.82x NONE vs 1.45x
-    for fp16 streaming in one H100 run, 2026-11-25."""
+    compute-dtype work slots just ahead of its use, so the copy engine never waits for a cast kernel (queued behind
+    the compute stream's kernels for SMs) as it did when both shared one stream (ULTRA fp8 1.82x NONE vs 1.45x for
+    fp16). Still no faster than fp16 streaming in turns on the H100 (2026-11-25, host-paced minutes): opt-in."""
 
     def __init__(self, blocks: list, device, lookahead: int = 2, store_fp8: bool = False):
         import torch
