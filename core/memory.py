@@ -1,15 +1,15 @@
 """Memory levels, VRAM budgets, estimates and the per-call memory monitor.
 
 Levels (SDXL 1024² b1, eager, on the H100: docs/benchmarks.md):
-  NONE        everything resident on the GPU.
-  BALANCED    every UNet transformer block (~85% of SDXL's UNet bytes; memory.streamed_share keeps some resident)
-              and the CLIP encoder layers streamed from pinned host memory on a side CUDA stream, 12 blocks ahead
-              of use (core/streaming.py): deep enough that the copies of the big 32² blocks start during the
-              compute-heavy 64²/128² parts. VAE decode in 512² tiles (SDXL's native 1024² decode alone takes
-              ~2.3 GiB); tile seams are blended, so pixels differ slightly from NONE.
-  AGGRESSIVE  BALANCED with 8 blocks ahead (SDXL: 2.97 vs 3.10 GiB).
-  ULTRA       2 blocks ahead (~0.9 GiB less than BALANCED for SDXL; copy-bound where the big 32² blocks run) + one
-              image at a time through the VAE: the lowest peak, also for batches.
+  NONE        everything resident on the GPU (9.00 GiB).
+  BALANCED    60% of the UNet's bytes (memory.streamed_share; SDXL 50 of its 70 transformer blocks, spread evenly)
+              and the CLIP encoder layers streamed from pinned host memory on a side CUDA stream, up to 12 blocks
+              ahead of use (core/streaming.py fits it to the fewest device slots: 9): its copies take less time
+              than the resident denoising. VAE decode in 512² tiles (SDXL's native 1024² decode alone takes ~2.3 GiB);
+              tile seams are blended, so pixels differ slightly from NONE. 3.80 GiB.
+  AGGRESSIVE  every transformer block streamed, as far ahead (2.57 GiB).
+  ULTRA       every block, 2 ahead (copy-bound where the big 32² blocks run) + one image at a time through the VAE:
+              the lowest peak, also for batches (2.19 GiB).
   AUTO        the fastest level whose estimated peak fits the VRAM budget (less the allocator's headroom).
 memory.offload picks other placements (diffusers' model / group / sequential offloading); memory.fp8_storage
 (opt-in) keeps the UNet's streamed weights in fp8: half the pinned host memory and copies, images change.
