@@ -25,7 +25,7 @@ Side = Annotated[int, Field(ge=64, le=8192, multiple_of=8)]  # an image width or
 
 
 # BALANCED streams this share of the UNet's bytes by default: SDXL's copies then take less time than its resident
-# denoising even in a fast-host minute (1.73 s copy bound vs NONE 2.2-3.7 s), at 4.3 GiB (docs/benchmarks.md)
+# denoising even in a fast-host minute (1.73 s copy bound vs NONE 2.2-3.7 s), at 3.8 GiB (docs/benchmarks.md)
 BALANCED_SHARE = 0.6
 
 class Strict(BaseModel):

@@ -76,21 +76,25 @@ def level_share(level: MemoryLevel, balanced_share: float) -> float:
     return balanced_share if level == MemoryLevel.BALANCED else 1.0
 
 
+def slot_count(n: int, ahead: int) -> int:
+    """Device slots of n cyclically streamed blocks copied `ahead` blocks ahead (core.streaming.slot_plan): one per
+    block in flight, plus n % (ahead + 1) so that the wrap-around into the next call never reuses a busy slot."""
+    return min(n, ahead + 1 + n % (ahead + 1))
+
+
 def fit_lookahead(n: int, lookahead: int) -> int:
     """Blocks copied ahead of the one computing, for n streamed blocks: at most `lookahead` and a fifth of n (past
     that most blocks would sit in slots anyway); among the values down to three quarters of that, the one needing
-    the fewest device slots: the wrap-around into the next call takes n % (ahead + 1) extra slots (slot_plan), so
-    SDXL's 70 blocks take 10 slots at 9 ahead but 18 at 12 ahead."""
+    the fewest device slots (SDXL's 70 blocks take 10 slots at 9 ahead but 18 at 12 ahead)."""
     top = max(1, min(lookahead, n // 5))
-    return min(range(max(1, -(-3 * top // 4)), top + 1), key=lambda a: (a + 1 + n % (a + 1), -a))
+    return min(range(max(1, -(-3 * top // 4)), top + 1), key=lambda a: (slot_count(n, a), -a))
 
 
 def stream_slots(family: str, level: MemoryLevel, share: float, lookahead: int | None = None) -> int:
     """Device slots the UNet's weight streamer takes (as core.streaming sizes them)."""
     fixed = RESIDENT_WHEN_STREAMING.get(family, 0.18)
     streamed = round(TRANSFORMER_BLOCKS.get(family, 70) * min(1.0, share / (1 - fixed)))
-    ahead = fit_lookahead(streamed, lookahead or LEVEL_LOOKAHEAD.get(level, 2))
-    return min(streamed, ahead + 1 + streamed % (ahead + 1))
+    return slot_count(streamed, fit_lookahead(streamed, lookahead or LEVEL_LOOKAHEAD.get(level, 2)))
 
 
 def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, width: int, height: int,
