@@ -134,6 +134,27 @@ class RequestDefaults(Strict):
     negative_prompt: str = Field("", max_length=10_000, description="Default negative prompt.")
 
 
+class PreviewConfig(Strict):
+    """Live previews while a request denoises (core/previews.py), sent as SSE `preview` events of async jobs."""
+
+    method: Literal["latent2rgb", "taesd", "none"] = Field(
+        "latent2rgb", description="latent2rgb: a fixed linear latent->RGB map per family (no weights, ~free); "
+        "taesd: a tiny VAE decoder (diffusers AutoencoderTiny, weights from `taesd`); none: no previews.")
+    every_n_steps: int = Field(5, ge=1, le=1000, description="A preview after every N-th denoising step (the "
+                               "last step never: the final image follows).")
+    taesd: str | None = Field(None, min_length=1, max_length=4096, description="method taesd: a local folder "
+                              "or hub id of AutoencoderTiny weights matching the family (taesd for SD1.5/2.x, "
+                              "taesdxl for SDXL).")
+    max_side: int = Field(256, ge=32, le=1024, description="Longer side of a preview JPEG in pixels.")
+    jpeg_quality: int = Field(70, ge=10, le=95, description="JPEG quality of previews.")
+
+    @model_validator(mode="after")
+    def _taesd_weights(self) -> "PreviewConfig":
+        if self.method == "taesd" and not self.taesd:
+            raise ValueError("previews.method 'taesd' needs previews.taesd (a folder or hub id of its weights)")
+        return self
+
+
 class EngineConfig(Strict):
     """Everything one engine (one model) needs. Loadable from YAML; every key checked."""
 
@@ -160,6 +181,8 @@ class EngineConfig(Strict):
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Memory level and VRAM budget.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
     defaults: RequestDefaults = Field(default_factory=RequestDefaults, description="Request defaults.")
+    previews: PreviewConfig = Field(default_factory=PreviewConfig, description="Live previews of async jobs "
+                                    "(method, every_n_steps, TAESD weights).")
 
     @field_validator("scheduler")
     @classmethod
