@@ -25,7 +25,7 @@ serve: install
 	$(VENV)/bin/sdserve serve $(CONFIG) --host $(HOST) --port $(PORT)
 
 test: install
-	bash .ci/ensure-redis
+	bash .ci/ensure-redis && bash .ci/ensure-chromium
 	PYTHONFAULTHANDLER=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: install

@@ -118,6 +118,9 @@ def image_headers(result: GenerationResult) -> dict[str, str]:
 
 
 import serving.jobs.routes  # noqa: E402,F401 - registers /v1/jobs on `api` before @serve.ingress reads its routes
+from serving.playground.routes import playground_router  # noqa: E402
+
+api.include_router(playground_router(authorize))  # the playground page at / and GET /v1/capabilities
 
 
 @serve.ingress(api)
