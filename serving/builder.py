@@ -9,24 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from core.config import EngineConfig
+from core.resources import actor_num_gpus, engine_for_actor
 from serving.config import ModelConfig, ServingConfig, model_deployment_name
 
 
 def resolve_num_gpus(model: ModelConfig, cluster_has_gpus: bool) -> float:
-    gpus = model.deployment.num_gpus
-    if gpus == "auto":
-        return 1.0 if cluster_has_gpus and model.engine.device != "cpu" else 0.0
-    return float(gpus)
+    """GPUs one replica of `model` reserves (core.resources.actor_num_gpus: the rule Ray Data actors follow too)."""
+    return actor_num_gpus(model.deployment.num_gpus, cluster_has_gpus, model.engine.device)
 
 
 def replica_engine_config(model: ModelConfig, num_gpus: float) -> EngineConfig:
-    """The engine config a replica loads: VRAM budget fraction = its GPU fraction; CPU when it holds no GPU."""
-    engine = model.engine.model_copy(deep=True)
-    if num_gpus > 0:
-        engine.memory = engine.memory.model_copy(update={"gpu_fraction": min(1.0, num_gpus)})
-    elif engine.device == "auto":
-        engine.device = "cpu"  # no GPU reserved: never touch one that belongs to another replica
-    return engine
+    """The engine config a replica loads: VRAM budget within its GPU share; CPU when it holds no GPU."""
+    return engine_for_actor(model.engine, num_gpus)
 
 
 def model_deployment_options(model: ModelConfig, cluster_has_gpus: bool = False) -> dict[str, Any]:
