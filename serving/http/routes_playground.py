@@ -1,20 +1,20 @@
 """The web playground at `/` (static HTML/CSS/JS shipped in this package) and GET /v1/capabilities.
 
-`playground_router(authorize)` returns an APIRouter; the ingress includes it (`app.include_router(...)`). The
-auth dependency is passed in rather than imported so this module never imports the ingress (no cycle).
+The page's files live in the serving.playground package (shipped as package data, no build step).
 
 The page uses only relative URLs, so it works under any route_prefix: `/` and `/prefix/` serve it; `/prefix`
 (no slash) is redirected to `/prefix/` by Starlette's redirect_slashes, so relative URLs resolve inside it.
 """
 # No `from __future__ import annotations`: FastAPI must see real annotation objects after Serve pickles the app.
 from importlib import resources
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from core.schemas import MEDIA_TYPES
 from core.schedulers import SCHEDULERS
+from serving.http.auth import authorize
 
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 # The page loads nothing from elsewhere: images are data:/blob: URLs, scripts and styles our own files.
@@ -46,23 +46,23 @@ def capabilities(config: Any, jobs_enabled: bool, auth_required: bool) -> dict[s
             "max_body_bytes": config.security.max_body_bytes}
 
 
-def playground_router(authorize: Callable) -> APIRouter:
-    router = APIRouter()
+router = APIRouter()
 
-    @router.get("/", include_in_schema=False)
-    async def playground_page():
-        return Response(_asset("index.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
-    @router.get("/playground/{name}", include_in_schema=False)
-    async def playground_asset(name: str):
-        if name not in ASSETS:  # a fixed list: no path from the URL ever reaches the file system
-            return Response(status_code=404)
-        return Response(_asset(name), media_type=ASSETS[name], headers=PAGE_HEADERS)
+@router.get("/", include_in_schema=False)
+async def playground_page():
+    return Response(_asset("index.html"), media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
-    @router.get("/v1/capabilities", summary="Models with their limits and defaults, schedulers, features (jobs, "
-                "previews; LoRAs, ControlNets, image inputs when served)")
-    async def get_capabilities(request: Request, caller: str = Depends(authorize)):
-        ingress = request.app.state.ingress
-        return capabilities(ingress.config, ingress.jobs is not None, ingress.keys.enabled)
 
-    return router
+@router.get("/playground/{name}", include_in_schema=False)
+async def playground_asset(name: str):
+    if name not in ASSETS:  # a fixed list: no path from the URL ever reaches the file system
+        return Response(status_code=404)
+    return Response(_asset(name), media_type=ASSETS[name], headers=PAGE_HEADERS)
+
+
+@router.get("/v1/capabilities", summary="Models with their limits and defaults, schedulers, features (jobs, "
+            "previews; LoRAs, ControlNets, image inputs when served)")
+async def get_capabilities(request: Request, caller: str = Depends(authorize)):
+    ingress = request.app.state.ingress
+    return capabilities(ingress.config, ingress.jobs is not None, ingress.keys.enabled)
