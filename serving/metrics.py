@@ -13,6 +13,14 @@ BATCH_BOUNDARIES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64]
 GiB = 1024**3
 
 
+def compiled_graphs() -> int:
+    """Dynamo's count of compiled graphs in this process (0 when torch.compile was never used: not imported)."""
+    import sys
+
+    utils = sys.modules.get("torch._dynamo.utils")
+    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
+
+
 class ModelMetrics:
     def __init__(self, model: str):
         from ray.serve import metrics
@@ -26,13 +34,16 @@ class ModelMetrics:
                                        "batch, all compat groups).", boundaries=BATCH_BOUNDARIES, tag_keys=tags)
         self.queue = metrics.Gauge("sdserve_queue_length", description="Requests waiting in this replica for a "
                                    "batch.", tag_keys=tags)
-        self.vram = metrics.Gauge("sdserve_peak_vram_bytes", description="Peak CUDA memory of the last call.",
-                                  tag_keys=tags)
+        self.vram = metrics.Gauge("sdserve_peak_vram_bytes", description="Peak CUDA memory of the last call "
+                                  "(0 on a CPU replica).", tag_keys=tags)
+        self.compiled = metrics.Gauge("sdserve_compiled_graphs", description="Graphs torch.compile (Dynamo) has "
+                                      "compiled in this replica so far; a rise after warm-up is a recompile.",
+                                      tag_keys=tags)
         self.errors = metrics.Counter("sdserve_errors_total", description="Failed requests by kind "
                                       "(validation, capacity, oom, cancelled, internal).",
                                       tag_keys=("model", "kind"))
         self.images = metrics.Counter("sdserve_images_total", description="Images generated.", tag_keys=tags)
-        for m in (self.batch, self.queue, self.vram, self.images):
+        for m in (self.batch, self.queue, self.vram, self.compiled, self.images):
             m.set_default_tags({"model": model})
 
     def observe_result(self, result: GenerationResult) -> None:
@@ -41,8 +52,8 @@ class ModelMetrics:
                              ("encode", t.encode_s), ("total", t.total_s)):
             self.latency.observe(value, tags={"model": self.model, "stage": stage})
         self.images.inc(len(result.images))
-        if result.peak_vram_bytes is not None:
-            self.vram.set(result.peak_vram_bytes)
+        self.vram.set(result.peak_vram_bytes or 0)  # None: no CUDA in this replica
+        self.compiled.set(compiled_graphs())
 
     def observe_error(self, kind: str) -> None:
         self.errors.inc(tags={"model": self.model, "kind": kind})
