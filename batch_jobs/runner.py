@@ -165,7 +165,7 @@ def run_batch(input: str, output: str, config: str | BatchJobConfig | None = Non
         status, error = "complete", None
         try:
             if input_ids - done_before:  # all done already: do not load a model for nothing
-                _execute(prompts, layout, ckpt, job, progress)
+                _execute(prompts, layout, ckpt, job, progress, input_ids - done_before)
         except BaseException as err:  # still report what was written; a rerun resumes
             status, error = "interrupted", f"{type(err).__name__}: {err}"
             _write_summary(input, output, layout, job, prompts.num_rows, input_ids, done_before, started, status,
@@ -178,13 +178,14 @@ def run_batch(input: str, output: str, config: str | BatchJobConfig | None = Non
             ray.shutdown()
 
 
-def _execute(prompts, layout: OutputLayout, ckpt: str, job: BatchJobConfig, progress: bool) -> None:
+def _execute(prompts, layout: OutputLayout, ckpt: str, job: BatchJobConfig, progress: bool, todo_ids: set) -> None:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
     from ray.data.checkpoint import CheckpointConfig
 
     from batch_jobs.generator import GenerateImages
     from batch_jobs.paths import url_to_fs
+    from batch_jobs.progress import BatchProgress
     from batch_jobs.sink import BatchOutputSink
 
     ctx = DataContext.get_current()
@@ -194,7 +195,7 @@ def _execute(prompts, layout: OutputLayout, ckpt: str, job: BatchJobConfig, prog
         id_column="id", checkpoint_path=ckpt_path if is_local(ckpt_fs) else ckpt_path,
         delete_checkpoint_on_success=False,  # it is the record of what is done: a rerun must skip it all
         override_filesystem=None if is_local(ckpt_fs) else arrow_filesystem(ckpt_fs))
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = False  # BatchProgress shows the job's own: rows, images/s, ETA, errors
     try:
         ds = ray.data.read_parquet(prompts.files, filesystem=arrow_filesystem(prompts.fs), columns=prompts.columns)
         # Small blocks stream: each becomes one engine task and one output part as soon as it is done
@@ -207,7 +208,9 @@ def _execute(prompts, layout: OutputLayout, ckpt: str, job: BatchJobConfig, prog
                             # A dead actor fails the run (resumable) instead of waiting, with its tasks, for a
                             # restart that a fixed cluster may never be able to place.
                             max_restarts=job.actor_restarts)
-        ds.write_datasink(BatchOutputSink(layout.root, filesystem=arrow_filesystem(layout.fs), mode=job.output_mode))
+        with BatchProgress(layout, todo_ids, enabled=progress):
+            ds.write_datasink(BatchOutputSink(layout.root, filesystem=arrow_filesystem(layout.fs),
+                                              mode=job.output_mode))
     finally:
         ctx.checkpoint_config, ctx.enable_progress_bars = saved
 

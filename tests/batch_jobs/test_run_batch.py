@@ -193,3 +193,13 @@ def test_bench_compare_reports_both_throughputs_and_the_ratio(ray_cluster, tmp_p
     assert report["ray_data_status"] == "complete" and report["failed_rows"] == 0
     assert report["ray_data_images_per_s"] > 0 and report["offline_images_per_s"] > 0
     assert report["ratio"] == pytest.approx(report["ray_data_images_per_s"] / report["offline_images_per_s"])
+
+
+def test_progress_lines_when_not_a_tty(ray_cluster, tmp_path, capsys):
+    rows = rows_50()[:6] + [{"id": "bad-blank", "prompt": "   "}]
+    src = write_rows(tmp_path / "p.parquet", rows)
+    summary = run_batch(src, str(tmp_path / "out"), BatchJobConfig.model_validate(JOB), progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("batch progress:")]
+    assert lines, "no progress line on stderr"
+    assert lines[-1].startswith(f"batch progress: 7/7 rows (100.0%), {summary['images']} images,")
+    assert "errors 1," in lines[-1]
