@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from core.config import format_validation_error
+from core.config import EngineConfig, format_validation_error
 from serving.builder import deployment_options, model_deployment_options
 from serving.config import ServingConfig, load_serving_config
 from serving.openai_api import OpenAIError, OpenAIImageRequest, parse_size, to_generation_request
@@ -24,7 +24,8 @@ def test_default_config_is_one_cpu_tiny_model():
     assert cfg.model_names == ["tiny-sd"] and cfg.default_model == "tiny-sd"
     opts = model_deployment_options(cfg.models[0], cluster_has_gpus=False)
     assert opts["ray_actor_options"]["num_gpus"] == 0
-    assert opts["init_kwargs"]["engine_config"]["device"] == "cpu"
+    engine = opts["init_kwargs"]["engine_config"]
+    assert isinstance(engine, EngineConfig) and engine.device == "cpu"  # bound as the typed object
     assert opts["max_ongoing_requests"] == 16  # 2 x max_batch_size: the next batch gathers while one runs
     assert opts["max_queued_requests"] == 64
 
@@ -38,6 +39,7 @@ def test_fractional_gpu_sets_actor_option_and_vram_budget_fraction():
     assert opts["model-a"]["init_kwargs"]["engine_config"]["memory"]["gpu_fraction"] == 0.5
     assert opts["model-b"]["init_kwargs"]["engine_config"]["memory"]["gpu_fraction"] == 0.25
     assert opts["model-b"]["num_replicas"] == 4
+    json.dumps(opts)  # the dry-run view is plain JSON
     assert opts["model-a"]["init_kwargs"]["engine_config"]["device"] == "auto"  # the replica sees its GPU
 
 
