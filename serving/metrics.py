@@ -56,4 +56,4 @@ class ModelMetrics:
         self.compiled.set(compiled_graphs())
 
     def observe_error(self, kind: str) -> None:
-        self.errors.inc(tags={"model": self.model, "kind": kind})
+        self.errors.inc(tags={"model": self.model, "kind": str(kind)})
