@@ -1,4 +1,5 @@
-"""`sdserve bench gpu` (benchmarks/gpu_bench.py) and `sdserve bench replicas` (benchmarks/replica_proof.py)."""
+"""`sdserve bench gpu` (benchmarks/gpu_bench.py), `sdserve bench previews` (benchmarks/preview_cost.py) and
+`sdserve bench replicas` (benchmarks/replica_proof.py)."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +7,12 @@ import argparse
 
 def _bench_gpu(args: argparse.Namespace) -> int:
     from benchmarks.gpu_bench import main
+
+    return main(args.bench_args)
+
+
+def _bench_previews(args: argparse.Namespace) -> int:
+    from benchmarks.preview_cost import main
 
     return main(args.bench_args)
 
@@ -24,6 +31,11 @@ def register(sub) -> None:
     p = bench.add_parser("gpu", help="diffusers eager / compiled vs sdserve on the GPU (JSON)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m benchmarks.gpu_bench")
     p.set_defaults(func=_bench_gpu)
+
+    v = bench.add_parser("previews", help="cost of live previews (latent2rgb, TAESD) vs none, timed in turns (JSON)",
+                         add_help=False)
+    v.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of python -m benchmarks.preview_cost")
+    v.set_defaults(func=_bench_previews)
 
     r = bench.add_parser("replicas", help="issue #7 proof: fractional-GPU replicas under mixed-size concurrent "
                          "load; no OOM, no 5xx, no replica lost (JSON; exit code 1 when it fails)")
