@@ -10,7 +10,7 @@ const HISTORY_MAX = 24;
 const THUMB_SIDE = 192;
 
 const $ = (id) => document.getElementById(id);
-const state = { caps: null, model: null, job: null, abort: null, lastSeed: null };
+const state = { caps: null, model: null, job: null, lastSeed: null };
 
 function apiKey() { return localStorage.getItem(KEY_STORE) || ""; }
 
@@ -193,7 +193,6 @@ async function generate(event) {
     setStatus("failed");
   } finally {
     state.job = null;
-    state.abort = null;
     setBusy(false);
   }
 }
@@ -222,12 +221,22 @@ async function runJob(body) {
 }
 
 // Reads the SSE stream until the job ends; returns the last job view. Named events: `preview`
-// ({step, total, images: [base64 JPEG]}); unnamed (`message`) events are job views.
+// ({step, total, images: [base64 JPEG]}); unnamed (`message`) events are job views. A stream that ends before
+// the job does (e.g. the ingress replica is draining) is reopened: another replica serves the rest.
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+
 async function followEvents(id) {
-  const ctrl = new AbortController();
-  state.abort = ctrl;
-  const res = await api("v1/jobs/" + id + "/events", { headers: { "Accept": "text/event-stream" },
-                                                       signal: ctrl.signal });
+  let last = null;
+  for (let attempt = 0; attempt < 30; attempt++) {
+    if (attempt) await new Promise((resolve) => setTimeout(resolve, 1000));
+    last = (await readEvents(id)) || last;
+    if (last && TERMINAL.includes(last.status)) return last;
+  }
+  return (await api("v1/jobs/" + id)).json();
+}
+
+async function readEvents(id) {
+  const res = await api("v1/jobs/" + id + "/events", { headers: { "Accept": "text/event-stream" } });
   const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "", last = null;
   for (;;) {
@@ -243,10 +252,6 @@ async function followEvents(id) {
       if (ev.event === "preview") showPreview(ev.data);
       else if (ev.event === "message") { last = ev.data; showJob(last); }
     }
-  }
-  if (!last) throw new Error("the event stream ended without a job status");
-  if (!["succeeded", "failed", "cancelled"].includes(last.status)) {
-    last = await (await api("v1/jobs/" + id)).json();  // stream cut early: ask once more
   }
   return last;
 }
