@@ -259,15 +259,27 @@ class Engine:
         its images leave the batch (the others' are unchanged) and the replica is free for other work."""
         if not self._ready:
             await asyncio.to_thread(self.load)
-        job = self._job(request, 0, on_progress, cancel, timeout_s, queue_s, encode=True)
-        if isinstance(job, GenerationError):
-            return job
-        self.scheduler.submit([job])
+        job = self.submit(request, on_progress, cancel, timeout_s, queue_s)
         try:
             return await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
-            job.cancel.set()  # (the wrapped future is cancelled too: its samples leave at the next step)
+            job.cancel.set()  # (wrap_future cancelled job.future too: its samples leave at the next step)
             raise
+
+    def submit(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
+               cancel: threading.Event | None = None, timeout_s: float | None = None, queue_s: float = 0.0,
+               encode: bool = True) -> Job:
+        """Queue one request without waiting: returns its Job (`.future`: a concurrent Future of the outcome,
+        already set for a request that fails validation; `.cancel`: set it to stop the request)."""
+        if not self._ready:
+            self.load()
+        job = self._job(request, 0, on_progress, cancel, timeout_s, queue_s, encode)
+        if isinstance(job, GenerationError):
+            failed = Job(request, cancel=cancel or threading.Event())
+            failed.fail(job)
+            return failed
+        self.scheduler.submit([job])
+        return job
 
     def _job(self, request, index: int, on_progress, cancel, timeout_s, queue_s: float, encode: bool):
         try:

@@ -56,8 +56,7 @@ def model_deployment_options(model: ModelConfig, cluster_has_gpus: bool = False)
     else:
         opts["num_replicas"] = d.num_replicas or 1
     engine = replica_engine_config(model, num_gpus)
-    opts["init_kwargs"] = {"engine_config": engine.model_dump(mode="json"), "max_batch_size": d.max_batch_size,
-                           "batch_wait_timeout_s": d.batch_wait_timeout_s}
+    opts["init_kwargs"] = {"engine_config": engine.model_dump(mode="json")}  # the engine batches (its scheduler)
     return opts
 
 
