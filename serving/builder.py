@@ -45,9 +45,9 @@ def model_deployment_options(model: ModelConfig, cluster_has_gpus: bool = False)
     else:
         opts["num_replicas"] = d.num_replicas or 1
     engine = replica_engine_config(model, num_gpus)
-    # The typed config itself is bound (Serve pickles it): the replica gets the object, nothing is re-validated.
-    opts["init_kwargs"] = {"engine_config": engine, "max_batch_size": d.max_batch_size,
-                           "batch_wait_timeout_s": d.batch_wait_timeout_s}
+    # The typed config itself is bound (Serve pickles it): the replica gets the object, nothing is re-validated;
+    # the engine batches (its step scheduler), so nothing else configures batching here.
+    opts["init_kwargs"] = {"engine_config": engine}
     return opts
 
 
