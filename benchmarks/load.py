@@ -9,11 +9,11 @@ and admission policy, in-process or over HTTP.
 Per admission (in-process: a fresh engine built from the config with `scheduling.admission` set; `default`
 leaves the config as it is), in this order: untimed warm-up requests (one per size), the unloaded latency (requests
 one at a time, per profile and size), the capacity (closed-loop saturation: `--concurrency` requests outstanding,
-with `--capacity-profile`, under the first admission; skipped with `--capacity-rps`), each profile's own saturation
-throughput, then for every profile and rate fraction an open-loop run: Poisson arrivals at fraction x capacity for
-`--duration-s`, then up to `--drain-timeout-s` for the outstanding requests (still outstanding then: counted as
-errors of kind drain_timeout). Arrivals and bodies depend on (seed, profile, rate) only: every admission gets the
-same requests at the same times.
+with `--capacity-profile`, under the first admission; skipped with `--capacity-rps`, or with `--capacity-from` an
+earlier call's records), each profile's own saturation throughput, then for every profile and rate fraction an
+open-loop run: Poisson arrivals at fraction x capacity for `--duration-s`, then up to `--drain-timeout-s` for the
+outstanding requests (still outstanding then: counted as errors of kind drain_timeout). Arrivals and bodies
+depend on (seed, profile, rate) only: every admission gets the same requests at the same times.
 
 One JSON record per (profile, admission, rate) in --out (benchmarks/results/load/), written as soon as measured;
 `python -m benchmarks.load_report` prints them as the markdown table of docs/benchmarks.md.
@@ -24,16 +24,14 @@ import argparse
 import asyncio
 import datetime as dt
 import gc
-import json
 import logging
-import os
-import re
 import shlex
 import sys
 import time
 from typing import Any
 
 from benchmarks.load_profiles import PROFILES, Profile, draw_bodies, make_profile, poisson_arrivals, shape_label
+from benchmarks.load_report import capacity_from_records, write_record
 
 # Stdlib-only at import (load_stats, the targets, torch come in when a run starts): `sdserve` registers the
 # `bench load` arguments from here on every start.
@@ -235,22 +233,6 @@ def env(args) -> dict[str, Any]:
     return info
 
 
-# ---------------------------------------------------------------------------------------------- records
-def _slug(text: Any) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "none"
-
-
-def write_record(out_dir: str, rec: dict) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    name = "-".join(_slug(p) for p in (rec["date"], rec["device"], rec["model"], rec["profile"],
-                                       rec["admission"] or "default", f"r{rec['rate_fraction']:g}", rec["tag"]) if p)
-    path = os.path.join(out_dir, name + ".json")
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(rec, fh, indent=1, default=str)
-        fh.write("\n")
-    return path
-
-
 async def run(args, argv: list[str]) -> list[dict]:
     from benchmarks.load_stats import summarize
 
@@ -259,6 +241,9 @@ async def run(args, argv: list[str]) -> list[dict]:
         args.capacity_profile, args.sizes, args.steps, args.scale, args.output_format)
     info = env(args)
     capacity, capacity_from = args.capacity_rps, "given" if args.capacity_rps else None
+    if args.capacity_from:
+        model = args.model if args.url else engine_config(args, "default").name
+        capacity, capacity_from = capacity_from_records(args.capacity_from, model, args.capacity_profile)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     written: list[dict] = []
     for admission in args.admission:
@@ -290,6 +275,7 @@ async def run(args, argv: list[str]) -> list[dict]:
                            "profile": prof.name, "profile_spec": prof.describe(), "admission": desc.get("admission"),
                            "admission_requested": admission, "rate_fraction": fraction, **extra,
                            "capacity_rps": capacity, "capacity_from": capacity_from,
+                           "capacity_profile": args.capacity_profile,
                            "saturation": sat.get(prof.name), "duration_s": args.duration_s,
                            "drain_timeout_s": args.drain_timeout_s, "seed": args.seed, "tag": args.tag,
                            **summarize(records, args.duration_s, base[prof.name]),
@@ -324,6 +310,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "batch), each a fresh engine; default: the config's. HTTP: one label naming the server's")
     p.add_argument("--rates", default="0.5,0.7,0.9,1.1", help="comma list of fractions of the capacity")
     p.add_argument("--capacity-rps", type=float, help="the capacity in req/s (skips its measurement)")
+    p.add_argument("--capacity-from", help="reuse the capacity of the newest record in this folder (or file) of "
+                   "the same model and capacity profile: a run split over several calls offers the same rates")
     p.add_argument("--capacity-profile", default="uniform", choices=PROFILES,
                    help="profile of the capacity measurement (mixed-shapes runs: mixed-shapes)")
     p.add_argument("--capacity-requests", type=int, default=64, help="requests per closed-loop saturation run")
@@ -360,6 +348,8 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> arg
         p.error("--admission: one label with --url (the server's admission is its config's), else a comma list")
     if args.capacity_rps is not None and args.capacity_rps <= 0:
         p.error("--capacity-rps must be > 0")
+    if args.capacity_rps and args.capacity_from:
+        p.error("--capacity-rps and --capacity-from: give one")
     if args.duration_s <= 0 or args.drain_timeout_s < 0 or args.concurrency < 1 or args.capacity_requests < 1:
         p.error("--duration-s, --concurrency and --capacity-requests must be > 0, --drain-timeout-s >= 0")
     try:
@@ -379,6 +369,8 @@ def run_from_args(args: argparse.Namespace, argv: list[str]) -> int:
         try:  # a bad config, model or admission value fails here, before minutes of loading
             for admission in args.admission:
                 engine_config(args, admission)
+            if args.capacity_from:
+                capacity_from_records(args.capacity_from, engine_config(args, "default").name, args.capacity_profile)
         except (ValueError, OSError) as err:
             print(f"error: {format_validation_error(err)}", file=sys.stderr)
             return 2

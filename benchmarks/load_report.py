@@ -1,4 +1,4 @@
-"""Markdown tables of the open-loop load records (benchmarks/load.py) for docs/benchmarks.md.
+"""The open-loop load records (benchmarks/load.py) on disk, and their markdown tables for docs/benchmarks.md.
 
     python -m benchmarks.load_report                          print the tables of benchmarks/results/load/
     python -m benchmarks.load_report DIR_OR_FILE... --doc docs/benchmarks.md
@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import re
+from typing import Any
 
 START, END = "<!-- LOAD:START -->", "<!-- LOAD:END -->"
 
@@ -70,6 +71,38 @@ def table(records: list[dict]) -> str:
                             f"{_f(s['p99_s'])} | {_f(s['unloaded_p50_s'])} | {_f(s['p99_over_unloaded'], 2)} |")
         out.append("\n".join(rows))
     return "\n\n".join(out)
+
+
+def _slug(text: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "none"
+
+
+def capacity_from_records(path: str, model: str | None, capacity_profile: str) -> tuple[float, str]:
+    """(capacity_rps, where from) of the newest load record in `path` (a record or a folder of them) of the same
+    model and capacity profile: later calls of a split run reuse the first call's capacity, so every call offers
+    the same rates."""
+    import glob
+
+    files = sorted(glob.glob(os.path.join(path, "*.json")), key=os.path.getmtime) if os.path.isdir(path) else [path]
+    for f in reversed(files):
+        with open(f, encoding="utf-8") as fh:
+            rec = json.load(fh)
+        if rec.get("bench") == "load" and rec.get("capacity_rps") and rec.get("capacity_profile") == \
+                capacity_profile and (model is None or rec.get("model") == model):
+            return rec["capacity_rps"], f"{rec['capacity_from']} (from {os.path.basename(f)})"
+    raise ValueError(f"--capacity-from {path}: no load record of model {model} with capacity profile "
+                     f"{capacity_profile}")
+
+
+def write_record(out_dir: str, rec: dict) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    name = "-".join(_slug(p) for p in (rec["date"], rec["device"], rec["model"], rec["profile"],
+                                       rec["admission"] or "default", f"r{rec['rate_fraction']:g}", rec["tag"]) if p)
+    path = os.path.join(out_dir, name + ".json")
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(rec, fh, indent=1, default=str)
+        fh.write("\n")
+    return path
 
 
 def load_records(paths: list[str]) -> list[dict]:

@@ -190,6 +190,30 @@ def test_http_target_reads_batch_size_and_queue_time_from_the_servers_answers():
     assert seen[0] == ("/v1/generate", "Bearer k", "tiny-sd")
 
 
+def test_engine_target_uses_generate_async_when_the_engine_has_it():
+    from benchmarks.load_targets import EngineTarget
+    from core.schemas import GeneratedImage, GenerationError, GenerationRequest, GenerationResult, Timings
+
+    class AsyncEngine:  # the shape of the step-level engine's API (issue 18), nothing else
+        async def generate_async(self, request: GenerationRequest, on_progress=None, cancel=None):
+            if request.width == 128:
+                raise GenerationError("too big", "capacity", "width")
+            return GenerationResult(images=[GeneratedImage(data=b"x", seed=request.seed, media_type="image/png")],
+                                    width=request.width, height=request.height, steps=request.steps,
+                                    guidance_scale=7.5, scheduler="euler", model="m", output_format="png",
+                                    batch_size=3, timings=Timings(queue_s=0.5))
+
+    target = EngineTarget(AsyncEngine())
+    assert target.engine_api == "generate_async"
+
+    async def go():
+        return [await target.send({"prompt": "p", "width": w, "height": 64, "steps": 2, "seed": 1})
+                for w in (64, 128)]
+
+    assert asyncio.run(go()) == [{"outcome": "ok", "batch_size": 3, "queue_s": 0.5, "model": "m"},
+                                 {"outcome": "capacity", "message": "too big"}]
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def _args(*argv):
     import argparse
@@ -262,3 +286,18 @@ def test_in_process_run_writes_one_complete_record_per_profile_and_rate(tmp_path
     assert records["mixed-shapes"]["saturation"]["requests"] == 6
     table = capsys.readouterr().out
     assert "| tiny-sd | mixed-shapes | default | 2 |" in table and "| 128x128 |" in table
+
+    # a later call of a split run takes this capacity; the tables go between the doc's markers
+    from benchmarks.load_report import capacity_from_records
+    from benchmarks.load_report import main as report
+
+    rps, where = capacity_from_records(str(tmp_path), "tiny-sd", "uniform")
+    assert rps == records["uniform"]["capacity_rps"] and "uniform, default (from " in where
+    with pytest.raises(ValueError, match="capacity profile mixed"):
+        capacity_from_records(str(tmp_path), "tiny-sd", "mixed")
+    doc = tmp_path / "doc.md"
+    doc.write_text("# x\n<!-- LOAD:START -->\nold\n<!-- LOAD:END -->\ntail\n")
+    assert report([str(tmp_path), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old" not in text and text.endswith("<!-- LOAD:END -->\ntail\n")
+    assert "| tiny-sd | uniform | default | 2 |" in text and "| saturation req/s |" in text
