@@ -89,7 +89,8 @@ def capacity_from_records(path: str, model: str | None, capacity_profile: str) -
             rec = json.load(fh)
         if rec.get("bench") == "load" and rec.get("capacity_rps") and rec.get("capacity_profile") == \
                 capacity_profile and (model is None or rec.get("model") == model):
-            return rec["capacity_rps"], f"{rec['capacity_from']} (from {os.path.basename(f)})"
+            first = str(rec["capacity_from"]).split(" (from ")[0]  # as measured, not the chain of reuses
+            return rec["capacity_rps"], f"{first} (from {os.path.basename(f)})"
     raise ValueError(f"--capacity-from {path}: no load record of model {model} with capacity profile "
                      f"{capacity_profile}")
 
