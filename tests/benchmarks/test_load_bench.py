@@ -301,3 +301,15 @@ def test_in_process_run_writes_one_complete_record_per_profile_and_rate(tmp_path
     text = doc.read_text()
     assert "old" not in text and text.endswith("<!-- LOAD:END -->\ntail\n")
     assert "| tiny-sd | uniform | default | 2 |" in text and "| saturation req/s |" in text
+
+
+def test_sdserve_bench_load_takes_the_benchmarks_own_arguments():
+    from sdserve.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "load", "cfg.yaml", "--profiles", "mixed", "--rates", "0.7",
+                                      "--admission", "batch,step"])
+    assert args.func.__name__ == "_bench_load" and args.config == "cfg.yaml"
+    checked = check_arguments(args._load_parser, args)
+    assert (checked.profiles, checked.rates, checked.admission) == (["mixed"], [0.7], ["batch", "step"])
+    with pytest.raises(SystemExit):
+        check_arguments(args._load_parser, build_parser().parse_args(["bench", "load", "--rates", "0"]))
