@@ -89,7 +89,7 @@ def summarize(requests: list[dict], duration_s: float, unloaded: dict[str, list[
                                      default=0.0)),
     }
     out["p99_over_unloaded"] = _ratio(out["p99_s"], unloaded_p50)
-    shapes = sorted({r["shape"] for r in requests} | set(unloaded), key=_pixels)
+    shapes = sorted({r["shape"] for r in requests} | set(unloaded), key=lambda label: (_pixels(label), label))
     out["per_shape"] = {s: shape_stats([r for r in requests if r["shape"] == s], unloaded.get(s, []))
                         for s in shapes}
     return out

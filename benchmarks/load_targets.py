@@ -75,7 +75,9 @@ class EngineTarget:
             out = err
         if isinstance(out, GenerationError):
             return {"outcome": out.kind or "internal", "message": out.message[:300]}
-        return {"outcome": "ok", "batch_size": out.batch_size, "queue_s": out.timings.queue_s, "model": out.model}
+        # generate([request]) from a thread: the engine cannot tell its wait for the GPU from its work (queue_s 0)
+        queue_s = out.timings.queue_s if self._pool is None else None
+        return {"outcome": "ok", "batch_size": out.batch_size, "queue_s": queue_s, "model": out.model}
 
     async def settle(self, timeout_s: float) -> int:
         """Wait for requests given up on (drain timeout) that threads still run: the next run starts on an idle
