@@ -41,8 +41,8 @@ def set_admission(config, admission: str):
 
 
 def admission_of(config) -> str | None:
-    scheduling = getattr(config, "scheduling", None)
-    return getattr(scheduling, "admission", None)
+    value = getattr(getattr(config, "scheduling", None), "admission", None)
+    return getattr(value, "value", value)  # an Enum's value, as the config's YAML spells it
 
 
 class EngineTarget:

@@ -240,6 +240,28 @@ def test_admission_is_set_on_the_engine_config_or_refused_by_name():
             engine_config(args, "batch")
 
 
+def test_set_admission_validates_the_value_on_a_config_that_has_the_field():
+    from typing import Literal
+
+    from pydantic import Field
+
+    from benchmarks.load_targets import admission_of, set_admission
+    from core.config import EngineConfig, Strict
+
+    class Scheduling(Strict):  # the field as issue 18 specifies it
+        admission: Literal["step", "batch"] = "step"
+
+    class SteppedConfig(EngineConfig):
+        scheduling: Scheduling = Field(default_factory=Scheduling)
+
+    base = SteppedConfig(limits={"max_batch_size": 4})
+    batch = set_admission(base, "batch")
+    assert admission_of(batch) == "batch" and admission_of(base) == "step" and batch.limits.max_batch_size == 4
+    with pytest.raises(ValueError, match="admission"):
+        set_admission(base, "bogus")
+    assert admission_of(EngineConfig()) is None
+
+
 @pytest.fixture
 def one_torch_thread():
     """2 shared cores: OpenMP spinning in several busy processes makes a 64² call 100x slower."""
