@@ -222,12 +222,20 @@ def release(target) -> None:
 
 
 def env(args) -> dict[str, Any]:
-    try:
+    """The record's device and versions. HTTP: the GPU's name from nvidia-smi (a CUDA context in this client
+    would take GPU memory from the server it measures on the same host)."""
+    if args.url:
+        import shutil
+
+        from benchmarks.replica_inventory import query_nvidia_smi
+
+        exe = shutil.which("nvidia-smi")
+        rows = query_nvidia_smi(exe, "gpu=name", timeout_s=30, check=False) if exe else []
+        info: dict[str, Any] = {"device": rows[0][0] if rows else "unknown"}
+    else:
         from benchmarks.gpu_bench import env_info
 
         info = env_info()
-    except ImportError:  # an HTTP client host without torch
-        info = {"device": "unknown"}
     if args.device_label:
         info["device"] = args.device_label
     return info
