@@ -160,7 +160,8 @@ def test_http_target_reads_batch_size_and_queue_time_from_the_servers_answers():
 
     from benchmarks.load_targets import HttpTarget
     from core.schemas import GeneratedImage, GenerationResult, Timings
-    from serving.ingress import image_headers, result_json
+    from serving.http.routes_native import image_headers
+    from serving.payloads import result_json
 
     result = GenerationResult(images=[GeneratedImage(data=b"img", seed=1, media_type="image/png")], width=64,
                               height=64, steps=2, guidance_scale=7.5, scheduler="euler", model="tiny-sd",
