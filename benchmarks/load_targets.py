@@ -74,7 +74,7 @@ class EngineTarget:
         except GenerationError as err:
             out = err
         if isinstance(out, GenerationError):
-            return {"outcome": out.kind or "internal", "message": out.message[:300]}
+            return {"outcome": str(out.kind or "internal"), "message": out.message[:300]}  # ErrorKind's value
         # generate([request]) from a thread: the engine cannot tell its wait for the GPU from its work (queue_s 0)
         queue_s = out.timings.queue_s if self._pool is None else None
         return {"outcome": "ok", "batch_size": out.batch_size, "queue_s": queue_s, "model": out.model}
