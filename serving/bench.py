@@ -11,7 +11,8 @@ import statistics
 import time
 from typing import Any
 
-from serving.config import ServingConfig
+from core.config import EngineConfig
+from serving.config import ModelConfig, ServingConfig
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -27,19 +28,26 @@ def bench_bodies(body: dict[str, Any], n: int, offset: int = 0) -> list[dict[str
     return [{"prompt": f"benchmark image {offset + i}", "seed": offset + i, **body} for i in range(n)]
 
 
-def offline_baseline(config: ServingConfig, body: dict[str, Any], n: int) -> dict[str, Any]:
-    from core.engine import Engine
-    from core.schemas import GenerationRequest
+def local_engine_config(model: ModelConfig) -> EngineConfig:
+    """The engine config a replica of `model` would load, for an engine in this process (the whole local GPU
+    when there is one): what offline baselines and in-process benchmarks run."""
     from serving.builder import replica_engine_config, resolve_num_gpus
 
-    model = config.models[0]
     try:
         import torch
 
         has_gpu = torch.cuda.is_available()
     except ImportError:
         has_gpu = False
-    engine = Engine(replica_engine_config(model, resolve_num_gpus(model, has_gpu))).load()
+    return replica_engine_config(model, resolve_num_gpus(model, has_gpu))
+
+
+def offline_baseline(config: ServingConfig, body: dict[str, Any], n: int) -> dict[str, Any]:
+    from core.engine import Engine
+    from core.schemas import GenerationRequest
+
+    model = config.models[0]
+    engine = Engine(local_engine_config(model)).load()
     reqs = [GenerationRequest(**b) for b in bench_bodies(body, n, offset=10_000)]
     batch = model.deployment.max_batch_size
     engine.generate(reqs[:1])  # untimed: first calls at a shape pay one-off kernel selection
