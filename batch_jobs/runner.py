@@ -154,7 +154,7 @@ def batch_demands(job: BatchJobConfig):
     from core.preflight import Demand
 
     return [Demand("engine actors", job.concurrency, {"CPU": job.num_cpus or 0, "GPU": job.num_gpus or 0},
-                   {"GPU": "--num-gpus (num_gpus in the job YAML; 0 runs on CPU)",
+                   {"GPU": "--num-gpus (num_gpus in the job YAML)",
                     "CPU": "--concurrency (concurrency / num_cpus in the job YAML)"})]
 
 

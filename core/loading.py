@@ -217,8 +217,8 @@ def load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool = 
         if kind == "hub":
             why = "the hub is off (HF_HUB_OFFLINE / local_files_only)" if hub_offline(config) else \
                 "the hub could not be reached or has no such model"
-            raise ModelLoadError(_hub_message(config, why), config.name, config.source) from err
-        raise ModelLoadError(f"{first[:300]}; {LOCAL_HINT}", config.name, config.source) from err
+            raise ModelLoadError(_hub_message(config, why), config.name, config.source) from None
+        raise ModelLoadError(f"{first[:300]}; {LOCAL_HINT}", config.name, config.source) from None
 
 
 def _load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool):

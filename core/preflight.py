@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 SKIP_HINT = "an autoscaling cluster that will add such nodes: pass --no-resource-check"
+ADVICE = {"GPU": "0 runs on CPU"}  # said once per missing resource, after the keys that set it
 
 
 @dataclass
@@ -52,8 +53,9 @@ def shortfalls(demands: list[Demand], cluster: dict[str, float]) -> list[str]:
             continue
         parts = ", ".join(f"{d.what}: {d.count} x {_fmt(d.per_unit[key])}" for d in users)
         fixes = " or ".join(dict.fromkeys(d.fix.get(key, f"the {key} request of {d.what}") for d in users))
+        advice = f" ({ADVICE[key]})" if key in ADVICE else ""
         problems.append(f"needs {_fmt(need)} {key} ({parts}) but the Ray cluster has {_fmt(have)} {key}: "
-                        f"change {fixes}")
+                        f"change {fixes}{advice}")
     return problems
 
 

@@ -39,10 +39,15 @@ def _generate(args: argparse.Namespace) -> int:
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from core.prompt_length import overlong_prompt_note
+
+    long_note = overlong_prompt_note(engine.pipe.tokenizer, req.prompt, req.negative_prompt, cfg.name)
     out = engine.generate([req])[0]
     if isinstance(out, GenerationError):
         print(f"error: {out.message}", file=sys.stderr)
         return 2
+    if long_note and long_note not in (out.note or ""):  # until the engine adds it to the result itself
+        print(f"warning: {long_note}", file=sys.stderr)
     stem, ext = os.path.splitext(args.output)  # the file's extension, not the first dot in the path
     paths = [args.output] if len(out.images) == 1 else [f"{stem}-{i}{ext}" for i in range(len(out.images))]
     for path, img in zip(paths, out.images):

@@ -36,12 +36,11 @@ def _load_config(path: str | None):
         return None
 
 
-def serving_demands(config, path: str | None, cluster_has_gpus: bool) -> list:
+def serving_demands(config, cluster_has_gpus: bool) -> list:
     """What the app asks Ray for (per replica), with the config key that sets each resource."""
     from core.preflight import Demand
     from serving.builder import resolve_num_gpus
 
-    where = f" in {path}" if path else ""
     demands = []
     for i, m in enumerate(config.models):
         d = m.deployment
@@ -52,17 +51,27 @@ def serving_demands(config, path: str | None, cluster_has_gpus: bool) -> list:
         key = f"models[{i}].deployment"
         demands.append(Demand(f"model {m.name!r} replicas", count,
                               {"CPU": d.num_cpus, "GPU": resolve_num_gpus(m, cluster_has_gpus)},
-                              {"CPU": f"{key}.num_cpus{where}",
-                               "GPU": f"{key}.num_gpus{where} (0 or auto runs on CPU)"}))
+                              {"CPU": f"{key}.num_cpus", "GPU": f"{key}.num_gpus"}))
     i = config.ingress
     demands.append(Demand("ingress replicas", i.num_replicas, {"CPU": i.num_cpus},
-                          {"CPU": f"ingress.num_cpus{where}"}))
+                          {"CPU": "ingress.num_cpus"}))
     return demands
 
 
-def one_line(err: BaseException) -> str:
+def deployment_messages(app_name: str) -> str:
+    """Every deployment's status message of `app_name` (a failed replica constructor's traceback is there)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - best effort: only used to explain a failure
+        return ""
+    return "\n".join(dep.message for dep in (app.deployments.values() if app else ()) if dep.message)
+
+
+def one_line(err: BaseException, details: str = "") -> str:
     """A deploy failure carries the replica's whole traceback; the ModelLoadError line is what the user needs."""
-    text = str(err)
+    text = f"{err}\n{details}"
     found = re.findall(r"ModelLoadError: (.+)", text)
     if found:
         return found[-1].strip()
@@ -134,17 +143,18 @@ def _serve(args: argparse.Namespace) -> int:
     app = config.app_name
     ours = args.address is None  # a Ray we started: shut all of it down at the end; else only our app
 
-    def stop_all() -> None:
+    def stop_all(serve_started: bool = True) -> None:
         if ours:
-            serve.shutdown()
+            if serve_started:
+                serve.shutdown()
             ray.shutdown()
 
     resources = ray.cluster_resources()
     if not args.no_resource_check:
         try:
-            check_resources(serving_demands(config, args.config, resources.get("GPU", 0) > 0), resources)
+            check_resources(serving_demands(config, resources.get("GPU", 0) > 0), resources)
         except ResourceError as err:
-            stop_all()
+            stop_all(serve_started=False)
             return _error(f"{args.config or 'default config'}: {err}")
     serve.start(http_options={"host": args.host, "port": args.port})
     watcher = PendingWatcher(lambda: pending_messages(app),
@@ -153,11 +163,12 @@ def _serve(args: argparse.Namespace) -> int:
         serve.run(build_app(config), name=app, route_prefix=config.route_prefix)
     except (RuntimeError, ModelLoadError) as err:
         watcher.stop()
+        details = deployment_messages(app)
         try:  # never leave a failed app behind
             serve.delete(app)
         finally:
             stop_all()
-        return _error(f"app {app!r} failed to deploy: {one_line(err)}")
+        return _error(f"app {app!r} failed to deploy: {one_line(err, details)}")
     url = f"http://{args.host}:{args.port}{config.route_prefix.rstrip('/')}"
     print(f"sdserve: serving {', '.join(config.model_names)} at {url}  (docs: {url}/docs; Ctrl-C stops)",
           flush=True)
