@@ -169,6 +169,13 @@ def _serve(args: argparse.Namespace) -> int:
         finally:
             stop_all()
         return _error(f"app {app!r} failed to deploy: {one_line(err, details)}")
+    except KeyboardInterrupt:  # Ctrl-C while deploying: remove what was started, ours only
+        watcher.stop()
+        try:
+            serve.delete(app)
+        finally:
+            stop_all()
+        return 130
     url = f"http://{args.host}:{args.port}{config.route_prefix.rstrip('/')}"
     print(f"sdserve: serving {', '.join(config.model_names)} at {url}  (docs: {url}/docs; Ctrl-C stops)",
           flush=True)
