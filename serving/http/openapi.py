@@ -93,6 +93,22 @@ def request_limits(config: ServingConfig) -> dict[str, dict[str, Any]]:
     }
 
 
+MAX_SIZE_ENUM = 1024  # list every accepted 'WxH' when there are at most this many, else a pattern + description
+
+
+def size_limits(config: ServingConfig) -> dict[str, Any]:
+    """The OpenAI `size` values this deployment accepts: 'auto' or 'WxH' in multiples of 8 within the default
+    model's limits. Listed exactly when few enough (a JSON-schema pattern cannot say "multiple of 8, <= N")."""
+    lim = config.models[0].engine.limits
+    widths, heights = range(64, lim.max_width + 1, 8), range(64, lim.max_height + 1, 8)
+    text = (f" Accepted: 'auto' or 'WxH', multiples of 8, 64 <= W <= {lim.max_width}, 64 <= H <= "
+            f"{lim.max_height}, W x H <= {lim.max_pixels} (the model's limits); other sizes get 400.")
+    if len(widths) * len(heights) <= MAX_SIZE_ENUM:
+        sizes = ["auto"] + [f"{w}x{h}" for w in widths for h in heights if w * h <= lim.max_pixels]
+        return {"enum": sizes, "description_add": text}
+    return {"pattern": r"^(auto|[0-9]{2,4}x[0-9]{2,4})$", "description_add": text}
+
+
 def _narrow(prop: dict[str, Any], limits: dict[str, Any]) -> None:
     """Apply limits to a property (which may be `anyOf: [{type}, {type: null}]` for optional fields)."""
     limits = dict(limits)
@@ -122,6 +138,11 @@ def describe(schema: dict[str, Any], config: ServingConfig) -> dict[str, Any]:
                       ("model", "model")):
         if name in oa:
             _narrow(oa[name], limits[key])
+    if "size" in oa:
+        _narrow(oa["size"], size_limits(config))
+    if "response_format" in oa:  # 'url' is in OpenAI's API but always answered 400 here (no result store)
+        _narrow(oa["response_format"], {"enum": ["b64_json"], "description_add": " 'url' gets 400 (no result "
+                                        "store; use b64_json or POST /v1/jobs)."})
     errors = error_responses(config)
     for path, ops in schema.get("paths", {}).items():
         for method, op in ops.items():

@@ -117,3 +117,12 @@ def test_schemathesis_finds_no_contract_violation(contract_url):
             failures.append(f"{operation.label}: {str(err)[:1500]}")
     assert ran >= 20
     assert not failures, "\n\n".join(failures)
+
+
+def test_openai_size_and_response_format_are_stated():
+    doc = offline_openapi(contract_config())
+    props = doc["components"]["schemas"]["OpenAIImageRequest"]["properties"]
+    size = next(s for s in props["size"].get("anyOf", [props["size"]]) if s.get("type") == "string")
+    assert "auto" in size["enum"] and "96x96" in size["enum"] and "104x96" not in size["enum"]
+    fmt = next(s for s in props["response_format"].get("anyOf", [props["response_format"]]) if s.get("enum"))
+    assert fmt["enum"] == ["b64_json"]
