@@ -149,6 +149,16 @@ def _serve(args: argparse.Namespace) -> int:
                 serve.shutdown()
             ray.shutdown()
 
+    def remove_app() -> None:
+        """Our app gone: the whole local Ray if we started it, else only this app (other apps stay)."""
+        if ours:
+            stop_all()
+            return
+        try:
+            serve.delete(app)
+        except TimeoutError as err:  # replicas still pending or draining: Serve finishes the deletion itself
+            print(f"warning: {err}; Serve keeps deleting it in the background", file=sys.stderr, flush=True)
+
     resources = ray.cluster_resources()
     if not args.no_resource_check:
         try:
@@ -164,17 +174,11 @@ def _serve(args: argparse.Namespace) -> int:
     except (RuntimeError, ModelLoadError) as err:
         watcher.stop()
         details = deployment_messages(app)
-        try:  # never leave a failed app behind
-            serve.delete(app)
-        finally:
-            stop_all()
+        remove_app()  # never leave a failed app behind
         return _error(f"app {app!r} failed to deploy: {one_line(err, details)}")
     except KeyboardInterrupt:  # Ctrl-C while deploying: remove what was started, ours only
         watcher.stop()
-        try:
-            serve.delete(app)
-        finally:
-            stop_all()
+        remove_app()
         return 130
     url = f"http://{args.host}:{args.port}{config.route_prefix.rstrip('/')}"
     print(f"sdserve: serving {', '.join(config.model_names)} at {url}  (docs: {url}/docs; Ctrl-C stops)",
@@ -191,10 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
     watcher.stop()
     print(f"sdserve: shutting down {'' if ours else f'app {app!r} (the cluster and its other apps stay)'}",
           flush=True)
-    if ours:
-        stop_all()
-    else:
-        serve.delete(app)
+    remove_app()
     return 0
 
 
