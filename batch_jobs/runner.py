@@ -264,7 +264,7 @@ def _execute(prompts, layout: OutputLayout, ckpt: str, job: BatchJobConfig, prog
             # Ray 2.60 deprecates extra remote args but has no named parameter for max_restarts yet (its actor pool
             # operator still documents `map_batches(..., max_restarts=0)`): silence that one warning, here only.
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=Warning)
-            ds = ds.map_batches(GenerateImages, fn_constructor_kwargs={"job": job.model_dump(mode="json")},
+            ds = ds.map_batches(GenerateImages, fn_constructor_kwargs={"job": job},
                                 batch_size=job.batch_size, batch_format="pyarrow", zero_copy_batch=True,
                                 compute=pool, num_gpus=job.num_gpus or None, num_cpus=job.num_cpus,
                                 # A dead actor fails the run (resumable) instead of waiting, with its tasks, for a

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from core.schemas import GenerationError
+from core.schemas import ErrorKind, GenerationError
 from serving.openai_api import OPENAI_PARAM, OpenAIError
 
 OPENAI_PREFIXES = ("/v1/images/", "/v1/models")
@@ -51,12 +51,12 @@ def route_error(openai: bool, status: int, message: str, field: str | None, code
 
 def generation_error(err: GenerationError, openai: bool) -> Exception:
     """A model replica's GenerationError as the HTTP error of the route's flavour."""
-    if err.kind in ("validation", "capacity"):
+    if err.kind in (ErrorKind.VALIDATION, ErrorKind.CAPACITY):
         field = OPENAI_PARAM.get(err.field, err.field) if openai else err.field
-        return route_error(openai, 400 if openai else 422, err.message, field, err.kind)
-    if err.kind == "oom":
+        return route_error(openai, 400 if openai else 422, err.message, field, err.kind.value)
+    if err.kind == ErrorKind.OOM:
         return route_error(openai, 503, err.message, None, "oom", {"Retry-After": "2"})
-    if err.kind == "cancelled":
+    if err.kind == ErrorKind.CANCELLED:
         return route_error(openai, 409, err.message, None, "cancelled")
     return route_error(openai, 500, err.message, None, "internal_error")
 
