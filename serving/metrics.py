@@ -1,6 +1,7 @@
 """Ray Serve custom metrics of the model replicas (exported with Serve's own metrics, Prometheus format).
 
-Names are prefixed `sdserve_`; every metric is tagged with the model. Created lazily inside a replica (the
+Names are prefixed `sdserve_` here; Ray exports custom metrics with its own `ray_` prefix, so Prometheus sees
+`ray_sdserve_*` on each node's metrics export port. Every metric is tagged with the model. Created lazily inside a replica (the
 metric objects need a running Ray worker).
 """
 from __future__ import annotations

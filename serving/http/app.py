@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from serving.http import health, routes_jobs, routes_native, routes_openai
 from serving.http.errors import install_error_handlers
+from serving.http.openapi import install_openapi
 from serving.security import BodyLimitMiddleware
 
 DESCRIPTION = ("Stable Diffusion / SDXL image generation on Ray Serve. Native API (/v1/generate), OpenAI Images "
@@ -27,4 +28,5 @@ def create_app(ingress: Any) -> FastAPI:
     install_error_handlers(app)
     for group in (routes_native, routes_openai, routes_jobs, health):
         app.include_router(group.router)
+    install_openapi(app, ingress.config)  # status codes, content types and this deployment's limits
     return app

@@ -54,7 +54,10 @@ async def submit_job(body: GenerationRequest, request: Request, caller: str = De
     owner = caller if ingress.keys.enabled else None
     rec = jobs.store.create(body.model_copy(update={"model": name}).model_dump(mode="json"), owner)
     jobs.submit(rec)
-    return JSONResponse({"id": rec["id"], "status": "queued"}, 202, headers={"Location": f"/v1/jobs/{rec['id']}"})
+    # url_for includes the app's root path, which Serve sets to the route prefix (a bare "/v1/jobs/..." would
+    # point outside an app deployed under, say, /sd).
+    location = request.url_for("get_job", job_id=rec["id"]).path
+    return JSONResponse({"id": rec["id"], "status": "queued"}, 202, headers={"Location": location})
 
 
 @router.get("/v1/jobs/{job_id}", summary="Job status, progress, queue position, timestamps")
