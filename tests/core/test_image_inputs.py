@@ -264,3 +264,14 @@ def test_image_fields_validate_and_round_trip_bytes_through_json():
     with pytest.raises(ValueError) as info:
         ControlInput(model="pose", image="AAAA", start=0.8, end=0.2)
     assert info.value.errors()[0]["loc"] == ("end",)
+
+
+def test_importing_the_image_modules_is_cheap():
+    import subprocess
+    import sys
+
+    code = ("import sys, core.image_fields, core.image_inputs, serving.config; "
+            "print(','.join(sorted(m for m in ('PIL', 'torch', 'diffusers', 'ray', 'fsspec') if m in sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"heavy modules imported: {proc.stdout.strip()}"

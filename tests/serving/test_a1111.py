@@ -212,3 +212,14 @@ def test_progress_board_reports_a1111_progress_and_interrupts():
     assert after["state"]["interrupted"] is True and after["state"]["job_count"] == 0
     board.begin("txt2img")
     assert board.progress()["state"]["interrupted"] is False  # a new generation clears it, as in A1111
+
+
+def test_the_mapping_needs_neither_fastapi_nor_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, serving.a1111; "
+            "print(','.join(sorted(m for m in ('fastapi', 'starlette', 'ray', 'torch', 'PIL') if m in sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"imported: {proc.stdout.strip()}"
