@@ -104,7 +104,9 @@ def resolve_sampler(sampler_name: str | None, scheduler: str | None, default: st
     None: the model's default scheduler, named as A1111 would (the sampler that maps to it).
     """
     if sampler_name is None or not sampler_name.strip():
-        return (*_a1111_names(default), default)
+        if scheduler is None or not scheduler.strip():
+            return (*_a1111_names(default), default)
+        sampler_name = _a1111_names(default)[0]  # a scheduler alone applies to the model's default sampler
     key = sampler_name.strip().lower()
     sched_key = (scheduler or "automatic").strip().lower()
     sampler = _SAMPLER_BY_KEY.get(key)

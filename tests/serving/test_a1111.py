@@ -42,6 +42,11 @@ def test_default_scheduler_is_named_the_a1111_way():
     assert resolve_sampler(None, None, "euler") == ("Euler", "Automatic", "euler")
     assert resolve_sampler("", None, "dpmpp_2m_karras") == ("DPM++ 2M", "Karras", "dpmpp_2m_karras")
     assert resolve_sampler(None, None, "dpmpp_2m") == ("DPM++ 2M", "Uniform", "dpmpp_2m")
+    # a scheduler without a sampler applies to the model's default sampler (never silently dropped)
+    assert resolve_sampler(None, "Karras", "euler") == ("Euler", "Karras", "euler_karras")
+    with pytest.raises(A1111Error) as info:
+        resolve_sampler(None, "Karras", "euler_a")
+    assert info.value.field == "scheduler"
 
 
 @pytest.mark.parametrize("sampler,scheduler,field", [
@@ -223,3 +228,11 @@ def test_the_mapping_needs_neither_fastapi_nor_ray():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"imported: {proc.stdout.strip()}"
+
+
+def test_every_sdserve_scheduler_has_an_a1111_name():
+    # A model's default scheduler is reported as an A1111 sampler (+ schedule type) and maps back to itself.
+    for key in SCHEDULERS:
+        name, label, ours = resolve_sampler(None, None, key)
+        assert name in {s.name for s in SAMPLERS}, key
+        assert resolve_sampler(name, label, "euler")[2] == key
