@@ -125,3 +125,27 @@ def test_progress_while_running_and_interrupt_cancels_it(client, serve_url):
     # the replica is free again: a new request runs (it would queue behind the slow one if that still ran)
     ok = client.post("/sdapi/v1/txt2img", json={"prompt": "after", "steps": 1})
     assert ok.status_code == 200 and client.get("/sdapi/v1/progress").json()["state"]["interrupted"] is False
+
+
+def test_webuiapi_client_works_unmodified(serve_url):
+    """The most used A1111 client library, as its README uses it (only the API key header added to its session)."""
+    webuiapi = pytest.importorskip("webuiapi")
+    api = webuiapi.WebUIApi(baseurl=f"{serve_url}/sdapi/v1", sampler="DPM++ 2M", scheduler="Karras", steps=2)
+    api.session.headers["Authorization"] = f"Bearer {KEYS[0]}"
+    res = api.txt2img(prompt="a cat", negative_prompt="dog", seed=7, width=64, height=80, batch_size=2, cfg_scale=5)
+    assert [im.size for im in res.images] == [(64, 80), (64, 80)]
+    assert res.info["all_seeds"] == [7, 8] and res.info["sampler_name"] == "DPM++ 2M"
+    assert res.info["sdserve_scheduler"] == "dpmpp_2m_karras"
+    assert "eta" in res.info["sdserve_ignored"]  # webuiapi sends eta=1.0: accepted, reported, not applied
+    assert res.parameters["prompt"] == "a cat"
+    assert {"Euler a", "DPM++ 2M"} <= set(api.util_get_sampler_names())
+    assert api.util_get_scheduler_names() == ["automatic", "karras", "uniform"]
+    assert api.util_get_model_names() == ["tiny-b", "tiny-sd"]
+    try:
+        api.util_set_model("tiny-b")
+        assert api.util_get_current_model() == "tiny-b"
+        assert api.txt2img(prompt="a cat", seed=7, width=64, height=64).info["sd_model_name"] == "tiny-b"
+    finally:
+        api.util_set_model("tiny-sd")
+    assert api.get_progress()["state"]["job_count"] == 0 and api.interrupt() == {}
+    assert api.get_loras() == []
