@@ -229,6 +229,11 @@ def _has_alpha(img: "PILImage.Image") -> bool:
 def _to_mode(img: "PILImage.Image", mode: str) -> "PILImage.Image":
     from PIL import Image
 
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 16-bit grayscale (depth maps often are): scale 0..65535 to 0..255; convert() alone would clip at 255.
+        img = img.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+        if mode == "L":
+            return img
     if mode == "RGB" and _has_alpha(img):
         # Transparent pixels become white, not whatever colour hides under alpha 0.
         rgba = img.convert("RGBA")

@@ -93,6 +93,13 @@ def test_transparent_pixels_become_white_in_rgb():
     assert out.image.mode == "RGB" and out.array()[0, 0].tolist() == [255, 255, 255]
 
 
+def test_sixteen_bit_grayscale_is_scaled_not_clipped():
+    depth = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)  # 0 .. 65520
+    out = decode_image(encode(Image.fromarray(depth)), "control.0.image", LIMITS, mode="L")
+    px = out.array()
+    assert px.dtype == np.uint8 and px[0, 0] == 0 and px[-1, -1] >= 254 and 120 <= px[32, 0] <= 135
+
+
 # ------------------------------------------------------------------------------------------------ refused inputs
 
 def test_one_by_one_is_refused():
