@@ -1,5 +1,6 @@
 """AUTOMATIC1111-compatible routes under /sdapi/v1 (translation and shapes in serving/a1111.py), so unmodified
-A1111 clients and bots work: txt2img, progress, interrupt, sd-models, samplers, schedulers, options, loras.
+A1111 clients and bots work: txt2img, progress, interrupt, sd-models, samplers, schedulers, options, and the
+lists sdserve has nothing in yet (loras, scripts, sd-vae, prompt-styles, embeddings).
 
 Errors answer FastAPI's {"detail": ...} (422 [{loc, msg, type}] naming the A1111 field), as A1111's own API does.
 State (the in-flight generations GET progress reports and POST interrupt cancels, and the model POST options
@@ -134,3 +135,25 @@ async def set_options(request: Request, body: dict[str, Any] = Body(...), caller
 @router.get("/loras", summary="LoRAs (none yet)")
 async def loras(caller: str = Depends(authorize)):
     return []
+
+
+# What A1111 clients list at start-up (webuiapi asks for scripts when constructed): sdserve has none of these,
+# and says so in A1111's shapes rather than with a 404.
+@router.get("/scripts", summary="Scripts (none)")
+async def scripts(caller: str = Depends(authorize)):
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/sd-vae", summary="Separate VAEs (none: each model uses its own)")
+async def sd_vae(caller: str = Depends(authorize)):
+    return []
+
+
+@router.get("/prompt-styles", summary="Saved prompt styles (none)")
+async def prompt_styles(caller: str = Depends(authorize)):
+    return []
+
+
+@router.get("/embeddings", summary="Textual-inversion embeddings (none)")
+async def embeddings(caller: str = Depends(authorize)):
+    return {"loaded": {}, "skipped": {}}

@@ -52,7 +52,9 @@ def test_names_and_lists(client):
     assert [s["label"] for s in client.get("/sdapi/v1/schedulers").json()] == ["Automatic", "Uniform", "Karras"]
     models = client.get("/sdapi/v1/sd-models").json()
     assert [m["title"] for m in models] == ["tiny-sd", "tiny-b"] and models[0]["hash"] is None
-    assert client.get("/sdapi/v1/loras").json() == []
+    for path, empty in [("loras", []), ("scripts", {"txt2img": [], "img2img": []}), ("sd-vae", []),
+                        ("prompt-styles", []), ("embeddings", {"loaded": {}, "skipped": {}})]:
+        assert client.get(f"/sdapi/v1/{path}").json() == empty
     assert client.get("/sdapi/v1/samplers", headers={"Authorization": "Bearer wrong"}).status_code == 401
 
 
