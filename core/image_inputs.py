@@ -119,8 +119,9 @@ def _decode_base64(text: str, field: str, limits: ImageInputLimits) -> bytes:
         try:  # URL-safe alphabet (-_ for +/), used by some JS clients
             return base64.b64decode(text, altchars=b"-_", validate=True)
         except (binascii.Error, ValueError):
-            raise invalid(field, f"{field}: not valid base64 (expected a base64 string, a data: URL"
-                                 f"{', or an allowed URI' if URI_RE.match(text) is None else ''})") from None
+            hint = "; a file path needs a URI such as file:///path/to/image.png" if text[:1] in "/." else ""
+            raise invalid(field, f"{field}: not valid base64 (expected a base64 string, a data: URL or an allowed "
+                                 f"URI{hint})") from None
 
 
 def _read_uri(uri: str, field: str, limits: ImageInputLimits, uris: UriPolicy) -> bytes:

@@ -160,6 +160,10 @@ def test_bad_base64_and_data_urls_are_refused(bad):
     assert "base64" in err.message or "data: URL" in err.message or "empty" in err.message
 
 
+def test_a_bare_path_is_not_mistaken_for_base64():
+    assert "file:///" in refused("/data/in.png").message
+
+
 def test_too_many_bytes_is_refused_before_decoding_base64():
     limits = ImageInputLimits(max_bytes=1024)
     err = refused("A" * 4000, limits=limits)  # ~3000 bytes claimed by the length alone
