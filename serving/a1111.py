@@ -1,7 +1,8 @@
 """AUTOMATIC1111 web UI API compatibility (/sdapi/v1): request schema, sampler/scheduler names, translation to
 GenerationRequest, and A1111's response shapes (txt2img `info` as a JSON string, progress, samplers, models).
 
-Pure: no FastAPI, no Ray. serving/http/routes_a1111.py wires it to HTTP.
+Pure: no FastAPI, no Ray. serving/http/routes_a1111.py wires it to HTTP; progress/interrupt state is
+serving/a1111_progress.py.
 
 What an A1111 request may carry that sdserve cannot honour is never dropped silently: features that would change
 the image (hires fix, face restoration, tiling, scripts, styles, variation seeds, a refiner) are refused with a 422
@@ -11,7 +12,6 @@ and other inert settings are accepted, ignored, and listed in `info` under `sdse
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -369,69 +369,3 @@ def options_response(checkpoint: str) -> dict[str, Any]:
     """GET /sdapi/v1/options: the options sdserve has (A1111 returns hundreds; clients read sd_model_checkpoint)."""
     return {"sd_model_checkpoint": checkpoint, "sd_checkpoint_hash": None, "samples_format": "png",
             "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic", "eta_noise_seed_delta": 0}
-
-
-# ------------------------------------------------------------------------------------------------ progress
-
-@dataclass
-class Generation:
-    """One in-flight /sdapi generation of this ingress replica."""
-
-    job: str
-    started: float
-    timestamp: str
-    step: int = 0
-    steps: int = 0
-    interrupted: bool = False
-    cancel: Callable[[], None] | None = None  # set by the route: stops the request in the engine
-
-
-class ProgressBoard:
-    """In-flight A1111 generations of one ingress replica: what GET progress reports, what interrupt cancels.
-
-    A1111 runs one job at a time; here several can run at once. progress/eta/sampling_step describe the oldest
-    running one (what a single client polling after its own request sees); job_count is how many are running.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.time):
-        self.clock = clock
-        self.running: dict[int, Generation] = {}
-        self._next = 0
-        self.last_interrupted = False
-
-    def begin(self, job: str) -> tuple[int, Generation]:
-        now = self.clock()
-        gen = Generation(job, now, time.strftime("%Y%m%d%H%M%S", time.localtime(now)))
-        self._next += 1
-        self.running[self._next] = gen
-        self.last_interrupted = False
-        return self._next, gen
-
-    def end(self, key: int) -> None:
-        gen = self.running.pop(key, None)
-        if gen is not None and gen.interrupted:
-            self.last_interrupted = True
-
-    def interrupt(self) -> int:
-        """Cancel every running generation; returns how many."""
-        for gen in self.running.values():
-            gen.interrupted = True
-            if gen.cancel is not None:
-                gen.cancel()
-        return len(self.running)
-
-    def progress(self) -> dict[str, Any]:
-        """A1111's ProgressResponse (current_image None: no previews yet)."""
-        state = {"skipped": False, "interrupted": self.last_interrupted, "stopping_generation": False, "job": "",
-                 "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
-        if not self.running:
-            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
-        gen = min(self.running.values(), key=lambda g: g.started)
-        state.update({"interrupted": gen.interrupted, "job": gen.job, "job_count": len(self.running),
-                      "job_timestamp": gen.timestamp, "sampling_step": gen.step, "sampling_steps": gen.steps})
-        # A1111's formula (modules/api/api.py progressapi): 0.01 keeps the ETA finite before the first step.
-        progress = 0.01 + (gen.step / gen.steps if gen.steps else 0.0)
-        elapsed = max(0.0, self.clock() - gen.started)
-        eta = elapsed / progress - elapsed
-        return {"progress": min(progress, 1.0), "eta_relative": max(0.0, eta), "state": state,
-                "current_image": None, "textinfo": None}

@@ -14,9 +14,9 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Request
 
 from core.schemas import ErrorKind, GenerationError
-from serving.a1111 import A1111_FIELD, A1111Error, ModelInfo, ProgressBoard, Txt2ImgRequest, find_model, \
-    options_response, samplers_response, schedulers_response, sd_models_response, to_generation_request, \
-    txt2img_response
+from serving.a1111 import A1111_FIELD, A1111Error, ModelInfo, Txt2ImgRequest, find_model, options_response, \
+    samplers_response, schedulers_response, sd_models_response, to_generation_request, txt2img_response
+from serving.a1111_progress import ProgressBoard
 from serving.http.auth import authorize
 from serving.http.errors import ApiError, generation_error
 

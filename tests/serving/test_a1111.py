@@ -8,9 +8,10 @@ import pytest
 
 from core.schedulers import SCHEDULERS
 from core.schemas import GeneratedImage, GenerationResult
-from serving.a1111 import SAMPLERS, A1111Error, ModelInfo, ProgressBoard, Txt2ImgRequest, find_model, \
+from serving.a1111 import SAMPLERS, A1111Error, ModelInfo, Txt2ImgRequest, find_model, \
     options_response, resolve_sampler, samplers_response, schedulers_response, sd_models_response, \
     to_generation_request, txt2img_response
+from serving.a1111_progress import ProgressBoard
 
 MODELS = [ModelInfo("tiny-sd", "embedded:tiny-sd", "euler", 8), ModelInfo("tiny-b", "/models/b.safetensors",
                                                                             "dpmpp_2m_karras", 4)]
@@ -223,7 +224,7 @@ def test_the_mapping_needs_neither_fastapi_nor_ray():
     import subprocess
     import sys
 
-    code = ("import sys, serving.a1111; "
+    code = ("import sys, serving.a1111, serving.a1111_progress; "
             "print(','.join(sorted(m for m in ('fastapi', 'starlette', 'ray', 'torch', 'PIL') if m in sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
