@@ -17,10 +17,12 @@ from core.schemas import ErrorKind, GenerationError
 from serving.a1111 import A1111_FIELD, A1111Error, ModelInfo, Txt2ImgRequest, find_model, options_response, \
     samplers_response, schedulers_response, sd_models_response, to_generation_request, txt2img_response
 from serving.a1111_progress import ProgressBoard
-from serving.http.auth import authorize
+from serving.http.auth import authorize_bearer_or_basic
 from serving.http.errors import ApiError, generation_error
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
+# The API key as Bearer, or as the password of HTTP Basic (what A1111 clients send for --api-auth).
+AUTH = Depends(authorize_bearer_or_basic)
 
 
 @dataclass
@@ -55,7 +57,7 @@ def _outcome_error(err: GenerationError) -> Exception:
 
 
 @router.post("/txt2img", summary="A1111 txt2img: images (base64 PNG), parameters, info (JSON string)")
-async def txt2img(body: Txt2ImgRequest, request: Request, caller: str = Depends(authorize)):
+async def txt2img(body: Txt2ImgRequest, request: Request, caller: str = AUTH):
     ingress = request.app.state.ingress
     state = _state(request)
     try:
@@ -84,38 +86,38 @@ async def txt2img(body: Txt2ImgRequest, request: Request, caller: str = Depends(
 
 
 @router.get("/progress", summary="A1111 progress of the running generation(s) of this replica")
-async def progress(request: Request, skip_current_image: bool = False, caller: str = Depends(authorize)):
+async def progress(request: Request, skip_current_image: bool = False, caller: str = AUTH):
     return _state(request).board.progress()
 
 
 @router.post("/interrupt", summary="Cancel the running A1111 generation(s) of this replica")
-async def interrupt(request: Request, caller: str = Depends(authorize)):
+async def interrupt(request: Request, caller: str = AUTH):
     _state(request).board.interrupt()
     return {}
 
 
 @router.get("/sd-models", summary="Served models as A1111 checkpoints")
-async def sd_models(request: Request, caller: str = Depends(authorize)):
+async def sd_models(request: Request, caller: str = AUTH):
     return sd_models_response(_models(request))
 
 
 @router.get("/samplers", summary="A1111 sampler names sdserve maps onto its schedulers")
-async def samplers(caller: str = Depends(authorize)):
+async def samplers(caller: str = AUTH):
     return samplers_response()
 
 
 @router.get("/schedulers", summary="A1111 schedulers (sigma schedules) sdserve honours")
-async def schedulers(caller: str = Depends(authorize)):
+async def schedulers(caller: str = AUTH):
     return schedulers_response()
 
 
 @router.get("/options", summary="A1111 options (sd_model_checkpoint: this replica's default for /sdapi)")
-async def get_options(request: Request, caller: str = Depends(authorize)):
+async def get_options(request: Request, caller: str = AUTH):
     return options_response(_state(request).checkpoint)
 
 
 @router.post("/options", summary="Set A1111 options; only sd_model_checkpoint is supported")
-async def set_options(request: Request, body: dict[str, Any] = Body(...), caller: str = Depends(authorize)):
+async def set_options(request: Request, body: dict[str, Any] = Body(...), caller: str = AUTH):
     state = _state(request)
     unsupported = sorted(k for k in body if k != "sd_model_checkpoint")
     if unsupported:
@@ -133,27 +135,27 @@ async def set_options(request: Request, body: dict[str, Any] = Body(...), caller
 
 
 @router.get("/loras", summary="LoRAs (none yet)")
-async def loras(caller: str = Depends(authorize)):
+async def loras(caller: str = AUTH):
     return []
 
 
 # What A1111 clients list at start-up (webuiapi asks for scripts when constructed): sdserve has none of these,
 # and says so in A1111's shapes rather than with a 404.
 @router.get("/scripts", summary="Scripts (none)")
-async def scripts(caller: str = Depends(authorize)):
+async def scripts(caller: str = AUTH):
     return {"txt2img": [], "img2img": []}
 
 
 @router.get("/sd-vae", summary="Separate VAEs (none: each model uses its own)")
-async def sd_vae(caller: str = Depends(authorize)):
+async def sd_vae(caller: str = AUTH):
     return []
 
 
 @router.get("/prompt-styles", summary="Saved prompt styles (none)")
-async def prompt_styles(caller: str = Depends(authorize)):
+async def prompt_styles(caller: str = AUTH):
     return []
 
 
 @router.get("/embeddings", summary="Textual-inversion embeddings (none)")
-async def embeddings(caller: str = Depends(authorize)):
+async def embeddings(caller: str = AUTH):
     return {"loaded": {}, "skipped": {}}

@@ -56,6 +56,12 @@ def test_names_and_lists(client):
                         ("prompt-styles", []), ("embeddings", {"loaded": {}, "skipped": {}})]:
         assert client.get(f"/sdapi/v1/{path}").json() == empty
     assert client.get("/sdapi/v1/samplers", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    # HTTP Basic with the key as password (A1111's --api-auth style) works here, a wrong or malformed one does not
+    basic = base64.b64encode(f"bot:{KEYS[1]}".encode()).decode()
+    assert client.get("/sdapi/v1/samplers", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+    for bad in (base64.b64encode(b"bot:wrong").decode(), base64.b64encode(b"no-colon").decode(), "%%%"):
+        assert client.get("/sdapi/v1/samplers", headers={"Authorization": f"Basic {bad}"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": f"Basic {basic}"}).status_code == 401  # /sdapi only
 
 
 def test_bad_sampler_and_bounds_are_422_naming_the_a1111_field(client):
@@ -130,10 +136,10 @@ def test_progress_while_running_and_interrupt_cancels_it(client, serve_url):
 
 
 def test_webuiapi_client_works_unmodified(serve_url):
-    """The most used A1111 client library, as its README uses it (only the API key header added to its session)."""
+    """The most used A1111 client library, as its README uses it; its HTTP Basic auth carries the API key."""
     webuiapi = pytest.importorskip("webuiapi")
     api = webuiapi.WebUIApi(baseurl=f"{serve_url}/sdapi/v1", sampler="DPM++ 2M", scheduler="Karras", steps=2)
-    api.session.headers["Authorization"] = f"Bearer {KEYS[0]}"
+    api.set_auth("any-user", KEYS[0])
     res = api.txt2img(prompt="a cat", negative_prompt="dog", seed=7, width=64, height=80, batch_size=2, cfg_scale=5)
     assert [im.size for im in res.images] == [(64, 80), (64, 80)]
     assert res.info["all_seeds"] == [7, 8] and res.info["sampler_name"] == "DPM++ 2M"
