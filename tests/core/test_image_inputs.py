@@ -286,3 +286,20 @@ def test_importing_the_image_modules_is_cheap():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"heavy modules imported: {proc.stdout.strip()}"
+
+
+def test_fields_drop_into_generation_request():
+    # How the next step adds them: GenerationRequest inherits ImageInputFields (shown here on a subclass).
+    from core.schemas import GenerationRequest
+
+    class WithImages(GenerationRequest, ImageInputFields):
+        pass
+
+    data = encode(noise(64, 64))
+    req = WithImages(prompt="a fox", init_image=data, strength=0.5, steps=4)
+    again = WithImages.model_validate(req.model_dump(mode="json"))  # what jobs store and read back
+    assert again.prompt == "a fox" and again.strength == 0.5 and again.mask_blur == 4
+    assert decode_image(again.init_image, "init_image", LIMITS).sha256 == decode_image(data, "x", LIMITS).sha256
+    with pytest.raises(ValueError) as info:
+        WithImages(prompt="a fox", strength=0.5)
+    assert info.value.errors()[0]["loc"] == ("strength",)
