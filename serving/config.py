@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from core.config import EngineConfig, Strict, load_yaml
+from core.image_fields import ImageInputLimits, UriAllowlist
 from serving.jobs.config import JobsConfig
 
 API_KEYS_ENV = "SDSERVE_API_KEYS"  # comma-separated; added to the configured keys
@@ -125,6 +126,21 @@ class IngressOptions(Strict):
     request_timeout_s: float = Field(600.0, gt=0, description="Give up on a model call after this long (504).")
 
 
+class ImageInputsConfig(Strict):
+    """Input images on HTTP (init_image, mask_image, control[i].image): limits and which URIs may be named."""
+
+    limits: ImageInputLimits = Field(default_factory=ImageInputLimits, description="Bytes and pixel limits, "
+                                     "checked before decoding.")
+    uri_allowlist: UriAllowlist = Field(default_factory=UriAllowlist, description="fsspec URI prefixes an HTTP "
+                                        "request may name as an image; empty (default): only inline images.")
+
+    def uri_policy(self):
+        """The core.image_inputs.UriPolicy for HTTP requests."""
+        from core.image_inputs import UriPolicy
+
+        return UriPolicy(prefixes=tuple(self.uri_allowlist.prefixes))
+
+
 class ServingConfig(Strict):
     """The whole application: models (the first is the default) plus the HTTP ingress."""
 
@@ -137,6 +153,8 @@ class ServingConfig(Strict):
     log_encoding: Literal["TEXT", "JSON"] = Field("JSON", description="Serve log encoding; JSON records carry "
                                                   "request_id, deployment and replica.")
     jobs: JobsConfig | None = Field(None, description="Asynchronous jobs /v1/jobs (None: off).")
+    image_inputs: ImageInputsConfig = Field(default_factory=ImageInputsConfig, description="Input images "
+                                            "(img2img, inpainting, ControlNet): limits and URI allowlist.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ServingConfig":

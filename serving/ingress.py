@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -83,4 +84,39 @@ class Ingress:
                               {"Retry-After": "5"}) from None
         if isinstance(outcome, GenerationError):
             raise generation_error(outcome, openai)
+        return outcome
+
+    async def stream_model(self, name: str, req: GenerationRequest,
+                           on_progress: Callable[[int, int], None]) -> GenerationResult | GenerationError:
+        """Run one request through the model's generate_stream, calling on_progress(step, total) after each
+        denoising step; returns the outcome (a GenerationError is returned, not raised). Transport failures map
+        like call_model's (native flavour). Cancelling the awaiting task cancels the request in the engine."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        stream = self.models[name].options(stream=True).generate_stream.remote(req)
+        outcome, finished = None, False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async for event in stream:
+                    if event["event"] == "progress":
+                        on_progress(event["step"], event["total"])
+                    else:
+                        outcome = event["outcome"]
+            finished = True
+        except BackPressureError as err:
+            raise route_error(False, 503, f"model {name} is overloaded (queue full); retry later", None,
+                              "overloaded", {"Retry-After": retry_after_header(err.retry_after_s or 1.0)}) from None
+        except TimeoutError:
+            raise route_error(False, 504, f"generation took longer than {self.timeout_s:.0f}s", None,
+                              "timeout") from None
+        except (RayActorError, DeploymentUnavailableError) as err:
+            log.warning("model %s unavailable: %s", name, type(err).__name__)
+            raise route_error(False, 503, f"model {name} is unavailable; retry later", None, "unavailable",
+                              {"Retry-After": "5"}) from None
+        finally:
+            if not finished:  # timeout, cancellation (interrupt, client gone), error: stop it in the engine
+                stream.cancel()
+        if outcome is None:
+            raise route_error(False, 500, f"model {name} ended the stream without a result", None, "internal_error")
         return outcome

@@ -4,6 +4,9 @@ The keys and the limiter belong to the running ingress (`request.app.state.ingre
 for how keys are checked and buckets refilled.
 """
 # No `from __future__ import annotations`: FastAPI resolves dependency signatures at route registration.
+import base64
+import binascii
+
 from fastapi import Request
 
 from serving.http.errors import ApiError
@@ -12,9 +15,27 @@ from serving.security import AuthFailure, retry_after_header
 
 async def authorize(request: Request) -> str:
     """Returns the caller id (the key's id, or the client address when auth is off)."""
+    return _authorize(request, request.headers.get("authorization"))
+
+
+async def authorize_bearer_or_basic(request: Request) -> str:
+    """authorize, also accepting HTTP Basic with the API key as the password (any user name): what A1111 clients
+    send for A1111's --api-auth user:password (e.g. webuiapi's set_auth), so they need no change."""
+    header = request.headers.get("authorization")
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() == "basic" and token.strip():
+        try:
+            _, sep, password = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            sep, password = "", ""
+        header = f"Bearer {password}" if sep and password else "Basic (malformed)"
+    return _authorize(request, header)
+
+
+def _authorize(request: Request, header: str | None) -> str:
     ingress = request.app.state.ingress
     try:
-        caller = ingress.keys.authenticate(request.headers.get("authorization"))
+        caller = ingress.keys.authenticate(header)
     except AuthFailure as err:
         raise ApiError(401, {"message": err.message, "code": "invalid_api_key"},
                        {"WWW-Authenticate": "Bearer"}) from None
