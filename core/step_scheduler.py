@@ -81,6 +81,7 @@ class StepScheduler:
         self._busy_start()
         try:
             while True:
+                self._drop_stopped(time.perf_counter())  # first: finished samples free their slots now
                 with self._lock:
                     admitted = self._admit(time.perf_counter())
                     if not admitted and not any(self._active.values()):
@@ -88,7 +89,6 @@ class StepScheduler:
                         self._busy_end()
                         return
                 self._prepare(admitted)
-                self._drop_stopped(time.perf_counter())
                 choice = self._pick(time.perf_counter())
                 if choice is not None:
                     self._run(*choice)
@@ -105,6 +105,7 @@ class StepScheduler:
 
     def _busy_start(self) -> None:
         """A new busy period: step-cache counters, OOM caps and cached inputs start afresh."""
+        self.device = self.engine.pipe._execution_device  # (a property that walks the components: once)
         self.oom_caps.clear()
         self._inputs.clear()
         if self.engine.step_cache is not None:
@@ -124,16 +125,17 @@ class StepScheduler:
         admitted = []
         for key in list(self._waiting):
             queue, active = self._waiting[key], self._active.setdefault(key, [])
+            for s in list(queue):  # requests cancelled or past their deadline while waiting get their outcome now
+                reason = None if s.job.finished else s.job.stop_reason(now)
+                if reason is not None:
+                    s.job.fail(reason)
+                if s.job.finished:
+                    queue.remove(s)
             if self.cfg.admission == "batch" and active:
                 continue
             limit = self._caps.get(key) or self.cap(key)  # the budget's cap (OOM caps chunk calls instead)
             while queue and len(active) < limit:
                 s = queue.popleft()
-                reason = None if s.job.finished else s.job.stop_reason(now)
-                if reason is not None:
-                    s.job.fail(reason)
-                if s.job.finished:
-                    continue
                 active.append(s)
                 admitted.append(s)
             if not queue:
@@ -149,8 +151,8 @@ class StepScheduler:
             try:
                 if job.conditioning is None:
                     job.admitted = time.perf_counter()
-                    job.conditioning = encode_text(eng.pipe, eng.family, job.request, eng.pipe._execution_device)
-                start_sample(s, eng.pipe, eng.family, eng.base_scheduler_config, eng.pipe._execution_device,
+                    job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device)
+                start_sample(s, eng.pipe, eng.family, eng.base_scheduler_config, self.device,
                              job.conditioning.cond.dtype)
                 if not job.calls_total:
                     job.calls_total = s.total
@@ -236,8 +238,7 @@ class StepScheduler:
         from core.unet_step import build_inputs, denoise_step, unet_rows
 
         eng = self.engine
-        inputs = self._inputs[(key, phase)] = build_inputs(samples, eng.pipe._execution_device,
-                                                           self._inputs.get((key, phase)))
+        inputs = self._inputs[(key, phase)] = build_inputs(samples, self.device, self._inputs.get((key, phase)))
         rows = padded(eng, unet_rows(samples), row_buckets(eng))
         with eng.monitor.track(), shape_context(eng, "unet", key[1], key[2], rows):
             denoise_step(eng, samples, inputs, rows, phase)
