@@ -78,16 +78,18 @@ class StepScheduler:
 
     # ------------------------------------------------------------------ the loop (GPU thread)
     def _loop(self) -> None:
-        self._busy_start()
         try:
+            self._busy_start()
             while True:
                 self._drop_stopped(time.perf_counter())  # first: finished samples free their slots now
                 with self._lock:
                     admitted = self._admit(time.perf_counter())
-                    if not admitted and not any(self._active.values()):
-                        self._running = False
-                        self._busy_end()
-                        return
+                    idle = not admitted and not any(self._active.values())
+                    if idle:
+                        self._running = False  # a later submit starts a new loop (queued behind this one)
+                if idle:
+                    self._busy_end()
+                    return
                 self._prepare(admitted)
                 choice = self._pick(time.perf_counter())
                 if choice is not None:

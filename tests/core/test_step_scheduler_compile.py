@@ -25,9 +25,15 @@ def compiled(make_config):
 
 
 def test_warmup_covers_every_row_bucket(compiled):
-    # images buckets 1, 2 -> UNet rows 1 (no CFG), 2, 4 (CFG), and VAE images 1, 2
-    assert {s for s in compiled.warmed if s[0] == "unet"} == {("unet", 64, 64, r) for r in (1, 2, 4)}
+    # images buckets 1, 2 -> UNet rows 2, 4 (CFG; a guidance <= 1 image pads into them), and VAE images 1, 2
+    assert {s for s in compiled.warmed if s[0] == "unet"} == {("unet", 64, 64, r) for r in (2, 4)}
     assert {s for s in compiled.warmed if s[0] == "vae"} == {("vae", 64, 64, n) for n in (1, 2)}
+
+
+def test_default_guidance_compiles_only_cfg_row_buckets(compiled):
+    from core.fastpath import row_buckets
+
+    assert row_buckets(compiled) == [2, 4]
 
 
 def test_no_recompile_across_schedulers_steps_guidance_and_seeds(compiled, req, caplog):
@@ -40,9 +46,25 @@ def test_no_recompile_across_schedulers_steps_guidance_and_seeds(compiled, req, 
         outs = compiled.generate(mixed)
         outs += compiled.generate(mixed[::-1])
     assert all(o.batch_size == 2 for o in outs)  # calls really were mixed (max_batch_size 2)
+    assert {s for s in compiled.warmed if s[0] == "unet"} == {("unet", 64, 64, r) for r in (2, 4)}
     assert unique_graphs() == graphs
     assert compiled.info()["scheduling"]["recompiles"] == 0
     assert "new graph" not in caplog.text
+
+
+def test_turbo_defaults_also_compile_one_row_buckets(make_config):
+    """An engine whose default guidance is <= 1 (turbo / LCM) gets non-CFG row buckets too: warmed, not padded."""
+    from core.engine import Engine
+    from core.fastpath import row_buckets
+
+    eng = Engine(make_config(limits={"max_batch_size": 4}, defaults={"guidance_scale": 0.0},
+                             optimization={"warmup_steps": 0})).load()
+    assert row_buckets(eng) == [1, 2, 4, 8]
+    eng.compiled = True
+    eng.config.optimization.warmup_steps, eng.config.optimization.warmup_shapes = 1, [(64, 64, 4)]
+    eng.warmup()
+    assert sorted(k for k in eng.warmup_times) == ["64x64x1", "64x64x1-nocfg", "64x64x2", "64x64x4"]
+    assert {s[3] for s in eng.warmed if s[0] == "unet"} == {1, 2, 4, 8}
 
 
 def test_a_recompile_while_serving_is_counted_and_logged(compiled, req, caplog):
