@@ -45,4 +45,4 @@ class ModelMetrics:
             self.vram.set(result.peak_vram_bytes)
 
     def observe_error(self, kind: str) -> None:
-        self.errors.inc(tags={"model": self.model, "kind": kind})
+        self.errors.inc(tags={"model": self.model, "kind": str(kind)})

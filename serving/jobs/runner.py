@@ -6,6 +6,7 @@ import logging
 import time
 
 from core.schemas import GenerationError, GenerationRequest
+from serving.payloads import result_json
 
 log = logging.getLogger("ray.serve")
 PROGRESS_EVERY_S = 0.1  # at most ~10 record writes a second per job
@@ -20,8 +21,6 @@ def _is_replica_loss(err: BaseException) -> bool:
 
 async def run_job(store, handles: dict, job_id: str, default_model: str, max_retries: int) -> None:
     """Run a queued job to a terminal state. Never raises: every failure ends as status 'failed' with a reason."""
-    from serving.ingress import result_json
-
     rec = store.get(job_id)
     if rec is None or rec["status"] in ("succeeded", "failed", "cancelled"):
         return

@@ -1,15 +1,21 @@
-"""/v1/jobs routes, registered on the ingress's FastAPI app (404 'jobs are not enabled' when jobs are off)."""
-# No `from __future__ import annotations`: FastAPI must see real annotation objects after Serve pickles the app.
+"""Async job routes: submit, status, result, cancel and SSE events under /v1/jobs (404 'jobs are not enabled'
+when the serving config has no `jobs:`). The jobs backend is the ingress's (`request.app.state.jobs`,
+serving/jobs/runner.py); a caller sees only its own key's jobs.
+"""
+# No `from __future__ import annotations`: FastAPI must see real annotation objects.
 import asyncio
 import base64
 import json
 import time
 
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from core.schemas import GenerationRequest
-from serving.ingress import ApiError, api, authorize
+from serving.http.auth import authorize
+from serving.http.errors import ApiError
+
+router = APIRouter()
 
 JOB_FIELDS = ("id", "status", "created_at", "started_at", "finished_at", "updated_at", "progress", "error",
               "attempts", "seeds")
@@ -40,7 +46,7 @@ def _view(jobs, rec: dict) -> dict:
     return out
 
 
-@api.post("/v1/jobs", status_code=202, summary="Submit an async generation job (same body as /v1/generate)")
+@router.post("/v1/jobs", status_code=202, summary="Submit an async generation job (same body as /v1/generate)")
 async def submit_job(body: GenerationRequest, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
     ingress = request.app.state.ingress
@@ -51,13 +57,13 @@ async def submit_job(body: GenerationRequest, request: Request, caller: str = De
     return JSONResponse({"id": rec["id"], "status": "queued"}, 202, headers={"Location": f"/v1/jobs/{rec['id']}"})
 
 
-@api.get("/v1/jobs/{job_id}", summary="Job status, progress, queue position, timestamps")
+@router.get("/v1/jobs/{job_id}", summary="Job status, progress, queue position, timestamps")
 async def get_job(job_id: str, request: Request, caller: str = Depends(authorize)):
     rec = _owned(request, job_id, caller)
     return _view(_jobs(request), rec)
 
 
-@api.get("/v1/jobs/{job_id}/result", summary="Job result: JSON (base64 images + seeds), or one image as bytes")
+@router.get("/v1/jobs/{job_id}/result", summary="Job result: JSON (base64 images + seeds), or one image as bytes")
 async def get_job_result(job_id: str, request: Request, caller: str = Depends(authorize)):
     rec = _owned(request, job_id, caller)
     if rec["status"] != "succeeded":
@@ -74,7 +80,7 @@ async def get_job_result(job_id: str, request: Request, caller: str = Depends(au
     return result
 
 
-@api.delete("/v1/jobs/{job_id}", summary="Cancel: a queued job never runs, a running one stops at its next step")
+@router.delete("/v1/jobs/{job_id}", summary="Cancel: a queued job never runs, a running one stops at its next step")
 async def cancel_job(job_id: str, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
     rec = _owned(request, job_id, caller)
@@ -86,7 +92,7 @@ async def cancel_job(job_id: str, request: Request, caller: str = Depends(author
     return _view(jobs, rec)
 
 
-@api.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: job status/progress until it ends")
+@router.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: job status/progress until it ends")
 async def job_events(job_id: str, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
     _owned(request, job_id, caller)
