@@ -7,7 +7,7 @@ every UNet call it:
    this step and never change the other samples' images (every sample has its own state);
 2. admits waiting images, FIFO per group (group = model and latent shape, core/batching.group_key), while the
    group holds fewer than its cap: limits.max_batch_size, the VRAM budget's max_batch_for(width, height), and
-   half the size of a call that ran out of memory (until the loop next goes idle). A request's text is encoded
+   half the size of a call that ran out of memory (until nothing is in flight). A request's text is encoded
    once, when its first image is admitted; its images start their own schedulers and noise there.
    scheduling.admission=batch admits into a group only while it is empty: request-level batching, the baseline;
 3. picks the call set for the next UNet call: a group's active samples (with the step cache on, those of one
@@ -82,6 +82,7 @@ class StepScheduler:
             self._busy_start()
             while True:
                 self._drop_stopped(time.perf_counter())  # first: finished samples free their slots now
+                empty = not any(self._active.values())
                 with self._lock:
                     admitted = self._admit(time.perf_counter())
                     idle = not admitted and not any(self._active.values())
@@ -90,6 +91,8 @@ class StepScheduler:
                 if idle:
                     self._busy_end()
                     return
+                if empty:
+                    self._fresh_start()
                 self._prepare(admitted)
                 choice = self._pick(time.perf_counter())
                 if choice is not None:
@@ -106,8 +109,12 @@ class StepScheduler:
             raise
 
     def _busy_start(self) -> None:
-        """A new busy period: step-cache counters, OOM caps and cached inputs start afresh."""
         self.device = self.engine.pipe._execution_device  # (a property that walks the components: once)
+
+    def _fresh_start(self) -> None:
+        """Admitting into an empty batch starts a new run: step-cache counters, OOM caps and cached inputs start
+        afresh (a caller that waits for its result and submits again always gets a new run, whether or not the
+        loop exited meanwhile; the counters stay readable until then)."""
         self.oom_caps.clear()
         self._inputs.clear()
         if self.engine.step_cache is not None:
