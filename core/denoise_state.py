@@ -96,7 +96,7 @@ class Job:
         """Why this job must stop now (cancelled, past its deadline), or None."""
         from core.schemas import GenerationCancelled
 
-        progress = f"{self.reported}/{self.request.steps}"
+        progress = f"{self.reported}/{self.calls_total or self.request.steps}"  # UNet calls (heun: 2 per step)
         if self.cancel.is_set():
             return GenerationCancelled(f"cancelled at step {progress}")
         if self.deadline is not None and now > self.deadline:

@@ -145,19 +145,23 @@ class Engine:
             return TINY_DEFAULTS
         return FAMILY_DEFAULTS[self.family or "sd15"]
 
+    def default_guidance(self) -> float:
+        g = self.config.defaults.guidance_scale
+        return self.family_defaults()[3] if g is None else g
+
     def warmup_shapes(self) -> list[tuple[int, int, int]]:
         w, h, *_ = self.family_defaults()
         d = self.config.defaults
         return list(self.config.optimization.warmup_shapes) or [(d.width or w, d.height or h, 1)]
 
     def warmup(self) -> None:
-        """Run the configured shapes once. Compiled: every UNet row bucket (images with CFG: two rows each,
-        without: one) and every VAE image bucket up to each shape's batch, so serving never compiles."""
+        """Run the configured shapes once. Compiled: every UNet row bucket (core.fastpath.row_buckets) and VAE
+        image bucket up to each shape's batch, so serving never compiles."""
         steps = self.config.optimization.warmup_steps
         self._calibrate_fp8(max(steps, 2))
         if steps == 0:
             return
-        from core.fastpath import image_buckets
+        from core.fastpath import image_buckets, row_buckets
 
         t0 = time.perf_counter()
         self._warming = True  # compiled: every batch bucket up to b is compiled (and recorded) now, not mid-serving
@@ -165,16 +169,15 @@ class Engine:
             forward.compiling = True  # warmed shapes load (or compile and save) their AOT functions
         try:
             for w, h, b in self.warmup_shapes():
-                rows_done: set[int] = set()
-                for n in ([m for m in image_buckets(self) if m <= b] if self.compiled else [b]):
-                    for cfg in (True, False):
-                        rows = 2 * n if cfg else n
-                        if rows in rows_done or (not cfg and not self.compiled):
-                            continue
-                        rows_done.add(rows)
+                sizes = [m for m in image_buckets(self) if m <= b] if self.compiled else [b]
+                uncovered = set(row_buckets(self)) - {2 * m for m in sizes} if self.compiled else set()
+                for n in sizes:
+                    # with CFG (2n rows); and without (n rows) where that is a bucket no CFG run covers
+                    for guidance in (7.5, 1.0) if n in uncovered else (7.5,):
                         t = time.perf_counter()
-                        self._warm(w, h, n, steps, None if cfg else 1.0)
-                        self.warmup_times[f"{w}x{h}x{n}{'' if cfg else '-nocfg'}"] = round(time.perf_counter() - t, 2)
+                        self._warm(w, h, n, steps, guidance)
+                        name = f"{w}x{h}x{n}" + ("" if guidance > 1 else "-nocfg")
+                        self.warmup_times[name] = round(time.perf_counter() - t, 2)
         finally:
             self._warming = False
             for forward in self.aot_forwards:

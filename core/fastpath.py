@@ -76,10 +76,14 @@ def image_buckets(engine) -> list[int]:
 
 
 def row_buckets(engine) -> list[int]:
-    """UNet batch sizes compiled ahead: every image bucket without CFG (one row per image) and with CFG (two).
-    A call mixing CFG and non-CFG samples pads up to the next of these."""
+    """UNet batch sizes compiled ahead: each image bucket with CFG (two rows per image). Images with guidance <= 1
+    take one row and pad up into these (compiled and half idle beats eager); an engine whose default guidance is
+    <= 1 (turbo / LCM deployments) also gets the one-row-per-image buckets, so its usual calls are not padded."""
     buckets = image_buckets(engine)
-    return sorted(set(buckets) | {2 * b for b in buckets})
+    rows = {2 * b for b in buckets}
+    if engine.default_guidance() <= 1:
+        rows |= set(buckets)
+    return sorted(rows)
 
 
 def padded(engine, n: int, buckets: list[int] | None = None) -> int:

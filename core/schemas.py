@@ -57,8 +57,9 @@ class GenerationRequest(Strict):
 
 class Timings(Strict):
     queue_s: float = Field(0.0, ge=0, description="Waiting before the engine started this request.")
-    denoise_s: float = Field(0.0, ge=0, description="Text encoding + denoising loop (shared by the batch).")
-    decode_s: float = Field(0.0, ge=0, description="VAE decode (shared by the batch).")
+    denoise_s: float = Field(0.0, ge=0, description="Text encoding + denoising, from admission to the last step "
+                             "(UNet calls are shared with the batch).")
+    decode_s: float = Field(0.0, ge=0, description="VAE decode (calls shared by images finishing together).")
     encode_s: float = Field(0.0, ge=0, description="Image encoding of this request's images.")
     total_s: float = Field(0.0, ge=0, description="Wall time inside the engine for this request.")
 
@@ -78,7 +79,7 @@ class GenerationResult(Strict):
     scheduler: str = Field(..., description="Scheduler used.")
     model: str = Field(..., description="Model that made the images.")
     output_format: OutputFormat = Field(..., description="Encoding of images[].data.")
-    batch_size: int = Field(..., ge=1, description="Images in the pipeline call that made these.")
+    batch_size: int = Field(..., ge=1, description="The most images that shared a UNet call with these.")
     timings: Timings = Field(default_factory=Timings, description="Stage timings.")
     peak_vram_bytes: int | None = Field(None, description="Peak CUDA memory allocated during the call.")
     note: str | None = Field(None, description="Caveats, e.g. 'random weights: images are noise'.")

@@ -7,7 +7,7 @@ every UNet call it:
    this step and never change the other samples' images (every sample has its own state);
 2. admits waiting images, FIFO per group (group = model and latent shape, core/batching.group_key), while the
    group holds fewer than its cap: limits.max_batch_size, the VRAM budget's max_batch_for(width, height), and
-   half the size of a call that ran out of memory (until the loop next goes idle). A request's text is encoded
+   half the size of a call that ran out of memory (until nothing is in flight). A request's text is encoded
    once, when its first image is admitted; its images start their own schedulers and noise there.
    scheduling.admission=batch admits into a group only while it is empty: request-level batching, the baseline;
 3. picks the call set for the next UNet call: a group's active samples (with the step cache on, those of one
@@ -78,17 +78,22 @@ class StepScheduler:
 
     # ------------------------------------------------------------------ the loop (GPU thread)
     def _loop(self) -> None:
-        self._busy_start()
         try:
+            self._busy_start()
             while True:
+                self._drop_stopped(time.perf_counter())  # first: finished samples free their slots now
+                empty = not any(self._active.values())
                 with self._lock:
                     admitted = self._admit(time.perf_counter())
-                    if not admitted and not any(self._active.values()):
-                        self._running = False
-                        self._busy_end()
-                        return
+                    idle = not admitted and not any(self._active.values())
+                    if idle:
+                        self._running = False  # a later submit starts a new loop (queued behind this one)
+                if idle:
+                    self._busy_end()
+                    return
+                if empty:
+                    self._fresh_start()
                 self._prepare(admitted)
-                self._drop_stopped(time.perf_counter())
                 choice = self._pick(time.perf_counter())
                 if choice is not None:
                     self._run(*choice)
@@ -104,7 +109,12 @@ class StepScheduler:
             raise
 
     def _busy_start(self) -> None:
-        """A new busy period: step-cache counters, OOM caps and cached inputs start afresh."""
+        self.device = self.engine.pipe._execution_device  # (a property that walks the components: once)
+
+    def _fresh_start(self) -> None:
+        """Admitting into an empty batch starts a new run: step-cache counters, OOM caps and cached inputs start
+        afresh (a caller that waits for its result and submits again always gets a new run, whether or not the
+        loop exited meanwhile; the counters stay readable until then)."""
         self.oom_caps.clear()
         self._inputs.clear()
         if self.engine.step_cache is not None:
@@ -124,16 +134,17 @@ class StepScheduler:
         admitted = []
         for key in list(self._waiting):
             queue, active = self._waiting[key], self._active.setdefault(key, [])
+            for s in list(queue):  # requests cancelled or past their deadline while waiting get their outcome now
+                reason = None if s.job.finished else s.job.stop_reason(now)
+                if reason is not None:
+                    s.job.fail(reason)
+                if s.job.finished:
+                    queue.remove(s)
             if self.cfg.admission == "batch" and active:
                 continue
             limit = self._caps.get(key) or self.cap(key)  # the budget's cap (OOM caps chunk calls instead)
             while queue and len(active) < limit:
                 s = queue.popleft()
-                reason = None if s.job.finished else s.job.stop_reason(now)
-                if reason is not None:
-                    s.job.fail(reason)
-                if s.job.finished:
-                    continue
                 active.append(s)
                 admitted.append(s)
             if not queue:
@@ -149,8 +160,8 @@ class StepScheduler:
             try:
                 if job.conditioning is None:
                     job.admitted = time.perf_counter()
-                    job.conditioning = encode_text(eng.pipe, eng.family, job.request, eng.pipe._execution_device)
-                start_sample(s, eng.pipe, eng.family, eng.base_scheduler_config, eng.pipe._execution_device,
+                    job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device)
+                start_sample(s, eng.pipe, eng.family, eng.base_scheduler_config, self.device,
                              job.conditioning.cond.dtype)
                 if not job.calls_total:
                     job.calls_total = s.total
@@ -236,8 +247,7 @@ class StepScheduler:
         from core.unet_step import build_inputs, denoise_step, unet_rows
 
         eng = self.engine
-        inputs = self._inputs[(key, phase)] = build_inputs(samples, eng.pipe._execution_device,
-                                                           self._inputs.get((key, phase)))
+        inputs = self._inputs[(key, phase)] = build_inputs(samples, self.device, self._inputs.get((key, phase)))
         rows = padded(eng, unet_rows(samples), row_buckets(eng))
         with eng.monitor.track(), shape_context(eng, "unet", key[1], key[2], rows):
             denoise_step(eng, samples, inputs, rows, phase)

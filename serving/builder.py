@@ -45,8 +45,8 @@ def model_deployment_options(model: ModelConfig, cluster_has_gpus: bool = False)
     else:
         opts["num_replicas"] = d.num_replicas or 1
     engine = replica_engine_config(model, num_gpus)
-    # The typed config itself is bound (Serve pickles it): the replica gets the object, nothing is re-validated;
-    # the engine batches (its step scheduler), so nothing else configures batching here.
+    # The typed config itself is bound (Serve pickles it): the replica gets the object, nothing is re-validated.
+    # Batching is the engine's step scheduler (engine.limits.max_batch_size): no @serve.batch options.
     opts["init_kwargs"] = {"engine_config": engine}
     return opts
 

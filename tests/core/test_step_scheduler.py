@@ -214,3 +214,37 @@ def test_info_reports_scheduling(engine, req, ok):
     info = engine.info()["scheduling"]
     assert info["admission"] == "step" and info["unet_calls"] >= 2 and info["recompiles"] == 0
     assert sum(info["batch_size_histogram"].values()) == info["unet_calls"]
+
+
+def test_sdxl_pooled_embeddings_and_time_ids_follow_each_sample(make_config, req, ok, decode):
+    """SDXL: each row carries its own pooled text embedding and add_time_ids (CFG and non-CFG rows mixed)."""
+    from core.engine import Engine
+
+    eng = Engine(make_config(source="embedded:tiny-sdxl", name="tiny-sdxl")).load()
+    target = req(seed=5, prompt="a lighthouse", negative_prompt="fog", steps=3, scheduler="dpmpp_2m")
+    alone = ok(eng.generate([target])[0])
+    mixed = [ok(o) for o in eng.generate([req(seed=6, steps=2, guidance_scale=1.0), target,
+                                          req(seed=7, prompt="other", steps=4, scheduler="euler_a")])]
+    assert mixed[1].batch_size == 3
+    assert np.abs(pixels(decode, alone) - pixels(decode, mixed[1])).max() <= MAX_DIFF
+
+
+def test_a_request_cancelled_while_waiting_gets_its_outcome_at_once(make_config, req, ok):
+    """admission=batch keeps the second request waiting; cancelling it answers it before the batch ends."""
+    from core.engine import Engine
+
+    eng = Engine(make_config(scheduling={"admission": "batch"})).load()
+    state = {}
+
+    def on_progress(step, _total, _latents):
+        if step == 1:
+            state["waiting"] = eng.submit(req(seed=2, steps=2))
+        if step == 2:
+            state["waiting"].cancel.set()
+        if step == 3:
+            state["answered_during_batch"] = state["waiting"].finished
+
+    ok(eng.submit(req(seed=1, steps=5), on_progress=on_progress).future.result(timeout=300))
+    assert state["answered_during_batch"]
+    out = state["waiting"].future.result()
+    assert isinstance(out, GenerationCancelled) and "step 0/" in out.message

@@ -75,11 +75,12 @@ def test_concurrent_requests_are_batched_and_seeds_reproduce(client, serve_url):
     for responses in runs:
         assert all(r.status_code == 200 for r in responses)
         batch_sizes = [int(r.headers["x-batch-size"]) for r in responses]
-        assert max(batch_sizes) > 1, batch_sizes  # Serve collected several requests into one engine call
+        assert max(batch_sizes) > 1, batch_sizes  # the engine ran several requests in shared UNet calls
     for b, r1, r2 in zip(bodies, *runs):
         assert r1.headers["x-seed"] == r2.headers["x-seed"] == str(b["seed"])
-        if r1.headers["x-batch-size"] == r2.headers["x-batch-size"]:
-            assert r1.content == r2.content, "same seed and batch size must give the same bytes"
+        # Continuous batching: the two runs may share calls with other requests at other steps; the image
+        # depends only on its own request, up to the rounding of batched CPU fp32 matmuls (2/255).
+        assert np.abs(np.asarray(decode(r1.content), int) - np.asarray(decode(r2.content), int)).max() <= 2
         if b["seed"] in alone:
             # Same latents alone or batched (core guarantees it); CPU fp32 batched matmuls may round the
             # final pixels by at most 2/255, as in tests/core/test_seeds_and_batching.py.
@@ -88,7 +89,7 @@ def test_concurrent_requests_are_batched_and_seeds_reproduce(client, serve_url):
 
 
 def test_mixed_shapes_in_one_batch_all_complete(client, serve_url):
-    # Different compat keys in one collected batch: each group runs; none waits for a later batch.
+    # Different shapes at once: each shape's group runs, interleaved step by step; all complete.
     bodies = [{"prompt": "p", "seed": i, "width": 64 + 8 * (i % 3), "steps": 2 + (i % 2)} for i in range(6)]
 
     def post(b):
