@@ -228,39 +228,23 @@ def _args(*argv):
 
 def test_admission_is_set_on_the_engine_config_or_refused_by_name():
     from benchmarks.load import engine_config
-    from core.config import EngineConfig
 
     args = _args("--sizes", "64x64")
     assert engine_config(args, "default").source == "embedded:tiny-sd"
-    if "scheduling" in EngineConfig.model_fields:  # the step-level engine (issue 18)
-        assert engine_config(args, "batch").scheduling.admission == "batch"
-        with pytest.raises(ValueError, match="admission"):
-            engine_config(args, "no-such-policy")
-    else:  # the request-level engine: asking for a policy is an error, not a silently ignored flag
-        with pytest.raises(ValueError, match="scheduling.admission"):
-            engine_config(args, "batch")
+    assert engine_config(args, "batch").scheduling.admission == "batch"
+    with pytest.raises(ValueError, match="admission"):
+        engine_config(args, "no-such-policy")
 
 
-def test_set_admission_validates_the_value_on_a_config_that_has_the_field():
-    from typing import Literal
-
-    from pydantic import Field
-
+def test_set_admission_validates_the_value_and_keeps_the_rest_of_the_config():
     from benchmarks.load_targets import admission_of, set_admission
-    from core.config import EngineConfig, Strict
+    from core.config import EngineConfig
 
-    class Scheduling(Strict):  # the field as issue 18 specifies it
-        admission: Literal["step", "batch"] = "step"
-
-    class SteppedConfig(EngineConfig):
-        scheduling: Scheduling = Field(default_factory=Scheduling)
-
-    base = SteppedConfig(limits={"max_batch_size": 4})
+    base = EngineConfig(limits={"max_batch_size": 4})
     batch = set_admission(base, "batch")
     assert admission_of(batch) == "batch" and admission_of(base) == "step" and batch.limits.max_batch_size == 4
     with pytest.raises(ValueError, match="admission"):
         set_admission(base, "bogus")
-    assert admission_of(EngineConfig()) is None
 
 
 @pytest.fixture
@@ -283,8 +267,8 @@ def test_in_process_run_writes_one_complete_record_per_profile_and_rate(tmp_path
             "--unloaded-requests", "1", "--out", str(tmp_path), "--tag", "t"]
     assert main(argv) == 0
     files = sorted(p.name for p in tmp_path.glob("*.json"))
-    assert [f[len("YYYY-MM-DD-"):] for f in files] == ["cpu-tiny-sd-mixed-shapes-default-r2-t.json",
-                                                       "cpu-tiny-sd-uniform-default-r2-t.json"]
+    assert [f[len("YYYY-MM-DD-"):] for f in files] == ["cpu-tiny-sd-mixed-shapes-step-r2-t.json",
+                                                       "cpu-tiny-sd-uniform-step-r2-t.json"]
     records = {json.loads(p.read_text())["profile"]: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert set(records) == {"uniform", "mixed-shapes"}
     required = {"bench", "device", "model", "profile", "admission", "rate_fraction", "rate_rps", "throughput_rps",
@@ -310,7 +294,7 @@ def test_in_process_run_writes_one_complete_record_per_profile_and_rate(tmp_path
     assert all(s["unloaded_p50_s"] > 0 for s in records["mixed-shapes"]["per_shape"].values())
     assert records["mixed-shapes"]["saturation"]["requests"] == 6
     table = capsys.readouterr().out
-    assert "| tiny-sd | mixed-shapes | default | 2 |" in table and "| 128x128 |" in table
+    assert "| tiny-sd | mixed-shapes | step | 2 |" in table and "| 128x128 |" in table
 
     # a later call of a split run takes this capacity; the tables go between the doc's markers
     from benchmarks.load_report import capacity_from_records
