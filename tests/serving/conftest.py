@@ -28,7 +28,8 @@ def free_port() -> int:
 def main_config() -> dict:
     dep = {"num_gpus": 0.5, "num_cpus": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.25}
     return {"app_name": "sdserve", "route_prefix": "/", "security": {"api_keys": KEYS},
-            "jobs": {"backend": "local", "concurrency": 2, "max_retries": 3},
+            "jobs": {"backend": "local", "concurrency": 2, "max_retries": 3, "lease_s": 3, "max_queued": 30,
+                     "max_unfinished_per_key": 24},
             "models": [{"engine": {"name": "tiny-sd", "device": "cpu", "limits": {"max_steps": 400}}, "deployment": dep},
                        {"engine": {"name": "tiny-b", "device": "cpu", "seed": 1, "limits": {"max_steps": 400}},
                         "deployment": dep}]}
