@@ -138,6 +138,10 @@ class ServingConfig(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate model names: {', '.join(dupes)}")
+        if self.jobs is not None and self.jobs.backend == "local" and self.ingress.num_replicas > 1:
+            # Each replica would open its own SQLite file (other nodes) and answer 404 for the others' jobs.
+            raise ValueError("jobs.backend local (one SQLite file) serves one ingress replica; use backend redis "
+                             "with ingress.num_replicas > 1")
         return self
 
     @property
