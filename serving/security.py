@@ -101,7 +101,12 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimitMiddleware:
-    """Pure ASGI middleware: 413 when Content-Length or the streamed body exceeds `limit_of(app)` bytes."""
+    """Pure ASGI middleware: 413 when Content-Length or the streamed body exceeds `limit_of(app)` bytes.
+
+    A chunked body has no Content-Length: it is counted as it streams, and the 413 is sent the moment it passes
+    the limit. The app then sees the body read fail (FastAPI turns that into its own 400 "error parsing the
+    body"); that second response is dropped, the client already has the 413.
+    """
 
     def __init__(self, app, limit_of):
         self.app, self.limit_of = app, limit_of
@@ -114,27 +119,31 @@ class BodyLimitMiddleware:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 return await _send_413(send, limit, scope)
         seen = 0
+        started = rejected = False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, rejected
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    if not started and not rejected:
+                        rejected = True
+                        await _send_413(send, limit, scope)
                     raise BodyTooLarge()
             return message
 
-        started = False
-
         async def tracking_send(message):
             nonlocal started
+            if rejected:
+                return  # the app's answer to the aborted body read: the 413 went out instead
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
-            if not started:
+            if not started and not rejected:
                 await _send_413(send, limit, scope)
 
 

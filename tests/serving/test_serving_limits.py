@@ -47,6 +47,26 @@ def test_body_size_limit_413(serve_url):
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
+def chunks(total: int, size: int = 512):
+    """A body sent with Transfer-Encoding: chunked (no Content-Length), as a streaming client does."""
+    yield b'{"prompt": "'
+    for _ in range(total // size):
+        yield b"x" * size
+    yield b'"}'
+
+
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/images/generations", "/v1/jobs"])
+def test_oversized_chunked_body_is_413(serve_url, path):
+    with strict(serve_url, STRICT_KEYS[2]) as c:
+        r = c.post(path, content=chunks(8192), headers={"Content-Type": "application/json"})
+        assert "content-length" not in {k.lower() for k in r.request.headers}  # really chunked
+        assert r.status_code == 413, (r.status_code, r.text)
+        err = r.json()["error"] if "/images/" in path else r.json()["detail"]
+        assert err["code"] == "request_too_large" and "2048 bytes" in err["message"]
+        small = c.post("/v1/generate", content=chunks(512), headers={"Content-Type": "application/json"})
+        assert small.status_code != 413  # under the limit, chunked bodies are read as usual
+
+
 def test_prompt_blocklist_400(serve_url):
     with strict(serve_url, STRICT_KEYS[2]) as c:
         r = c.post("/v1/generate", json={"prompt": "a Forbidden Thing here"})
