@@ -35,8 +35,9 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from serving.builder import build_app
+    from serving.local_ray import init_ray
 
-    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
+    init_ray(args.address)  # no address: a local Ray on loopback only (serving/local_ray.py)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix)
     url = f"http://{args.host}:{args.port}{config.route_prefix.rstrip('/')}"
