@@ -86,8 +86,19 @@ class ModelConfig(Strict):
 
 
 class RateLimit(Strict):
-    requests_per_minute: float = Field(..., gt=0, description="Sustained requests per minute per key.")
+    requests_per_minute: float = Field(..., gt=0, description="Sustained requests per minute per key (generation "
+                                       "and job submits: POST).")
     burst: int = Field(10, ge=1, description="Requests allowed back to back before limiting.")
+    reads_per_minute: float = Field(600.0, gt=0, description="Sustained reads (GET: job status, results, events, "
+                                    "models) per minute per key: a budget of their own, so polling a job never "
+                                    "uses up the generation budget.")
+    read_burst: int = Field(60, ge=1, description="Reads allowed back to back before limiting.")
+
+
+class AuthThrottle(Strict):
+    max_failures: int = Field(10, ge=1, description="Failed authentications per client address within window_s; "
+                              "beyond, the address gets 429 + Retry-After until the window passes.")
+    window_s: float = Field(60.0, gt=0, description="Sliding window of the failure count.")
 
 
 class SecurityConfig(Strict):
@@ -95,6 +106,8 @@ class SecurityConfig(Strict):
                                 "None configured: no auth (local default).")
     rate_limit: RateLimit | None = Field(None, description="Per-key (or per-client-address without keys) "
                                          "token bucket, per ingress replica.")
+    auth_failures: AuthThrottle = Field(default_factory=AuthThrottle, description="Throttling of failed "
+                                        "authentication per client address (when API keys are on).")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body (413 above).")
     prompt_blocklist: list[str] = Field(default_factory=list, description="Case-insensitive substrings; a "
                                         "prompt containing one gets 400.")

@@ -4,6 +4,7 @@ Keys are compared in constant time and never logged: logs and job ownership use 
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import math
@@ -77,6 +78,46 @@ class RateLimiter:
         if len(self._buckets) > self.max_callers:  # bounded memory: drop the idlest half
             for caller, _ in sorted(self._buckets.items(), key=lambda kv: kv[1][1])[: self.max_callers // 2]:
                 del self._buckets[caller]
+
+
+class FailureThrottle:
+    """Failed authentications per client address: after `max_failures` within `window_s` the address gets 429
+    (before its key is even checked) until the oldest failure leaves the window. Keys cannot be guessed at speed,
+    and a client with a bad key configured stops hammering the server."""
+
+    def __init__(self, max_failures: int, window_s: float, max_clients: int = 100_000):
+        self.max_failures, self.window_s, self.max_clients = max_failures, window_s, max_clients
+        self._failures: dict[str, collections.deque] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> collections.deque:
+        window = self._failures.get(client)
+        if window is None:
+            return collections.deque()
+        while window and window[0] <= now - self.window_s:
+            window.popleft()
+        if not window:
+            del self._failures[client]
+        return window
+
+    def blocked_for(self, client: str, now: float | None = None) -> float:
+        """Seconds until `client` may try again (0: not throttled)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            window = self._recent(client, now)
+            if len(window) < self.max_failures:
+                return 0.0
+            return window[0] + self.window_s - now
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._recent(client, now)
+            self._failures.setdefault(client, collections.deque(maxlen=self.max_failures)).append(now)
+            if len(self._failures) > self.max_clients:  # bounded memory: forget the longest-quiet half
+                quiet = sorted(self._failures, key=lambda c: self._failures[c][-1])[: self.max_clients // 2]
+                for c in quiet:
+                    del self._failures[c]
 
 
 def retry_after_header(seconds: float) -> str:

@@ -160,6 +160,18 @@ def test_rate_limiter_token_bucket():
     assert rl.acquire("a", now=1.01) == 0  # refilled
 
 
+def test_auth_failure_throttle_sliding_window():
+    from serving.security import FailureThrottle
+
+    th = FailureThrottle(max_failures=3, window_s=10)
+    for t in (0, 1, 2):
+        assert th.blocked_for("1.2.3.4", now=t) == 0
+        th.failed("1.2.3.4", now=t)
+    assert th.blocked_for("1.2.3.4", now=3) == pytest.approx(7)  # until the first failure leaves the window
+    assert th.blocked_for("5.6.7.8", now=3) == 0  # per address
+    assert th.blocked_for("1.2.3.4", now=10.01) == 0  # one failure left the window: one more try
+
+
 def test_blocklist_is_case_insensitive():
     assert Blocklist(["Bad Word"]).match("a BAD WORD here") == "bad word"
     assert Blocklist(["x"]).match("fine", None) is None
