@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from core.config import EngineConfig, Strict, load_yaml
+from core.resources import engine_for_actor
 from core.schemas import MAX_SEED, OutputFormat
 
 # Input columns a prompt set may carry: the GenerationRequest fields plus the row's id.
@@ -39,7 +40,8 @@ class BatchJobConfig(Strict):
                           "blake2b(job_seed, id), so the same input gives the same images on every run.")
     concurrency: int = Field(1, ge=1, le=4096, description="Engine actors (the actor pool size).")
     num_gpus: float | None = Field(None, ge=0, le=8, description="GPUs per actor (0.5 puts two actors on a "
-                                   "GPU). Default: 1 when the cluster has GPUs, else 0.")
+                                   "GPU). Default: 1 when the cluster has GPUs and engine.device is not "
+                                   "cpu, else 0 (core.resources, the rule Serve replicas follow too).")
     num_cpus: float | None = Field(None, ge=0, le=256, description="CPUs reserved per actor. Default: 1, less "
                                    "when the cluster is too small to also run the read/write tasks.")
     batch_size: int = Field(32, ge=1, le=4096, description="Rows per engine call (map_batches batch_size). The "
@@ -66,11 +68,11 @@ class BatchJobConfig(Strict):
         return self.rows_per_part or 4 * self.batch_size
 
     def apply_gpu_fraction(self) -> "BatchJobConfig":
-        """An actor owning half a GPU must also cap its VRAM at half (the engine enforces memory.gpu_fraction)."""
-        if self.num_gpus and 0 < self.num_gpus < 1 and self.engine.memory.gpu_fraction == 1.0:
-            mem = self.engine.memory.model_copy(update={"gpu_fraction": self.num_gpus})
-            return self.model_copy(update={"engine": self.engine.model_copy(update={"memory": mem})})
-        return self
+        """The engine each actor loads (core.resources.engine_for_actor, as Serve replicas): an actor owning half a
+        GPU caps its VRAM at half; one owning none runs an 'auto' engine on CPU. Unchanged while num_gpus is unset."""
+        if self.num_gpus is None:
+            return self
+        return self.model_copy(update={"engine": engine_for_actor(self.engine, self.num_gpus)})
 
 
 def load_job_config(path: str | os.PathLike | None = None, **overrides: Any) -> BatchJobConfig:

@@ -103,18 +103,15 @@ def output_counts(layout: OutputLayout) -> dict[str, Any]:
 
 
 def _fit_resources(job: BatchJobConfig) -> BatchJobConfig:
-    """Fill num_gpus/num_cpus for this cluster. Read, write and checkpoint-filter work needs ~2 CPUs besides
-    the engine actors: on a small (CPU) cluster, actors reserving a whole CPU each would starve them."""
+    """Fill num_gpus/num_cpus for this cluster (core.resources: the rules Serve replicas follow too)."""
     import ray
 
+    from core.resources import actor_num_cpus, actor_num_gpus
+
     res = ray.cluster_resources()
-    update: dict[str, Any] = {}
-    if job.num_gpus is None:
-        update["num_gpus"] = 1.0 if res.get("GPU", 0) > 0 else 0.0
-    if job.num_cpus is None:
-        spare = (res.get("CPU", 0) - 2) / job.concurrency
-        update["num_cpus"] = 1.0 if spare >= 1 else max(0.0, round(spare, 2))
-    return job.model_copy(update=update)
+    return job.model_copy(update={
+        "num_gpus": actor_num_gpus(job.num_gpus, res.get("GPU", 0) > 0, job.engine.device),
+        "num_cpus": actor_num_cpus(job.num_cpus, res.get("CPU", 0), job.concurrency)})
 
 
 def _warn_if_cpus_short(job: BatchJobConfig, resuming: bool) -> None:

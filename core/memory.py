@@ -22,9 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from core.config import BALANCED_SHARE, MemoryConfig, MemoryLevel
+from core.stream_slots import GiB, fit_lookahead, module_bytes, slot_count  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
-GiB = 1024**3
 # Fastest first (measured on the H100, docs/benchmarks.md); each level's peak is below the previous one's.
 LEVEL_ORDER = (MemoryLevel.NONE, MemoryLevel.BALANCED, MemoryLevel.AGGRESSIVE, MemoryLevel.ULTRA)
 
@@ -58,13 +58,6 @@ class ModelFootprint:
         return self.unet + self.text_encoders + self.vae
 
 
-def module_bytes(module) -> int:
-    """Bytes of a module's parameters and buffers (0 for None)."""
-    if module is None:
-        return 0
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
 def footprint_of(pipe) -> ModelFootprint:
     te = module_bytes(getattr(pipe, "text_encoder", None)) + module_bytes(getattr(pipe, "text_encoder_2", None))
     return ModelFootprint(unet=module_bytes(pipe.unet), text_encoders=te, vae=module_bytes(pipe.vae))
@@ -74,20 +67,6 @@ def level_share(level: MemoryLevel, balanced_share: float) -> float:
     """Share of the UNet's weight bytes streamed per call: BALANCED's setting (memory.streamed_share), every
     transformer block below it (the share is capped at what the transformer blocks hold)."""
     return balanced_share if level == MemoryLevel.BALANCED else 1.0
-
-
-def slot_count(n: int, ahead: int) -> int:
-    """Device slots of n cyclically streamed blocks copied `ahead` blocks ahead (core.streaming.slot_plan): one per
-    block in flight, plus n % (ahead + 1) so that the wrap-around into the next call never reuses a busy slot."""
-    return min(n, ahead + 1 + n % (ahead + 1))
-
-
-def fit_lookahead(n: int, lookahead: int) -> int:
-    """Blocks copied ahead of the one computing, for n streamed blocks: at most `lookahead` and a fifth of n (past
-    that most blocks would sit in slots anyway); among the values down to three quarters of that, the one needing
-    the fewest device slots (SDXL's 70 blocks take 10 slots at 9 ahead but 18 at 12 ahead)."""
-    top = max(1, min(lookahead, n // 5))
-    return min(range(max(1, -(-3 * top // 4)), top + 1), key=lambda a: (slot_count(n, a), -a))
 
 
 def stream_slots(family: str, level: MemoryLevel, share: float, lookahead: int | None = None) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 
-from core.memory import GiB, fit_lookahead, module_bytes
+from core.stream_slots import GiB, fit_lookahead, module_bytes, slot_plan  # noqa: F401 - slot_plan re-exported
 
 log = logging.getLogger(__name__)
 E4M3_MAX = 448.0
@@ -45,17 +45,6 @@ def pick_streamed(blocks: list, total_bytes: int, share: float) -> list[int]:
             chosen.append(i)
             credit -= size
     return chosen
-
-
-def slot_plan(n: int, lookahead: int) -> list[int]:
-    """Device slot of each of n cyclically streamed blocks, such that any lookahead+1 cyclically consecutive
-    blocks (the one computing and those prefetched) sit in distinct slots: j % S with S = lookahead+1, and the
-    last n % S blocks in extra slots so the wrap-around to block 0 never lands on a slot still in use."""
-    size = lookahead + 1
-    if n <= size:
-        return list(range(n))
-    tail = n % size
-    return [j % size if j < n - tail else size + (j - (n - tail)) for j in range(n)]
 
 
 CAST_AHEAD = 2  # fp8 storage: blocks cast up ahead of the one computing (compute-dtype work slots: CAST_AHEAD + 1)

@@ -6,32 +6,21 @@ from the config (inspectable in tests without GPUs), then the deployment is buil
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from core.config import EngineConfig
-from serving.config import ModelConfig, ServingConfig
-
-
-def model_deployment_name(model: str) -> str:
-    return "model-" + re.sub(r"[^A-Za-z0-9_-]", "_", model)
+from core.resources import actor_num_gpus, engine_for_actor
+from serving.config import ModelConfig, ServingConfig, model_deployment_name
 
 
 def resolve_num_gpus(model: ModelConfig, cluster_has_gpus: bool) -> float:
-    gpus = model.deployment.num_gpus
-    if gpus == "auto":
-        return 1.0 if cluster_has_gpus and model.engine.device != "cpu" else 0.0
-    return float(gpus)
+    """GPUs one replica of `model` reserves (core.resources.actor_num_gpus: the rule Ray Data actors follow too)."""
+    return actor_num_gpus(model.deployment.num_gpus, cluster_has_gpus, model.engine.device)
 
 
 def replica_engine_config(model: ModelConfig, num_gpus: float) -> EngineConfig:
-    """The engine config a replica loads: VRAM budget fraction = its GPU fraction; CPU when it holds no GPU."""
-    engine = model.engine.model_copy(deep=True)
-    if num_gpus > 0:
-        engine.memory = engine.memory.model_copy(update={"gpu_fraction": min(1.0, num_gpus)})
-    elif engine.device == "auto":
-        engine.device = "cpu"  # no GPU reserved: never touch one that belongs to another replica
-    return engine
+    """The engine config a replica loads: VRAM budget within its GPU share; CPU when it holds no GPU."""
+    return engine_for_actor(model.engine, num_gpus)
 
 
 def model_deployment_options(model: ModelConfig, cluster_has_gpus: bool = False) -> dict[str, Any]:
@@ -103,20 +92,4 @@ def build_app(config: ServingConfig | dict, cluster_has_gpus: bool | None = None
         handles[m.name] = dep.bind(**init)
     iopts = ingress_deployment_options(config)
     iopts["backpressure_config"] = BackpressureConfig(**iopts["backpressure_config"])
-    return serve.deployment(Ingress).options(**iopts, logging_config=logging_config).bind(
-        config.model_dump(mode="json"), handles)
-
-
-def model_statuses(config: ServingConfig) -> dict[str, str]:
-    """Each model deployment's Serve status (HEALTHY when every replica loaded); called inside the app."""
-    from ray import serve
-
-    try:
-        app = serve.status().applications.get(serve.get_replica_context().app_name)
-    except Exception as err:  # noqa: BLE001 - the controller may be briefly unreachable
-        return {m.name: f"UNKNOWN ({type(err).__name__})" for m in config.models}
-    out = {}
-    for m in config.models:
-        dep = app.deployments.get(model_deployment_name(m.name)) if app else None
-        out[m.name] = str(getattr(dep.status, "value", dep.status)) if dep else "MISSING"
-    return out
+    return serve.deployment(Ingress).options(**iopts, logging_config=logging_config).bind(config, handles)

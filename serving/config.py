@@ -6,6 +6,7 @@ must stay cheap: no torch, no Ray.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -72,6 +73,11 @@ class DeploymentOptions(Strict):
         if value != "auto" and not 0 <= value <= 8:
             raise ValueError("must be 'auto' or between 0 and 8 (fractions share a GPU)")
         return value
+
+
+def model_deployment_name(model: str) -> str:
+    """The Serve deployment name of a model (its name, with characters Serve rejects replaced)."""
+    return "model-" + re.sub(r"[^A-Za-z0-9_-]", "_", model)
 
 
 class ModelConfig(Strict):

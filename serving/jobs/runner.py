@@ -14,6 +14,7 @@ import time
 
 from core.schemas import GenerationError, GenerationRequest
 from serving.jobs.states import TERMINAL, JobStatus
+from serving.payloads import result_json
 
 log = logging.getLogger("ray.serve")
 PROGRESS_EVERY_S = 0.1  # at most ~10 record writes a second per job
@@ -37,8 +38,6 @@ def _cancelled(store, job_id: str, progress=None) -> None:
 async def run_job(store, handles: dict, job_id: str, default_model: str, max_retries: int) -> None:
     """Run a queued job to a terminal state. Never raises (but asyncio cancellation): every failure ends as
     status 'failed' with a reason."""
-    from serving.ingress import result_json
-
     rec = store.get(job_id)
     if rec is None or rec["status"] in TERMINAL:
         return

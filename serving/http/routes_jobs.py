@@ -1,18 +1,24 @@
-"""/v1/jobs routes, registered on the ingress's FastAPI app (404 'jobs are not enabled' when jobs are off)."""
-# No `from __future__ import annotations`: FastAPI must see real annotation objects after Serve pickles the app.
+"""Async job routes: submit, status, result, cancel and SSE events under /v1/jobs (404 'jobs are not enabled'
+when the serving config has no `jobs:`). The jobs backend is the ingress's (`request.app.state.jobs`,
+serving/jobs/runner.py); a caller sees only its own key's jobs.
+"""
+# No `from __future__ import annotations`: FastAPI must see real annotation objects.
 import asyncio
 import base64
 import json
 import time
 
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from core.schemas import GenerationRequest
-from serving.ingress import ApiError, api, authorize
+from serving.http.auth import authorize
+from serving.http.errors import ApiError, generation_error
 from serving.jobs.states import TERMINAL, JobRejected, JobStatus
 from serving.request_limits import limits_error
 from serving.security import retry_after_header
+
+router = APIRouter()
 
 JOB_FIELDS = ("id", "status", "created_at", "started_at", "finished_at", "updated_at", "progress", "error",
               "attempts", "seeds")
@@ -43,7 +49,7 @@ def _view(jobs, rec: dict) -> dict:
     return out
 
 
-@api.post("/v1/jobs", status_code=202, summary="Submit an async generation job (same body as /v1/generate)")
+@router.post("/v1/jobs", status_code=202, summary="Submit an async generation job (same body as /v1/generate)")
 async def submit_job(body: GenerationRequest, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
     ingress = request.app.state.ingress
@@ -51,7 +57,7 @@ async def submit_job(body: GenerationRequest, request: Request, caller: str = De
     # The model's own limits, before a job id exists: the same 422 naming the field as /v1/generate.
     err = limits_error(next(m.engine for m in ingress.config.models if m.name == name), body)
     if err is not None:
-        raise ingress.generation_error(err, openai=False)
+        raise generation_error(err, openai=False)
     owner = caller if ingress.keys.enabled else None
     request_json = body.model_copy(update={"model": name}).model_dump(mode="json")
     try:
@@ -65,13 +71,13 @@ async def submit_job(body: GenerationRequest, request: Request, caller: str = De
     return JSONResponse({"id": rec["id"], "status": "queued"}, 202, headers={"Location": f"/v1/jobs/{rec['id']}"})
 
 
-@api.get("/v1/jobs/{job_id}", summary="Job status, progress, queue position, timestamps")
+@router.get("/v1/jobs/{job_id}", summary="Job status, progress, queue position, timestamps")
 async def get_job(job_id: str, request: Request, caller: str = Depends(authorize)):
     rec = _owned(request, job_id, caller)
     return _view(_jobs(request), rec)
 
 
-@api.get("/v1/jobs/{job_id}/result", summary="Job result: JSON (base64 images + seeds), or one image as bytes")
+@router.get("/v1/jobs/{job_id}/result", summary="Job result: JSON (base64 images + seeds), or one image as bytes")
 async def get_job_result(job_id: str, request: Request, caller: str = Depends(authorize)):
     rec = _owned(request, job_id, caller)
     if rec["status"] != JobStatus.SUCCEEDED:
@@ -88,7 +94,7 @@ async def get_job_result(job_id: str, request: Request, caller: str = Depends(au
     return result
 
 
-@api.delete("/v1/jobs/{job_id}", summary="Cancel: a queued job never runs, a running one stops at its next step")
+@router.delete("/v1/jobs/{job_id}", summary="Cancel: a queued job never runs, a running one stops at its next step")
 async def cancel_job(job_id: str, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
     rec = _owned(request, job_id, caller)
@@ -102,7 +108,7 @@ async def cancel_job(job_id: str, request: Request, caller: str = Depends(author
     return _view(jobs, rec)
 
 
-@api.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: job status/progress until it ends")
+@router.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: job status/progress until it ends")
 async def job_events(job_id: str, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
     _owned(request, job_id, caller)

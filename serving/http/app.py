@@ -1,0 +1,30 @@
+"""The app factory: `create_app(ingress)` builds the FastAPI app of one ingress replica.
+
+Called by the Ingress deployment's `__serve_build_asgi_app__` (Serve's late-bound ingress) after its constructor,
+as vLLM's build_app() does: body-size middleware, error handlers, then one router per route group.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from serving.http import health, routes_jobs, routes_native, routes_openai
+from serving.http.errors import install_error_handlers
+from serving.security import BodyLimitMiddleware
+
+DESCRIPTION = ("Stable Diffusion / SDXL image generation on Ray Serve. Native API (/v1/generate), OpenAI Images "
+               "API (/v1/images/generations), async jobs (/v1/jobs).")
+
+
+def create_app(ingress: Any) -> FastAPI:
+    """`ingress`: the running deployment (config, models, keys, limiter, jobs, check_request, call_model)."""
+    app = FastAPI(title="sdserve", version="0.1.0", description=DESCRIPTION)
+    app.state.ingress = ingress
+    app.state.jobs = ingress.jobs
+    limit = ingress.config.security.max_body_bytes
+    app.add_middleware(BodyLimitMiddleware, limit_of=lambda: limit)
+    install_error_handlers(app)
+    for group in (routes_native, routes_openai, routes_jobs, health):
+        app.include_router(group.router)
+    return app

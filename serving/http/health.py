@@ -1,0 +1,41 @@
+"""Health routes: /healthz (liveness: the ingress answers) and /readyz (every model deployment HEALTHY).
+
+Readiness asks the Serve controller for the status of this application's model deployments; no auth, so
+load balancers and Kubernetes probes can call them.
+"""
+# No `from __future__ import annotations`: FastAPI must see real annotation objects.
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from serving.config import ServingConfig, model_deployment_name
+
+router = APIRouter()
+
+
+def model_statuses(config: ServingConfig) -> dict[str, str]:
+    """Each model deployment's Serve status (HEALTHY when every replica loaded); called inside the app."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(serve.get_replica_context().app_name)
+    except Exception as err:  # noqa: BLE001 - the controller may be briefly unreachable
+        return {m.name: f"UNKNOWN ({type(err).__name__})" for m in config.models}
+    out = {}
+    for m in config.models:
+        dep = app.deployments.get(model_deployment_name(m.name)) if app else None
+        out[m.name] = str(getattr(dep.status, "value", dep.status)) if dep else "MISSING"
+    return out
+
+
+@router.get("/healthz", summary="Liveness: the ingress answers")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: every model deployment is loaded and healthy")
+async def readyz(request: Request):
+    status = await asyncio.to_thread(model_statuses, request.app.state.ingress.config)
+    ready = all(s == "HEALTHY" for s in status.values())
+    return JSONResponse({"ready": ready, "models": status}, 200 if ready else 503)
