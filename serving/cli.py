@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from serving.builder import build_app
+    from serving.drain import drain_app
     from serving.local_ray import init_ray
 
     init_ray(args.address)  # no address: a local Ray on loopback only (serving/local_ray.py)
@@ -50,6 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):  # keep serving until a signal
         pass
+    drain_app(config)  # 503 for new requests, in-flight ones finish, running jobs queued again (serving/drain.py)
     print("sdserve: shutting down", flush=True)
     serve.shutdown()
     ray.shutdown()

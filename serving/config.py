@@ -136,6 +136,9 @@ class IngressOptions(Strict):
     max_ongoing_requests: int = Field(256, ge=1, description="Concurrent HTTP requests per ingress replica.")
     max_queued_requests: int = Field(512, ge=1, description="Requests queued at the proxy for the ingress.")
     request_timeout_s: float = Field(600.0, gt=0, description="Give up on a model call after this long (504).")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown (SIGTERM, redeploy): how long requests in "
+                                   "flight may take to finish while new ones get 503; also the ingress's Serve "
+                                   "graceful_shutdown_timeout_s (docs/deploy.md#draining).")
 
 
 class ServingConfig(Strict):

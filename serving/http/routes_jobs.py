@@ -15,6 +15,7 @@ from core.schemas import GenerationRequest
 from serving.http.auth import authorize
 from serving.http.errors import ApiError, generation_error
 from serving.jobs.states import TERMINAL, JobRejected, JobStatus
+from serving.metrics import count_error
 from serving.request_limits import limits_error
 from serving.security import retry_after_header
 
@@ -53,7 +54,7 @@ def _view(jobs, rec: dict) -> dict:
 async def submit_job(body: GenerationRequest, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
     ingress = request.app.state.ingress
-    name = ingress.check_request(body, openai=False)
+    name = request.state.model = ingress.check_request(body, openai=False)
     # The model's own limits, before a job id exists: the same 422 naming the field as /v1/generate.
     err = limits_error(next(m.engine for m in ingress.config.models if m.name == name), body)
     if err is not None:
@@ -102,8 +103,11 @@ async def cancel_job(job_id: str, request: Request, caller: str = Depends(author
         return _view(jobs, rec)
     jobs.store.request_cancel(job_id)
     # A queued job is cancelled now (it never runs); a running one is `cancelling` until its next step.
-    rec = (jobs.store.update(job_id, expect=[JobStatus.QUEUED], status=JobStatus.CANCELLED, finished_at=time.time())
-           or jobs.store.update(job_id, expect=[JobStatus.RUNNING], status=JobStatus.CANCELLING)
+    cancelled = jobs.store.update(job_id, expect=[JobStatus.QUEUED], status=JobStatus.CANCELLED,
+                                  finished_at=time.time())
+    if cancelled is not None:
+        count_error("cancelled", rec["request"].get("model"))
+    rec = (cancelled or jobs.store.update(job_id, expect=[JobStatus.RUNNING], status=JobStatus.CANCELLING)
            or jobs.store.get(job_id) or rec)
     return _view(jobs, rec)
 
@@ -111,6 +115,7 @@ async def cancel_job(job_id: str, request: Request, caller: str = Depends(author
 @router.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: job status/progress until it ends")
 async def job_events(job_id: str, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
+    ingress = request.app.state.ingress
     _owned(request, job_id, caller)
 
     async def events():
@@ -123,7 +128,7 @@ async def job_events(job_id: str, request: Request, caller: str = Depends(author
             if view != last:
                 yield f"data: {json.dumps(view)}\n\n"
                 last = view
-            if rec["status"] in TERMINAL:
+            if rec["status"] in TERMINAL or ingress.gate.draining:  # draining: the client reconnects elsewhere
                 return
             await asyncio.sleep(0.2)
 

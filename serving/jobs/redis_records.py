@@ -18,7 +18,7 @@ class RedisRecords:
     def __init__(self, url: str, prefix: str = "sdserve"):
         import redis
 
-        self.r = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.r = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2)
         self.prefix = prefix
 
     def _k(self, *parts: str) -> str:

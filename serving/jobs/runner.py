@@ -14,6 +14,7 @@ import time
 
 from core.schemas import GenerationError, GenerationRequest
 from serving.jobs.states import TERMINAL, JobStatus
+from serving.metrics import count_error
 from serving.payloads import result_json
 
 log = logging.getLogger("ray.serve")
@@ -62,6 +63,7 @@ async def run_job(store, handles: dict, job_id: str, default_model: str, max_ret
                     if store.cancel_requested(job_id):
                         stream.cancel()
                         _cancelled(store, job_id, progress)
+                        count_error("cancelled", req.model or default_model)
                         return
                     now = time.monotonic()
                     if now - last >= PROGRESS_EVERY_S or event["step"] == event["total"]:

@@ -19,6 +19,18 @@ from serving.jobs.states import JobStatus
 log = logging.getLogger("ray.serve")
 
 
+def _store_errors() -> tuple[type[BaseException], ...]:
+    import sqlite3
+
+    from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutError as RedisTimeoutError
+
+    return (RedisConnectionError, RedisTimeoutError, sqlite3.OperationalError)
+
+
+# The records backend cannot be reached (Redis down, SQLite file locked/unwritable): HTTP 503, not ready.
+STORE_ERRORS = _store_errors()
+
+
 def new_job_id() -> str:
     return "job-" + uuid.uuid4().hex
 
