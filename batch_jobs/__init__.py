@@ -1,4 +1,10 @@
-"""Ray Data batch generation over Parquet prompt sets. Importing this package does not import Ray or torch."""
+"""batch_jobs: Ray Data batch generation over Parquet prompt sets (docs/batch.md).
+
+Owns the job config, the prompt-set scan, row <-> request translation, the map_batches UDF holding one engine
+per actor, the Parquet/files sink with resume, and the batch CLI/benchmark. May import core and ray; never serving,
+sdserve or benchmarks (tests/test_import_cycles.py enforces it). Importing this package does not import Ray or
+torch.
+"""
 from __future__ import annotations
 
 

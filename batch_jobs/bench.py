@@ -1,4 +1,4 @@
-"""Ray Data batch throughput vs the engine's offline loop, from one run (issue 5: ratio >= 0.95 on an H100).
+"""Ray Data batch throughput vs the engine's offline loop, from one run (the goal: ratio >= 0.95 on a GPU).
 
 Both sides get the same prompt set (one compat key, so every call is a full batch), the same engine config and
 the same rows per engine call. Throughput is steady state on both sides: images finished after the first

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from batch_jobs.config import REQUEST_COLUMNS, RowDefaults
 from core.config import format_validation_error
-from core.schemas import MAX_SEED, GenerationError, GenerationRequest, GenerationResult
+from core.schemas import MAX_SEED, ErrorKind, GenerationError, GenerationRequest, GenerationResult
 
 # Columns of an image row (data parts / manifest) in order; `image` is dropped from a files-mode manifest.
 IMAGE_FIELDS = [
@@ -49,7 +49,7 @@ def to_request(row: dict[str, Any], defaults: RowDefaults, job_seed: int) -> Gen
         return GenerationRequest(**fields)
     except ValidationError as err:
         first = err.errors()[0].get("loc", ()) if err.errors() else ()
-        raise GenerationError(format_validation_error(err), "validation",
+        raise GenerationError(format_validation_error(err), ErrorKind.VALIDATION,
                               str(first[0]) if first else None) from None
 
 
@@ -72,7 +72,7 @@ def image_rows(row: dict[str, Any], req: GenerationRequest, result: GenerationRe
 
 def error_row(row: dict[str, Any], err: GenerationError) -> dict[str, Any]:
     return {"id": row.get("id"), "prompt": row.get("prompt") if isinstance(row.get("prompt"), str) else None,
-            "error": err.message, "error_kind": err.kind, "error_field": err.field, "input": _input_json(row)}
+            "error": err.message, "error_kind": err.kind.value, "error_field": err.field, "input": _input_json(row)}
 
 
 def build_table(rows: Iterable[dict[str, Any]], id_type: pa.DataType) -> pa.Table:

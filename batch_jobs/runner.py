@@ -201,7 +201,7 @@ def _execute(prompts, layout: OutputLayout, ckpt: str, job: BatchJobConfig, prog
         # (a big Parquet file would otherwise be one block, written only at the very end).
         ds = ds.repartition(target_num_rows_per_block=job.part_rows)
         pool = ActorPoolStrategy(size=job.concurrency, max_concurrent_calls_per_actor=job.actor_threads)
-        ds = ds.map_batches(GenerateImages, fn_constructor_kwargs={"job": job.model_dump(mode="json")},
+        ds = ds.map_batches(GenerateImages, fn_constructor_kwargs={"job": job},
                             batch_size=job.batch_size, batch_format="pyarrow", zero_copy_batch=True,
                             compute=pool, num_gpus=job.num_gpus or None, num_cpus=job.num_cpus,
                             # A dead actor fails the run (resumable) instead of waiting, with its tasks, for a

@@ -17,6 +17,7 @@ import statistics
 import time
 
 from benchmarks.image_quality import image_quality, load_reference, save_reference
+from benchmarks.memory_variant import MemoryVariant, parse_variants
 
 log = logging.getLogger("bench")
 GiB = 1024**3
@@ -281,10 +282,8 @@ def gpu_idle_gaps(events) -> dict:
 
 
 def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflops, flops, records, cache_dir,
-                  memory_level="none", reference=None, memory_offload="auto",
-                  profile_dir=None, pinned_gbps=None, streamed_share=None,
-                  vram_budget_gib=None, fp8_storage=None, lookahead=None,
-                  keep: list | None = None) -> dict[int, list[bytes]]:
+                  memory: MemoryVariant | None = None, reference=None, profile_dir=None, pinned_gbps=None,
+                  vram_budget_gib=None, keep: list | None = None) -> dict[int, list[bytes]]:
     """Records one entry per batch; returns the last call's encoded images per batch. With `reference` (those
     of another variant), each record gets a `quality` figure against it. With `keep`, the engine stays alive and
     (its last record, its batch-1 call) is appended for the interleaved timing; peaks exclude what was held before."""
@@ -295,17 +294,14 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
     from core.schemas import GenerationRequest
 
     family, w, h, steps, _ = WORKLOADS[workload]
+    memory = memory or MemoryVariant()
     source = f"embedded:{family}"
     settings = dict(settings)
     dtype = settings.pop("dtype", "auto")
     cfg = EngineConfig(name=family, source=source, cache_dir=cache_dir, scheduler="euler", dtype=dtype,
                        optimization={**settings, "warmup_shapes": [(w, h, max(batches))],
                                      "batch_buckets": list(batches)},
-                       memory={"level": memory_level, "offload": memory_offload,
-                               **({"streamed_share": streamed_share} if streamed_share is not None else {}),
-                               **({"fp8_storage": fp8_storage} if fp8_storage is not None else {}),
-                               **({"stream_lookahead": lookahead} if lookahead else {}),
-                               **({"vram_budget_gib": vram_budget_gib} if vram_budget_gib else {})},
+                       memory=memory.memory_config(vram_budget_gib),
                        limits={"max_batch_size": max(batches), "max_steps": 150})
     base_alloc, base_reserved = held()
     t = time.perf_counter()
@@ -339,8 +335,8 @@ def bench_sdserve(workload, variant, settings, batches, repeats, info, peak_tflo
             extra["profile"] = profile_call(lambda: call(b), os.path.join(profile_dir, name))
         records.append(record(workload, variant, b, lat, first, a, r, flops.get(b), peak_tflops, info,
                               {**settings, "dtype": dtype, "memory_level": engine.level.value,
-                               "memory_offload": memory_offload, "streamed_share": streamed_share,
-                               "fp8_storage": engine.applied.get("fp8_storage"), "stream_lookahead": lookahead,
+                               "memory_offload": memory.offload, "streamed_share": memory.streamed_share,
+                               "fp8_storage": engine.applied.get("fp8_storage"), "stream_lookahead": memory.lookahead,
                                "vram_budget_gib": vram_budget_gib},
                               ready_s=round(ready_s, 1),
                               memory_level=engine.level.value, stages=stages, **bound, **extra))
@@ -428,10 +424,13 @@ def main(argv=None):
     p.add_argument("--sdserve-settings", default="", help="JSON overriding SDSERVE_BEST")
     p.add_argument("--extra-sdserve", default="", help="JSON dict name -> settings for extra sdserve variants")
     p.add_argument("--memory-levels", default="",
-                   help="comma list of levels to run at batch 1 (issue 7), NONE first: level[:offload[:share"
-                   "[:fp8|fp16[:lookahead]]]] sets memory.offload, streamed_share, fp8_storage, stream_lookahead, "
-                   "e.g. balanced:group-block, balanced:stream:0.6, aggressive:::fp8, aggressive::::6; then all of "
+                   help="comma list of memory variants to run at batch 1, NONE first, in the short form "
+                   "level[:offload[:share[:fp8|fp16[:lookahead]]]] (benchmarks/memory_variant.py), e.g. "
+                   "balanced:group-block, balanced:stream:0.6, aggressive:::fp8, aggressive::::6; then all of "
                    "them again in turns (interleaved_vs_first)")
+    p.add_argument("--memory-variants", default="",
+                   help="more memory variants as a JSON list of MemoryVariant objects, run after --memory-levels, "
+                   "e.g. '[{\"level\": \"balanced\", \"offload\": \"stream\", \"streamed_share\": 0.3}]'")
     p.add_argument("--vram-budget-gib", type=float, default=None,
                    help="memory-level runs: enforce this VRAM budget (set_per_process_memory_fraction caps the "
                    "reserved memory too)")
@@ -446,6 +445,7 @@ def main(argv=None):
                    "quality figures of later runs (default <cache-dir>/bench-reference; also copied to <out>/reference)")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
+    memory_variants = parse_variants(args.memory_levels, args.memory_variants)  # bad ones fail before any run
     args.reference_dir = args.reference_dir or os.path.join(args.cache_dir, "bench-reference")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     info = env_info()
@@ -495,18 +495,12 @@ def main(argv=None):
         level_ref = None  # the first level's images (NONE): every other level's quality is read against them
         # engines kept alive for the interleaved timing (not under an enforced budget: it caps the whole process)
         kept: list | None = [] if args.vram_budget_gib is None else None
-        for entry in filter(None, args.memory_levels.split(",")):
-            # level[:offload[:share[:fp8|fp16[:lookahead]]]], e.g. balanced:group-block, balanced:stream:0.6
-            level, offload, share, storage, ahead = (entry.split(":") + ["", "", "", ""])[:5]
-            name = "-".join(["sdserve", *filter(None, entry.split(":"))])
-            images = bench_sdserve(wl, name, {"attention": "sdpa", "warmup_steps": 1},
-                                   (1,), args.repeats, info, peak, flops, records, args.cache_dir, memory_level=level,
-                                   memory_offload=offload or "auto", reference=level_ref,
-                                   pinned_gbps=h2d.get("pinned"), streamed_share=float(share) if share else None,
+        for variant in memory_variants:
+            images = bench_sdserve(wl, variant.name, {"attention": "sdpa", "warmup_steps": 1},
+                                   (1,), args.repeats, info, peak, flops, records, args.cache_dir, memory=variant,
+                                   reference=level_ref, pinned_gbps=h2d.get("pinned"),
                                    profile_dir=args.out if args.profile else None,
-                                   vram_budget_gib=args.vram_budget_gib,
-                                   fp8_storage={"fp8": True, "fp16": False}.get(storage),
-                                   lookahead=int(ahead) if ahead else None, keep=kept)
+                                   vram_budget_gib=args.vram_budget_gib, keep=kept)
             level_ref = level_ref or images
             save()
         if kept and len(kept) > 1:

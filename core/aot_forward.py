@@ -1,10 +1,10 @@
 """Ahead-of-time compiled forwards (optimization.compile_artifacts = "aot"): no Dynamo tracing on a warm start.
 
-With plain torch.compile a replica re-traces the UNet with Dynamo on every start (14-17 s of SDXL's warm start on
-the H100) even when Inductor's caches hit. Here `module.forward` is replaced by a dispatcher holding one
+With plain torch.compile a replica re-traces the UNet with Dynamo on every start (most of SDXL's warm start:
+docs/benchmarks.md, "Cold start") even when Inductor's caches hit. Here `module.forward` is replaced by a dispatcher holding one
 `torch.compile(...).aot_compile(...)` function per input shape (batch bucket x size), created during warm-up,
 saved under cache_dir/aot and loaded by later processes with `torch.compiler.load_compiled_function`.
-Findings behind each workaround: benchmarks/aot_probe.py and docs/benchmarks.md ("AOT probe").
+Findings behind each workaround: experiments/aot_probe.py and experiments/aot_probe.md.
 """
 from __future__ import annotations
 

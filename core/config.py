@@ -25,7 +25,7 @@ Side = Annotated[int, Field(ge=64, le=8192, multiple_of=8)]  # an image width or
 
 
 # BALANCED streams this share of the UNet's bytes by default: SDXL's copies then take less time than its resident
-# denoising even in a fast-host minute (1.73 s copy bound vs NONE 2.2-3.7 s), at 3.8 GiB (docs/benchmarks.md)
+# denoising even when the host paces it fast (copy bound vs NONE: docs/benchmarks.md, "Memory levels")
 BALANCED_SHARE = 0.6
 
 class Strict(BaseModel):
@@ -106,8 +106,8 @@ class MemoryConfig(Strict):
                                   "(SDXL ~85%); less keeps more resident: more VRAM, fewer copies to hide.")
     fp8_storage: bool = Field(False, description="Keep the UNet's weights in fp8 (e4m3) at offloading levels: "
                               "with offload stream, the streamed blocks are stored and copied as fp8 and scaled "
-                              "back on the GPU (half the copies and pinned host memory; no faster in the H100 "
-                              "comparisons so far, taken in host-paced minutes); with other offloads, diffusers' "
+                              "back on the GPU (half the copies and pinned host memory; no faster than fp16 "
+                              "streaming where measured: docs/benchmarks.md); with other offloads, diffusers' "
                               "layerwise casting. Images change.")
     stream_lookahead: int | None = Field(None, ge=1, le=32, description="offload stream: how many streamed blocks "
                                          "are copied ahead of the one computing (each takes one more block-sized "

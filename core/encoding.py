@@ -51,8 +51,8 @@ def encode_image(pixels: np.ndarray, fmt: str, params: dict[str, Any] | None = N
 
 # Parallel PNG: the rows are split into a fixed number of slices (by image size only, so the bytes never depend on
 # the thread count); each slice is deflated on its own thread (zlib releases the GIL) and ended with a sync flush,
-# so the concatenation is one valid zlib stream (pigz's method). PIL encodes on one thread with adaptive filters:
-# 234 ms for a 1024^2 image on the H100 host, ~18% of an SDXL b1 request.
+# so the concatenation is one valid zlib stream (pigz's method). PIL encodes on one thread with adaptive filters,
+# a large share of an SDXL b1 request at 1024^2 (docs/benchmarks.md).
 PNG_SLICE_BYTES = 1 << 18  # 512^2 RGB: 3 slices; 1024^2: 12
 _png_pool = None
 

@@ -4,8 +4,8 @@ Two modes (`optimization.fp8`):
   true / dynamic  weights per output row, activations per row at run time (an amax reduction per call).
   static          weights per tensor, activations with one scale per layer calibrated once at load (an eager call
                   at the first warm-up shape), so quantising an activation is a multiply + cast that Inductor can
-                  fuse into the kernel producing it. On the H100 the dynamic mode measured slower than fp16
-                  (SDXL b1 1.28 s vs 1.15 s): the per-call reductions cost about what the FP8 GEMMs save.
+                  fuse into the kernel producing it. The dynamic mode measured slower than fp16 (docs/benchmarks.md,
+                  "FP8"): the per-call reductions cost about what the FP8 GEMMs save.
 Convolutions stay in 16-bit. Both change images slightly: docs/benchmarks.md reports the difference.
 """
 from __future__ import annotations

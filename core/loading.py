@@ -120,7 +120,7 @@ def direct_device_map(device: str) -> str | None:
 def load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool = False):
     """Return (pipeline in `dtype`, family): on the CPU, placement being the memory level's job, or with
     `onto_device` (fully resident levels) read straight onto the GPU: safetensors land in VRAM with no host
-    copy (with it and compiled .pyc files, an SDXL warm start's load fell from 19.9 s to 9.4 s on the H100)."""
+    copy (with it and compiled .pyc files, about halves an SDXL warm start's load: docs/benchmarks.md)."""
     quiet_libraries()
     kind = source_kind(config.source)
     family = None if config.family == "auto" else config.family
@@ -136,7 +136,7 @@ def load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool = 
                 # Built on the GPU for speed, but an offloading level places it from host memory, and the VRAM
                 # budget (enforced after loading) counts every block the allocator still holds: with the whole
                 # SDXL build left there, BALANCED/AGGRESSIVE under a 5 GiB cap failed to allocate their first
-                # copy slot (5.89 GiB allocated, H100 2026-11-25).
+                # copy slot.
                 from core.memory import free_memory
 
                 pipe.to("cpu")

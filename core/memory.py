@@ -1,15 +1,15 @@
 """Memory levels, VRAM budgets, estimates and the per-call memory monitor.
 
-Levels (SDXL 1024² b1, eager, on the H100: docs/benchmarks.md):
-  NONE        everything resident on the GPU (9.00 GiB).
+Levels (their SDXL peaks and latencies: docs/benchmarks.md, "Memory levels"):
+  NONE        everything resident on the GPU.
   BALANCED    60% of the UNet's bytes (memory.streamed_share; SDXL 50 of its 70 transformer blocks, spread evenly)
               and the CLIP encoder layers streamed from pinned host memory on a side CUDA stream, up to 12 blocks
               ahead of use (core/streaming.py fits it to the fewest device slots: 9): its copies take less time
               than the resident denoising. VAE decode in 512² tiles (SDXL's native 1024² decode alone takes ~2.3 GiB);
-              tile seams are blended, so pixels differ slightly from NONE. 3.80 GiB.
-  AGGRESSIVE  every transformer block streamed, as far ahead (2.57 GiB).
+              tile seams are blended, so pixels differ slightly from NONE.
+  AGGRESSIVE  every transformer block streamed, as far ahead.
   ULTRA       every block, 2 ahead (copy-bound where the big 32² blocks run) + one image at a time through the VAE:
-              the lowest peak, also for batches (2.19 GiB).
+              the lowest peak, also for batches.
   AUTO        the fastest level whose estimated peak fits the VRAM budget (less the allocator's headroom).
 memory.offload picks other placements (diffusers' model / group / sequential offloading); memory.fp8_storage
 (opt-in) keeps the UNet's streamed weights in fp8: half the pinned host memory and copies, images change.
@@ -40,8 +40,8 @@ TRANSFORMER_BLOCKS = {"sd15": 16, "sd21": 16, "sdxl": 70}  # streamable blocks p
 RESIDENT_WHEN_STREAMING = {"sd15": 0.72, "sd21": 0.72, "sdxl": 0.18}
 TEXT_ENCODER_RESIDENT = 0.15  # CLIP's embeddings, final norm and layer slots stay resident when its layers stream
 # A budget caps what the caching allocator reserves, and it reserves more than is allocated at once (blocks split
-# around live weights): SDXL 1024² on the H100 (2026-11-25) reserved 4.36 GiB for 3.10 allocated at BALANCED, 3.03
-# for 2.18 at ULTRA, 11.87 for 9.00 at NONE; estimates (2.9-3.9 GiB for the streamed levels) must fit this share.
+# around live weights; SDXL 1024² reserved up to a third more than it allocated: docs/benchmarks.md, "Memory
+# levels"); estimates must fit this share.
 ALLOCATOR_HEADROOM = 0.75
 
 
@@ -233,9 +233,9 @@ def apply_level(pipe, level: MemoryLevel, device: str, dtype, mem: MemoryConfig 
 
 
 # diffusers' default block grouping makes each of the UNet's down/up blocks one group (SDXL: up to ~2 GB), too coarse
-# for the copies to overlap the compute (SDXL BALANCED with it: 23.2 s vs 4.3 s resident, 2026-11-24). Recursing
-# into these children (block_modules) makes every transformer block, resnet and sampler its own group, each copy
-# prefetched while the previous group computes (SDXL 1024² b1 on the H100: 6.9 s vs 23.2 s, 2.6 GiB peak).
+# for the copies to overlap the compute (several times slower than resident). Recursing into these children
+# (block_modules) makes every transformer block, resnet and sampler its own group, each copy prefetched while the
+# previous group computes (a third of that time: experiments/benchmark-history.md).
 UNET_BLOCK_MODULES = ["down_blocks", "mid_block", "up_blocks", "attentions", *map(str, range(8))]
 TEXT_ENCODER_BLOCK_MODULES = ["text_model", "encoder"]  # CLIP: one group per encoder layer
 
@@ -280,7 +280,7 @@ def one_prefetch_chain(top):
 
 class MemoryMonitor:
     """Peak VRAM per call. Cached blocks stay cached between calls at every level: handing them back after each call
-    (gc + empty_cache) cost ULTRA 0.08x of NONE's latency on the H100 (SDXL, timed in turns), and under an enforced
+    (gc + empty_cache) cost ULTRA measurable latency (SDXL, timed in turns), and under an enforced
     budget the allocator frees its cache by itself before it fails an allocation."""
 
     def __init__(self, device: str):

@@ -103,7 +103,7 @@ def apply_compile(pipe, opt: OptimizationConfig, level: MemoryLevel, cache_dir: 
     if pipe.unet.device.type == "cuda":
         # torch.get_num_threads() is part of Inductor's cache key (cpp_runtime_thread_count): replicas with
         # other Ray num_cpus (OMP_NUM_THREADS) or hosts with other core counts would never share compiled
-        # graphs (a warm cache missed in every Serve replica on the H100). A GPU engine's CPU work is tiny.
+        # graphs (a warm cache missed in every Serve replica otherwise). A GPU engine's CPU work is tiny.
         torch.set_num_threads(COMPILED_GPU_ENGINE_THREADS)
 
     # diffusers' SDXL speed recipe; coordinate-descent tuning is left off: minutes more compile for ~2%.

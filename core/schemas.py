@@ -5,6 +5,7 @@ Fields left out (None) are filled from the model's defaults by `Engine.resolve`;
 """
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -96,26 +97,37 @@ class GenerationResult(Strict):
         return self.images[0].seed
 
 
+class ErrorKind(StrEnum):
+    """Why a request failed. A StrEnum: members equal their strings, so JSON, Parquet rows, metric tags and
+    comparisons with "oom" etc. see the plain value."""
+
+    VALIDATION = "validation"  # bad request (4xx), naming the field
+    CAPACITY = "capacity"  # valid, but cannot fit this replica's VRAM budget (4xx)
+    OOM = "oom"  # ran out of GPU memory anyway (503, retry)
+    CANCELLED = "cancelled"  # the caller cancelled it (409)
+    INTERNAL = "internal"  # anything else (5xx)
+
+
 class GenerationError(Exception):
     """A per-request failure; the engine returns it in place of a result and stays usable.
 
-    kind: 'validation' (bad request, 4xx), 'capacity' (cannot fit the budget, 4xx/503),
-    'oom', 'cancelled', 'internal' (5xx).
+    kind: an ErrorKind (a plain string of one is accepted and converted; anything else is a ValueError).
     """
 
-    def __init__(self, message: str, kind: str = "internal", field: str | None = None):
+    def __init__(self, message: str, kind: ErrorKind | str = ErrorKind.INTERNAL, field: str | None = None):
         super().__init__(message)
-        self.message, self.kind, self.field = message, kind, field
+        self.message, self.kind, self.field = message, ErrorKind(kind), field
 
     def __reduce__(self):  # picklable across Ray workers
         return (GenerationError, (self.message, self.kind, self.field))
 
     def to_dict(self) -> dict:
-        return {"message": self.message, "kind": self.kind, "field": self.field}
+        return {"message": self.message, "kind": self.kind.value, "field": self.field}
 
 
 class GenerationCancelled(GenerationError):
-    def __init__(self, message: str = "cancelled", kind: str = "cancelled", field: str | None = None):
+    def __init__(self, message: str = "cancelled", kind: ErrorKind | str = ErrorKind.CANCELLED,
+                 field: str | None = None):
         super().__init__(message, kind, field)
 
     def __reduce__(self):

@@ -3,12 +3,10 @@
 The memory levels stream the UNet's transformer blocks (SDXL: ~85% of its bytes) and the CLIP encoder layers; the
 rest stays resident. Each streamed block is packed into one pinned host buffer and computes out of one of a few
 device slots that the blocks reuse in turn; a side CUDA stream copies the next blocks in while the current one
-computes, ordered by CUDA events only. On the H100 (SDXL 1024² b1, eager, timed in turns with the resident
-engine): 60% of the UNet streamed 9 ahead 3.80 GiB at 1.05-1.36x the resident latency, all of it 2 ahead
-2.19 GiB at 1.23-1.42x (the ratio depends on how fast the host paces the resident run). diffusers' group
-offloading, the library mechanism, measured 2.6 GiB at 2.0-2.4x: per-tensor copies, a host synchronize per group
-and pageable round trips of the text encoders' embeddings every call; it stays available as
-memory.offload=group-block.
+computes, ordered by CUDA events only. Peaks and latencies of each level against the resident engine are in
+docs/benchmarks.md ("Memory levels"). diffusers' group offloading, the library mechanism, measured about twice as
+slow there: per-tensor copies, a host synchronize per group and pageable round trips of the text encoders'
+embeddings every call; it stays available as memory.offload=group-block.
 """
 from __future__ import annotations
 
@@ -56,16 +54,15 @@ class WeightStreamer:
     Each block's tensors are packed into one pinned host buffer per dtype, and point permanently at views of a
     device slot (a few slots, reused in turn): loading a block is one copy into its slot on a side stream, with no
     per-tensor host work. Per-tensor copies and pointer swaps cost ~0.7 ms of host time per block, which stalled
-    the (host-bound) eager SDXL loop on the H100: 4.2 s vs 2.6 s resident, 2026-11-25. Block i's pre-hook makes the
+    the (host-bound) eager SDXL loop (experiments/benchmark-history.md). Block i's pre-hook makes the
     compute stream wait for its copy and starts the copies of the next `lookahead` blocks, each after the compute
     stream has released the slot it reuses (events only: the host never waits).
 
     store_fp8: the blocks' matrices are kept (and copied) as e4m3 with one scale per tensor: half the bytes over
-    PCIe and in pinned memory; images change (PSNR 47.3 dB vs 48.6 for fp16 streaming, SDXL; docs/benchmarks.md).
-    They land in fp8 staging slots (lookahead + 1) and a second side stream casts each block up into one of a few
-    compute-dtype work slots just ahead of its use, so the copy engine never waits for a cast kernel (queued behind
-    the compute stream's kernels for SMs) as it did when both shared one stream (ULTRA fp8 1.82x NONE vs 1.45x for
-    fp16). Still no faster than fp16 streaming in turns on the H100 (2026-11-25, host-paced minutes): opt-in."""
+    PCIe and in pinned memory; images change (PSNR in docs/benchmarks.md). They land in fp8 staging slots
+    (lookahead + 1) and a second side stream casts each block up into one of a few compute-dtype work slots just
+    ahead of its use, so the copy engine never waits for a cast kernel (queued behind the compute stream's kernels
+    for SMs) as it did when both shared one stream. No faster than fp16 streaming where measured: opt-in."""
 
     def __init__(self, blocks: list, device, lookahead: int = 2, store_fp8: bool = False):
         import torch
@@ -208,8 +205,8 @@ def stream_unet_share(unet, device, share: float, lookahead: int = 2,
     """Keep the UNet resident except an evenly spread `share` of its weight bytes, streamed per call."""
     blocks = transformer_blocks(unet)
     picked = pick_streamed(blocks, module_bytes(unet), share)
-    # Every block ahead takes a block-sized slot (SD1.5 streams 16: 3 ahead; SDXL 70: 9, BALANCED's 50: 9). 12
-    # ahead cost 0.64 GiB more than 8 for no measurable gain (H100 in turns, 2026-11-25: 1.158x vs 1.160x NONE)
+    # Every block ahead takes a block-sized slot (SD1.5 streams 16: 3 ahead; SDXL 70: 9, BALANCED's 50: 9); more
+    # ahead than that cost VRAM for no measurable gain (docs/benchmarks.md, "Memory levels")
     lookahead = fit_lookahead(len(picked), lookahead)
     streamer = place_streamed(unet, [blocks[i] for i in picked], device, lookahead, store_fp8)
     if streamer:

@@ -45,7 +45,8 @@ def model_deployment_options(model: ModelConfig, cluster_has_gpus: bool = False)
     else:
         opts["num_replicas"] = d.num_replicas or 1
     engine = replica_engine_config(model, num_gpus)
-    opts["init_kwargs"] = {"engine_config": engine.model_dump(mode="json"), "max_batch_size": d.max_batch_size,
+    # The typed config itself is bound (Serve pickles it): the replica gets the object, nothing is re-validated.
+    opts["init_kwargs"] = {"engine_config": engine, "max_batch_size": d.max_batch_size,
                            "batch_wait_timeout_s": d.batch_wait_timeout_s}
     return opts
 
@@ -60,10 +61,12 @@ def ingress_deployment_options(config: ServingConfig) -> dict[str, Any]:
 
 
 def deployment_options(config: ServingConfig, cluster_has_gpus: bool = False) -> dict[str, dict[str, Any]]:
-    """Every deployment's options by deployment name (what tests and `sdserve serve --dry-run` show)."""
+    """Every deployment's options by deployment name, as JSON (what `sdserve serve --dry-run` shows)."""
     out = {"ingress": ingress_deployment_options(config)}
     for m in config.models:
         opts = model_deployment_options(m, cluster_has_gpus)
+        init = opts["init_kwargs"]
+        opts["init_kwargs"] = {**init, "engine_config": init["engine_config"].model_dump(mode="json")}
         out[opts["name"]] = opts
     return out
 

@@ -48,7 +48,7 @@ class ModelMetrics:
             self.vram.set(result.peak_vram_bytes)
 
     def observe_error(self, kind: str) -> None:
-        self.errors.inc(tags={"model": self.model, "kind": kind})
+        self.errors.inc(tags={"model": self.model, "kind": str(kind)})
 
 
 class IngressMetrics:

@@ -1,4 +1,4 @@
-"""Imports go one way: no cycle among the project's modules, and the packages keep their layering.
+"""Imports go one way: no cycle among the project's modules, and the packages keep their layering (FORBIDDEN).
 
 A static read (ast) of every import statement, function-level ones included (a lazy import still ties the two
 modules together), except those under `if TYPE_CHECKING:`. Importing `a.b.c` also runs `a` and `a.b`, so those
@@ -152,3 +152,28 @@ def test_no_import_cycles():
         print("import cycle: " + " -> ".join(c))
     print(f"{len(graph)} modules, {sum(map(len, graph.values()))} import edges, {len(cycles)} cycles")
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+# Package -> top-level names its modules must never import (directly or lazily). Each package's __init__.py says
+# what it owns and may import; sdserve (the CLI on top) may import everything.
+FORBIDDEN = {
+    "core": {"ray", "serving", "batch_jobs", "sdserve", "benchmarks"},
+    "serving": {"batch_jobs", "sdserve", "benchmarks"},
+    "batch_jobs": {"serving", "sdserve", "benchmarks"},
+    "benchmarks": {"sdserve"},
+}
+
+
+def layering_violations() -> list[str]:
+    out = []
+    for mod, path in project_modules().items():
+        banned = FORBIDDEN.get(mod.split(".")[0], set())
+        for name in imported_names(path, mod):
+            if name.split(".")[0] in banned:
+                out.append(f"{mod} imports {name}")
+    return sorted(set(out))
+
+
+def test_packages_import_only_the_layers_below():
+    bad = layering_violations()
+    assert not bad, "layering violations:\n" + "\n".join(bad)

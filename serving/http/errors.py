@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from core.schemas import GenerationError
+from core.schemas import ErrorKind, GenerationError
 from serving.metrics import count_error
 from serving.openai_api import OPENAI_PARAM, OpenAIError, invalid_json_message, openai_message
 
@@ -52,14 +52,14 @@ def route_error(openai: bool, status: int, message: str, field: str | None, code
 
 def generation_error(err: GenerationError, openai: bool) -> Exception:
     """A model replica's GenerationError as the HTTP error of the route's flavour."""
-    if err.kind in ("validation", "capacity"):
+    if err.kind in (ErrorKind.VALIDATION, ErrorKind.CAPACITY):
         if openai:  # OpenAI's names: `n`, not num_images; `size`, not width
             return route_error(True, 400, openai_message(err.message, err.field),
-                               OPENAI_PARAM.get(err.field, err.field), err.kind)
-        return route_error(False, 422, err.message, err.field, err.kind)
-    if err.kind == "oom":
+                               OPENAI_PARAM.get(err.field, err.field), err.kind.value)
+        return route_error(False, 422, err.message, err.field, err.kind.value)
+    if err.kind == ErrorKind.OOM:
         return route_error(openai, 503, err.message, None, "oom", {"Retry-After": "2"})
-    if err.kind == "cancelled":
+    if err.kind == ErrorKind.CANCELLED:
         return route_error(openai, 409, err.message, None, "cancelled")
     return route_error(openai, 500, err.message, None, "internal_error")
 

@@ -1,19 +1,16 @@
-"""Job statuses: the one definition (records store `.value`; str Enum so `status == "queued"` also holds)."""
+"""Job statuses: the one definition (records store `.value`; a StrEnum, so `status == "queued"` also holds)."""
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     QUEUED = "queued"          # accepted, waiting for a worker (also after a requeue)
     RUNNING = "running"        # a worker streams it through a model deployment
     CANCELLING = "cancelling"  # cancel requested while running: stops at its next denoising step
     SUCCEEDED = "succeeded"    # result stored
     FAILED = "failed"          # `error` says why
     CANCELLED = "cancelled"    # by its owner (queued: never ran; running: stopped at a step)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value})

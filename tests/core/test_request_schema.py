@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from core.config import format_validation_error
-from core.schemas import MAX_SEED, GenerationCancelled, GenerationError, GenerationRequest
+from core.schemas import MAX_SEED, ErrorKind, GenerationCancelled, GenerationError, GenerationRequest
 
 
 def error_for(**data) -> str:
@@ -93,6 +93,20 @@ def test_errors_pickle_with_kind_and_field():
     cancelled = pickle.loads(pickle.dumps(GenerationCancelled("client went away")))
     assert isinstance(cancelled, GenerationCancelled) and cancelled.kind == "cancelled"
     assert err.to_dict() == {"message": "too wide", "kind": "validation", "field": "width"}
+
+
+def test_error_kind_is_an_enum_that_reads_as_its_string():
+    import json
+
+    err = GenerationError("too big", "capacity", "width")
+    assert err.kind is ErrorKind.CAPACITY and err.kind == "capacity" and f"{err.kind}" == "capacity"
+    assert json.loads(json.dumps(err.to_dict())) == {"message": "too big", "kind": "capacity", "field": "width"}
+    again = pickle.loads(pickle.dumps(err))
+    assert again.kind is ErrorKind.CAPACITY and again.field == "width"
+    assert GenerationCancelled().kind is ErrorKind.CANCELLED
+    assert GenerationError("x").kind is ErrorKind.INTERNAL
+    with pytest.raises(ValueError):
+        GenerationError("x", "bogus")  # a misspelt kind fails where it is raised, not as a wrong HTTP status
 
 
 def test_json_numbers_stay_numbers():

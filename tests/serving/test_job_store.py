@@ -90,8 +90,10 @@ def test_lapsed_lease_is_requeued_then_failed_bounded(jobs_cfg):
     for attempt in (1, 2):
         assert store.records.claim(0.01) == rec["id"]  # a worker claims it (a 10 ms lease) ...
         store.update(rec["id"], status=JobStatus.RUNNING, attempts=attempt)
-        time.sleep(0.05)  # ... and dies: its lease lapses
-        assert store.records.expired_leases() == [rec["id"]]
+        deadline = time.time() + 10  # ... and dies: its lease lapses
+        while not (expired := store.records.expired_leases()) and time.time() < deadline:
+            time.sleep(0.01)
+        assert expired == [rec["id"]]
         assert store.records.expired_leases() == []  # each lapsed lease goes to one recoverer
         worker.recover(rec["id"])
     got = store.get(rec["id"])

@@ -34,24 +34,34 @@ def coalesce_url(serve_url):
         pass
 
 
-async def _fire(url: str) -> tuple[list[httpx.Response], httpx.Response]:
+async def _fire(url: str):
+    """A long run occupies the engine (it has taken its first step: an event, not a guess); then five requests
+    arrive one by one, 50 ms apart, each in its own batch window. Returns (their responses, the long run's result)."""
+    from ray import serve
+
+    from core.schemas import GenerationRequest
+
+    handle = serve.get_deployment_handle("model-tiny-sd", app_name="coalesce").options(stream=True)
+    slow = handle.generate_stream.remote(GenerationRequest(prompt="slow", seed=1, steps=300))
+    first = await slow.__anext__()
+    assert first["event"] == "progress", first  # the GPU is busy with the slow run now
     async with httpx.AsyncClient(base_url=url, timeout=120) as c:
-        # a long run occupies the engine; then five requests arrive one by one, 50 ms apart
-        slow = asyncio.ensure_future(c.post("/v1/generate", json={"prompt": "slow", "seed": 1, "steps": 300}))
-        await asyncio.sleep(0.3)
         later = []
         for i in range(5):
             later.append(asyncio.ensure_future(
                 c.post("/v1/generate", json={"prompt": f"later {i}", "seed": 10 + i, "steps": 8})))
-            await asyncio.sleep(0.05)
-        return list(await asyncio.gather(*later)), await slow
+            await asyncio.sleep(0.05)  # the arrival pattern under test, not a wait for something to happen
+        responses = list(await asyncio.gather(*later))
+    outcome = None
+    async for event in slow:
+        outcome = event.get("outcome", outcome)
+    return responses, outcome
 
 
 def test_requests_queued_behind_a_busy_gpu_share_one_run(coalesce_url):
     t0 = time.perf_counter()
     later, slow = asyncio.run(_fire(coalesce_url))
-    assert slow.status_code == 200, slow.text
-    assert int(slow.headers["x-batch-size"]) == 1
+    assert slow is not None and slow.batch_size == 1, slow
     assert [r.status_code for r in later] == [200] * 5, [r.text for r in later]
     sizes = [int(r.headers["x-batch-size"]) for r in later]
     assert sizes == [5] * 5, f"expected one coalesced run of 5, got batch sizes {sizes}"

@@ -91,7 +91,10 @@ def test_redis_cancel_queued_and_running(rc):
     for j in running:
         rec = wait_for(rc, j, lambda r: r["status"] in TERMINAL, timeout=60)
         assert rec["status"] == "cancelled" and rec["progress"]["step"] < 400
-    time.sleep(0.5)  # a freed slot must not pick the cancelled job up
+    # A freed slot must not run the cancelled job. The queue is FIFO: once a job submitted after it has finished,
+    # the dispatcher has passed the cancelled one.
+    marker = rc.post("/v1/jobs", json={"prompt": "after the cancels", "steps": 2}).json()["id"]
+    assert wait_for(rc, marker, lambda r: r["status"] in TERMINAL)["status"] == "succeeded"
     rec = get(rc, queued)
     assert rec["status"] == "cancelled" and rec["started_at"] is None
     assert rc.get(f"/v1/jobs/{queued}/result").status_code == 409

@@ -1,8 +1,8 @@
 """Probe: can a compiled UNet / VAE decoder be saved ahead of time and loaded in a fresh process without Dynamo
 re-tracing it (the ~15 s `bytecode_tracing` of every warm start, docs/benchmarks.md "Cold start")?
 
-    python3 -m benchmarks.aot_probe --out /tmp/aot.json                       # CPU: tiny-sd + tiny-sdxl
-    source .gpuhost/install.sh; python3 -m benchmarks.aot_probe --model sdxl --out $OUT/aot.json   # GPU host
+    python3 -m experiments.aot_probe --out /tmp/aot.json                       # CPU: tiny-sd + tiny-sdxl
+    source .gpuhost/install.sh; python3 -m experiments.aot_probe --model sdxl --out $OUT/aot.json   # GPU host
 
 A probe, not product code. For each model / part (unet, vae = VAE decoder) / compile mode it runs, each step in
 a FRESH subprocess with its own empty Inductor/Triton cache dir:
@@ -773,7 +773,7 @@ class Probe:
         self.workdir = args.workdir or tempfile.mkdtemp(prefix="aot-probe-")
         os.makedirs(self.workdir, exist_ok=True)
         self.report: dict = {"probe": "aot_compile / load_compiled_function (and AOTInductor)",
-                             "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.aot_probe"]
+                             "command": " ".join([os.path.basename(sys.executable), "-m", "experiments.aot_probe"]
                                                  + sys.argv[1:]),
                              "workdir": self.workdir, "runs": [], "aoti": [], "skipped": []}
 
@@ -811,7 +811,7 @@ class Probe:
         log = os.path.join(self.workdir, f"{tag}.log")
         try:
             with open(log, "w") as lf:
-                p = subprocess.run([sys.executable, "-m", "benchmarks.aot_probe", "--_stage", stage, "--_spec",
+                p = subprocess.run([sys.executable, "-m", "experiments.aot_probe", "--_stage", stage, "--_spec",
                                     spec_path], cwd=HERE, env=env, stdout=lf, stderr=subprocess.STDOUT,
                                    timeout=max(self.left(), 30))
             rc = p.returncode
