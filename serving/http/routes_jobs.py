@@ -65,9 +65,8 @@ async def submit_job(body: GenerationRequest, request: Request, caller: str = De
         rec = await asyncio.to_thread(jobs.store.create, request_json, owner,
                                       jobs.cfg.max_unfinished_per_key if owner is not None else None)
     except JobRejected as rej:
-        wait = jobs.cfg.queue_full_retry_after_s if rej.status == 503 else jobs.cfg.lease_s
         raise ApiError(rej.status, {"message": rej.message, "code": rej.code},
-                       {"Retry-After": retry_after_header(wait)}) from None
+                       {"Retry-After": retry_after_header(jobs.cfg.queue_full_retry_after_s)}) from None
     jobs.submit(rec)
     return JSONResponse({"id": rec["id"], "status": "queued"}, 202, headers={"Location": f"/v1/jobs/{rec['id']}"})
 

@@ -31,7 +31,8 @@ class JobsConfig(Strict):
                             "gets 503 + Retry-After.")
     max_unfinished_per_key: int = Field(100, ge=1, description="With API keys on: unfinished (queued or running) "
                                         "jobs per key; past it a submit gets 429.")
-    queue_full_retry_after_s: float = Field(5.0, ge=0, description="Retry-After sent when the queue is full.")
+    queue_full_retry_after_s: float = Field(5.0, ge=0, description="Retry-After sent when the queue is full or a "
+                                            "key is over its quota.")
     max_retries: int = Field(2, ge=0, le=10, description="Re-runs of a job whose replica or worker died.")
     concurrency: int = Field(4, ge=1, le=256, description="Jobs in flight per worker (they share the model's "
                              "dynamic batches).")

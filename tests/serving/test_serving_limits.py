@@ -16,14 +16,17 @@ def strict(serve_url, key):
 
 
 def test_rate_limit_is_per_key_with_retry_after(serve_url):
+    # POSTs draw from the generation budget (30/min, burst 10); the key is checked and a token taken before the
+    # body is validated, so an empty prompt (400) costs a token without running the model.
     with strict(serve_url, STRICT_KEYS[0]) as c:
-        codes = [c.get("/v1/models") for _ in range(14)]
-    limited = [r for r in codes if r.status_code == 429]
-    assert limited and codes[0].status_code == 200
-    assert int(limited[0].headers["retry-after"]) >= 1
-    assert limited[0].json()["error"]["type"] == "rate_limit_exceeded"  # OpenAI route, OpenAI shape
+        codes = [c.post("/v1/images/generations", json={"prompt": ""}) for _ in range(14)]
+        limited = [r for r in codes if r.status_code == 429]
+        assert limited and codes[0].status_code == 400
+        assert int(limited[0].headers["retry-after"]) >= 1
+        assert limited[0].json()["error"]["type"] == "rate_limit_exceeded"  # OpenAI route, OpenAI shape
+        assert c.get("/v1/models").status_code == 200  # reads have a budget of their own
     with strict(serve_url, STRICT_KEYS[2]) as other:
-        assert other.get("/v1/models").status_code == 200  # another key has its own bucket
+        assert other.post("/v1/images/generations", json={"prompt": ""}).status_code == 400  # own bucket
 
 
 def test_full_queue_answers_503_with_retry_after(serve_url):
