@@ -26,8 +26,8 @@ class GenerationRequest(Strict):
     height: int | None = Field(None, ge=64, le=8192, multiple_of=8, description="Height in pixels, a "
                                "multiple of 8 within the model's limits; model default when absent.")
     steps: int | None = Field(None, ge=1, le=1000, description="Denoising steps (<= the model's max_steps).")
-    guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False, description="Classifier-free guidance scale; "
-                                         "<= 1 turns CFG off.")
+    guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False, description="Classifier-free "
+                                         "guidance scale (a finite number); <= 1 turns CFG off.")
     scheduler: str | None = Field(None, max_length=64, description="Scheduler name (euler, euler_a, "
                                   "dpmpp_2m, dpmpp_2m_karras, unipc, ddim, lcm, ...); model default when absent.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image (image i uses "

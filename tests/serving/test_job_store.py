@@ -39,7 +39,8 @@ def test_create_get_update_with_expectations(jobs_cfg):
     store = JobStore(jobs_cfg())
     rec = store.create({"prompt": "a"}, owner="key-1")
     got = store.get(rec["id"])
-    assert got["status"] == JobStatus.QUEUED == "queued" and got["owner"] == "key-1" and got["request"] == {"prompt": "a"}
+    assert got["status"] == JobStatus.QUEUED == "queued" and got["owner"] == "key-1"
+    assert got["request"] == {"prompt": "a"}
     assert store.update(rec["id"], expect=[JobStatus.RUNNING], progress={"step": 1}) is None  # not running: no write
     assert store.get(rec["id"])["progress"] is None
     up = store.update(rec["id"], expect=[JobStatus.QUEUED], status=JobStatus.RUNNING, attempts=1)

@@ -212,7 +212,8 @@ def test_local_backend_jobs_survive_ingress_kill(client, ray_cluster):
         assert rec["status"] == "succeeded", rec
 
 
-from tests.serving.asyncio_leaks import collect_and_report, plant_leak_and_collect  # noqa: E402 - the replicas import it
+# A module of its own: the model replicas import it by name (__ray_call__).
+from tests.serving.asyncio_leaks import collect_and_report, plant_leak_and_collect  # noqa: E402
 
 
 def _leak_reports(app: str = "sdserve", probe=collect_and_report) -> list[str]:
