@@ -6,7 +6,7 @@ Fields left out (None) are filled from the model's defaults by `Engine.resolve`;
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -26,8 +26,8 @@ class GenerationRequest(Strict):
     height: int | None = Field(None, ge=64, le=8192, multiple_of=8, description="Height in pixels, a "
                                "multiple of 8 within the model's limits; model default when absent.")
     steps: int | None = Field(None, ge=1, le=1000, description="Denoising steps (<= the model's max_steps).")
-    guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale; "
-                                         "<= 1 turns CFG off.")
+    guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False, description="Classifier-free "
+                                         "guidance scale (a finite number); <= 1 turns CFG off.")
     scheduler: str | None = Field(None, max_length=64, description="Scheduler name (euler, euler_a, "
                                   "dpmpp_2m, dpmpp_2m_karras, unipc, ddim, lcm, ...); model default when absent.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image (image i uses "
@@ -37,6 +37,15 @@ class GenerationRequest(Strict):
     output_format: OutputFormat = Field("png", description="png | jpeg | webp.")
     model: str | None = Field(None, max_length=128, description="Model name; the deployment's default when "
                               "absent.")
+
+    @field_validator("width", "height", "steps", "guidance_scale", "seed", "num_images", mode="before")
+    @classmethod
+    def _strict_number(cls, value: Any) -> Any:
+        # `seed: true` is not 1 and `"5"` is not 5. Integral floats (5.0), JSON integers for float fields and numpy
+        # scalars (Parquet rows) still pass; pydantic's Strict types would refuse the last two.
+        if isinstance(value, (bool, str, bytes)) or type(value).__name__ == "bool_":
+            raise ValueError("must be a number, not a boolean or a string")
+        return value
 
     @field_validator("prompt")
     @classmethod

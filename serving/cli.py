@@ -138,8 +138,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     from core.preflight import PendingWatcher, ResourceError, check_resources
     from serving.builder import build_app
+    from serving.drain import drain_app
+    from serving.local_ray import init_ray
 
-    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True)
+    init_ray(args.address)  # no address: a local Ray on loopback only (serving/local_ray.py)
     app = config.app_name
     ours = args.address is None  # a Ray we started: shut all of it down at the end; else only our app
 
@@ -193,6 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
     while not stop.wait(1.0):  # keep serving until a signal
         pass
     watcher.stop()
+    drain_app(config)  # 503 for new requests, in-flight ones finish, running jobs queued again (serving/drain.py)
     print(f"sdserve: shutting down {'' if ours else f'app {app!r} (the cluster and its other apps stay)'}",
           flush=True)
     remove_app()

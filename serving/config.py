@@ -93,8 +93,19 @@ class ModelConfig(Strict):
 
 
 class RateLimit(Strict):
-    requests_per_minute: float = Field(..., gt=0, description="Sustained requests per minute per key.")
+    requests_per_minute: float = Field(..., gt=0, description="Sustained requests per minute per key (generation "
+                                       "and job submits: POST).")
     burst: int = Field(10, ge=1, description="Requests allowed back to back before limiting.")
+    reads_per_minute: float = Field(600.0, gt=0, description="Sustained reads (GET: job status, results, events, "
+                                    "models) per minute per key: a budget of their own, so polling a job never "
+                                    "uses up the generation budget.")
+    read_burst: int = Field(60, ge=1, description="Reads allowed back to back before limiting.")
+
+
+class AuthThrottle(Strict):
+    max_failures: int = Field(10, ge=1, description="Failed authentications per client address within window_s; "
+                              "beyond, the address gets 429 + Retry-After until the window passes.")
+    window_s: float = Field(60.0, gt=0, description="Sliding window of the failure count.")
 
 
 class SecurityConfig(Strict):
@@ -102,6 +113,8 @@ class SecurityConfig(Strict):
                                 "None configured: no auth (local default).")
     rate_limit: RateLimit | None = Field(None, description="Per-key (or per-client-address without keys) "
                                          "token bucket, per ingress replica.")
+    auth_failures: AuthThrottle = Field(default_factory=AuthThrottle, description="Throttling of failed "
+                                        "authentication per client address (when API keys are on).")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body (413 above).")
     prompt_blocklist: list[str] = Field(default_factory=list, description="Case-insensitive substrings; a "
                                         "prompt containing one gets 400.")
@@ -124,6 +137,9 @@ class IngressOptions(Strict):
     max_ongoing_requests: int = Field(256, ge=1, description="Concurrent HTTP requests per ingress replica.")
     max_queued_requests: int = Field(512, ge=1, description="Requests queued at the proxy for the ingress.")
     request_timeout_s: float = Field(600.0, gt=0, description="Give up on a model call after this long (504).")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown (SIGTERM, redeploy): how long requests in "
+                                   "flight may take to finish while new ones get 503; also the ingress's Serve "
+                                   "graceful_shutdown_timeout_s (docs/deploy.md#draining).")
 
 
 class ImageInputsConfig(Strict):
@@ -162,6 +178,10 @@ class ServingConfig(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate model names: {', '.join(dupes)}")
+        if self.jobs is not None and self.jobs.backend == "local" and self.ingress.num_replicas > 1:
+            # Each replica would open its own SQLite file (other nodes) and answer 404 for the others' jobs.
+            raise ValueError("jobs.backend local (one SQLite file) serves one ingress replica; use backend redis "
+                             "with ingress.num_replicas > 1")
         return self
 
     @property

@@ -17,7 +17,8 @@ from serving.config import ServingConfig
 from serving.http.app import create_app
 from serving.http.errors import ApiError, generation_error, route_error, validation_detail
 from serving.openai_api import OpenAIError
-from serving.security import ApiKeys, Blocklist, RateLimiter, retry_after_header
+from serving.drain import DrainGate, drain_ingress
+from serving.security import ApiKeys, Blocklist, FailureThrottle, RateLimiter, retry_after_header
 
 log = logging.getLogger("ray.serve")
 
@@ -31,6 +32,12 @@ class Ingress:
         self.keys = ApiKeys(sec.effective_api_keys())
         self.limiter = RateLimiter(sec.rate_limit.requests_per_minute, sec.rate_limit.burst) if sec.rate_limit \
             else None
+        # Reads (GET: job polling, results, models) draw from a budget of their own.
+        self.read_limiter = RateLimiter(sec.rate_limit.reads_per_minute, sec.rate_limit.read_burst) \
+            if sec.rate_limit else None
+        self.auth_throttle = FailureThrottle(sec.auth_failures.max_failures, sec.auth_failures.window_s)
+        self.gate = DrainGate()
+        self.metrics = None
         self.blocklist = Blocklist(sec.prompt_blocklist)
         self.timeout_s = config.ingress.request_timeout_s
         self.started = int(time.time())
@@ -44,6 +51,17 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         return create_app(self)
+
+    async def drain(self, timeout_s: float | None = None) -> dict:
+        """Stop accepting (503 + Retry-After), let requests in flight finish (<= timeout_s), queue running jobs
+        again. Called through the handle by `sdserve serve` on SIGTERM (serving/drain.py)."""
+        return await drain_ingress(self, self.config.ingress.drain_timeout_s if timeout_s is None else timeout_s)
+
+    async def __del__(self):
+        # Serve calls this after the replica's graceful shutdown waited for its requests (serve deploy, KubeRay,
+        # a redeploy): running jobs are queued again for the next replica instead of being lost mid-run.
+        if hasattr(self, "gate"):
+            await drain_ingress(self, 0)
 
     def check_request(self, req: GenerationRequest, openai: bool) -> str:
         """Model name (default filled) after the blocklist and unknown-model checks."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from serving.drain import DrainMiddleware
 from serving.http import health, routes_a1111, routes_jobs, routes_native, routes_openai
 from serving.http.errors import install_error_handlers
 from serving.http.openapi import install_openapi
@@ -25,6 +26,7 @@ def create_app(ingress: Any) -> FastAPI:
     app.state.jobs = ingress.jobs
     limit = ingress.config.security.max_body_bytes
     app.add_middleware(BodyLimitMiddleware, limit_of=lambda: limit)
+    app.add_middleware(DrainMiddleware, gate=ingress.gate)  # added last: outermost (serving/drain.py)
     install_error_handlers(app)
     for group in (routes_native, routes_openai, routes_jobs, routes_a1111, health):
         app.include_router(group.router)

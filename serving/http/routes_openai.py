@@ -22,7 +22,7 @@ async def openai_generate(body: OpenAIImageRequest, request: Request, caller: st
                           "POST /v1/jobs)", "response_format", "unsupported_value")
     ingress = request.app.state.ingress
     req = to_generation_request(body)
-    name = ingress.check_request(req, openai=True)
+    name = request.state.model = ingress.check_request(req, openai=True)
     if body.user:
         log.info("openai images request user=%s caller=%s", body.user[:64], caller)
     return images_response(await ingress.call_model(name, req, openai=True))

@@ -67,6 +67,8 @@ def test_autoscaling_passes_through_and_excludes_num_replicas():
     ({"models": [{"deployment": {"max_batch_sizee": 8}}]}, "models.0.deployment.max_batch_sizee"),
     ({"security": {"rate_limit": {"requests_per_minute": 0}}}, "security.rate_limit.requests_per_minute"),
     ({"models": []}, "models"),
+    ({"jobs": {"backend": "local"}, "ingress": {"num_replicas": 2}}, "use backend redis"),
+    ({"jobs": {"max_queued": 0}}, "jobs.max_queued"),
 ])
 def test_bad_configs_name_the_key(bad, names):
     with pytest.raises(ValidationError) as err:

@@ -137,9 +137,27 @@ def test_unknown_model_lists_known_models(client):
     assert "sd99" in msg and "tiny-sd" in msg and "tiny-b" in msg
 
 
-def test_malformed_json_is_422(client):
-    r = client.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+def test_malformed_json_is_400_with_a_message(client):
+    r = client.post("/v1/generate", content=b'{"prompt": "x",, }', headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert detail["code"] == "invalid_json" and detail["field"] is None
+    assert detail["message"].startswith("request body is not valid JSON") and "character 15" in detail["message"]
+
+
+@pytest.mark.parametrize("raw, field, words", [
+    (b'{"prompt": "x", "seed": true}', "seed", "not a boolean"),       # strict: true is not 1
+    (b'{"prompt": "x", "steps": "4"}', "steps", "not a boolean or a string"),
+    (b'{"prompt": "x", "guidance_scale": NaN}', "guidance_scale", "finite number"),  # not "must be <= 50"
+    (b'{"prompt": "x", "guidance_scale": Infinity}', "guidance_scale", "finite number"),
+])
+def test_strict_numbers_name_the_field(client, raw, field, words):
+    r = client.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    err = r.json()["detail"][0]
+    assert err["loc"] == ["body", field] and words in err["msg"], err
+    ok = client.post("/v1/generate", json={"prompt": "x", "guidance_scale": 7, "steps": 2, "seed": 1})
+    assert ok.status_code == 200  # a JSON integer is still a valid float
 
 
 def test_auth_required(serve_url):
@@ -156,8 +174,8 @@ def test_auth_required(serve_url):
 def test_health_readiness_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
-    assert r.status_code == 200 and r.json() == {"ready": True, "models": {"tiny-sd": "HEALTHY",
-                                                                           "tiny-b": "HEALTHY"}}
+    assert r.status_code == 200 and r.json() == {"ready": True, "models": {"tiny-sd": "HEALTHY", "tiny-b": "HEALTHY"},
+                                                 "jobs_store": "ok"}
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/generate", "/v1/images/generations", "/v1/models"} <= set(paths)
