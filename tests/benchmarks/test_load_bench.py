@@ -309,7 +309,7 @@ def test_in_process_run_writes_one_complete_record_per_profile_and_rate(tmp_path
     assert report([str(tmp_path), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "old" not in text and text.endswith("<!-- LOAD:END -->\ntail\n")
-    assert "| tiny-sd | uniform | default | 2 |" in text and "| saturation req/s |" in text
+    assert "| tiny-sd | uniform | step | 2 |" in text and "| saturation req/s |" in text
 
 
 def test_sdserve_bench_load_takes_the_benchmarks_own_arguments():
