@@ -51,8 +51,11 @@ class DeploymentOptions(Strict):
     max_queued_requests: int = Field(
         64, ge=1, description="Requests waiting for a replica, per caller; beyond it callers get 503 + "
         "Retry-After (the queue is never unbounded).")
-    max_batch_size: int = Field(8, ge=1, le=256, description="Most images in one @serve.batch call.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long a batch waits to fill.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Sizes the default max_ongoing_requests (2x). "
+                                "Images per UNet call are the engine's limits.max_batch_size: its step scheduler "
+                                "is the only batching layer.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Unused since the engine batches at "
+                                        "step level (no batch window); kept so existing configs still load.")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with backpressure rejections.")
     health_check_period_s: float = Field(10.0, gt=0, description="Serve health-check period.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="Serve health-check timeout.")

@@ -27,8 +27,8 @@ class ModelMetrics:
         self.latency = metrics.Histogram("sdserve_stage_latency_s", description="Latency per request by stage "
                                          "(queue, denoise, decode, encode, total).",
                                          boundaries=LATENCY_BOUNDARIES_S, tag_keys=("model", "stage"))
-        self.batch = metrics.Histogram("sdserve_batch_images", description="Images per engine call (dynamic "
-                                       "batch, all compat groups).", boundaries=BATCH_BOUNDARIES, tag_keys=tags)
+        self.batch = metrics.Histogram("sdserve_batch_images", description="Images per UNet call (the "
+                                       "engine's step-level batches).", boundaries=BATCH_BOUNDARIES, tag_keys=tags)
         self.queue = metrics.Gauge("sdserve_queue_length", description="Requests waiting in this replica for a "
                                    "batch.", tag_keys=tags)
         self.vram = metrics.Gauge("sdserve_peak_vram_bytes", description="Peak CUDA memory of the last call.",
