@@ -28,10 +28,12 @@ def contract_config() -> dict:
 
 
 def offline_openapi(config: dict) -> dict:
-    """The app's document, built by the real factory with no Ray (the factory only needs config and jobs)."""
+    """The app's document, built by the real factory with no Ray (the factory only needs config, jobs and the drain gate)."""
     from serving.http.app import create_app
 
-    ingress = types.SimpleNamespace(config=ServingConfig.model_validate(config), jobs=None)
+    from serving.drain import DrainGate
+
+    ingress = types.SimpleNamespace(config=ServingConfig.model_validate(config), jobs=None, gate=DrainGate())
     return create_app(ingress).openapi()
 
 
