@@ -7,6 +7,15 @@ import json
 import logging
 import sys
 
+from core.request_flags import add_request_flags, request_fields
+
+BATCH_EXAMPLES = """examples:
+  sdserve make-prompts 200 prompts.parquet
+  sdserve batch prompts.parquet out/ --config configs/batch-tiny.yaml      local Ray; rerun on out/ resumes
+  ray job submit --address http://127.0.0.1:8265 --working-dir . -- sdserve batch s3://b/prompts/ s3://b/runs/r1 \\
+      --config configs/batch-sd15.yaml --concurrency 8 --num-gpus 0.5
+"""
+
 
 def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="Parquet prompt set: file, directory or glob; any fsspec URI (s3://, gs://, ...)")
@@ -20,6 +29,8 @@ def add_batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-seed", type=int, help="seed for rows without one (seed = blake2b(job_seed, id))")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-resource-check", action="store_true", help="run even when the cluster's live nodes lack "
+                   "the CPUs/GPUs the actors ask for (an autoscaling cluster that will add them)")
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -27,12 +38,17 @@ def _batch(args: argparse.Namespace) -> int:
 
     from batch_jobs.runner import run_batch
     from core.config import format_validation_error
+    from core.loading import ModelLoadError
+    from core.preflight import ResourceError
 
     try:
         summary = run_batch(args.input, args.output, args.config, concurrency=args.concurrency,
                             num_gpus=args.num_gpus, batch_size=args.batch_size, rows_per_part=args.rows_per_part,
-                            output_mode=args.output_mode,
-                            job_seed=args.job_seed, address=args.address, progress=not args.no_progress)
+                            output_mode=args.output_mode, job_seed=args.job_seed, address=args.address,
+                            progress=not args.no_progress, resource_check=not args.no_resource_check)
+    except (ModelLoadError, ResourceError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (ValidationError, ValueError, FileNotFoundError) as err:
         print(f"error: {format_validation_error(err)}", file=sys.stderr)
         return 2
@@ -48,7 +64,7 @@ def _batch(args: argparse.Namespace) -> int:
 def _make_prompts(args: argparse.Namespace) -> int:
     from batch_jobs.prompts import write_prompts
 
-    n = write_prompts(args.n, args.output, seed=args.seed, width=args.width, height=args.height, steps=args.steps)
+    n = write_prompts(args.n, args.output, seed=args.seed, **request_fields(args, args.request_fields))
     print(f"wrote {n} prompts to {args.output}")
     return 0
 
@@ -76,18 +92,18 @@ def _bench_subparsers(sub):
 
 
 def register(sub) -> None:
-    b = sub.add_parser("batch", help="generate a Parquet prompt set with Ray Data (resumable)")
+    b = sub.add_parser("batch", help="generate a Parquet prompt set with Ray Data (resumable)",
+                       epilog=BATCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_batch_arguments(b)
     b.set_defaults(func=_batch)
 
     m = sub.add_parser("make-prompts", help="write a varied sample prompt set (Parquet)")
     m.add_argument("n", type=int, help="number of rows")
     m.add_argument("output", help="output .parquet (any fsspec URI)")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--width", type=int, help="set every row's width (default: model default)")
-    m.add_argument("--height", type=int)
-    m.add_argument("--steps", type=int)
-    m.set_defaults(func=_make_prompts)
+    m.add_argument("--seed", type=int, default=0, help="seed of the prompt sampler (not of the images)")
+    fields = add_request_flags(m, fields=("width", "height", "steps"),
+                               help_suffix=dict.fromkeys(("width", "height", "steps"), "(set on every row)"))
+    m.set_defaults(func=_make_prompts, request_fields=fields)
 
     bb = _bench_subparsers(sub).add_parser("batch", help="Ray Data batch throughput vs the engine's offline loop "
                                            "(one run, JSON with the ratio)")

@@ -45,9 +45,10 @@ class BatchJobConfig(Strict):
     num_cpus: float | None = Field(None, ge=0, le=256, description="CPUs reserved per actor. Default: 1, less "
                                    "when the cluster is too small to also run the read/write tasks.")
     batch_size: int = Field(32, ge=1, le=4096, description="Rows per engine call (map_batches batch_size). The "
-                            "engine groups them by compat key into pipeline calls of <= limits.max_batch_size "
-                            "images and encodes call k while the GPU runs call k+1, so a few times "
-                            "max_batch_size keeps the GPU busy.")
+                            "engine's step scheduler runs their images in shared UNet calls of <= "
+                            "limits.max_batch_size images (a finished image's slot is refilled at the next step) "
+                            "and encodes finished images while the GPU runs on, so a few times max_batch_size "
+                            "keeps the GPU busy.")
     rows_per_part: int | None = Field(None, ge=1, le=1_000_000, description="Rows per output part (the unit "
                                       "of resume: a killed run redoes at most the parts in flight). Default: "
                                       "4 x batch_size.")

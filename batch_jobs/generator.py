@@ -31,7 +31,8 @@ class GenerateImages:
                 positions.append(pos)
             except GenerationError as err:
                 out_rows[pos] = [error_row(row, err)]
-        # One engine call per Ray Data batch: the engine groups the rows by compat key into pipeline calls.
+        # The whole block to the engine at once: its step scheduler batches the rows' images into shared UNet
+        # calls (any steps, scheduler, guidance and seed; one group per shape), up to limits.max_batch_size.
         try:
             outcomes = self.engine.generate(requests) if requests else []
         except Exception as err:  # noqa: BLE001 - an engine crash fails these rows, not the job

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
+import warnings
 from typing import Any
 
 from batch_jobs.config import BatchJobConfig, load_job_config
@@ -129,14 +130,59 @@ def _warn_if_cpus_short(job: BatchJobConfig, resuming: bool) -> None:
                     ", 1 held by Ray Data's CheckpointFilter actor" if resuming else "", have)
 
 
+def write_empty_errors(layout: OutputLayout, id_type) -> None:
+    """`OUTPUT/errors` always exists as a dataset (`pd.read_parquet(OUTPUT/errors)` works with no failed row):
+    one empty part with the error rows' schema when no row failed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batch_jobs.rows import ERROR_FIELDS
+
+    if parquet_parts(layout.fs, layout.errors_dir):
+        return
+    schema = pa.schema([("id", id_type), ("prompt", pa.string())] + ERROR_FIELDS)
+    layout.fs.makedirs(layout.errors_dir, exist_ok=True)
+    with layout.fs.open(layout.join("errors/none.parquet"), "wb") as fh:
+        pq.write_table(schema.empty_table(), fh)
+
+
+def batch_demands(job: BatchJobConfig):
+    """What the engine actors ask Ray for, with the flag (or job YAML key) that sets each resource."""
+    from core.preflight import Demand
+
+    return [Demand("engine actors", job.concurrency, {"CPU": job.num_cpus or 0, "GPU": job.num_gpus or 0},
+                   {"GPU": "--num-gpus (num_gpus in the job YAML)",
+                    "CPU": "--concurrency (concurrency / num_cpus in the job YAML)"})]
+
+
+def pending_actor_messages(job: BatchJobConfig) -> list[str]:
+    """Engine actors Ray has not started yet, with what each asks for and what is free (GCS only: the batch
+    driver runs without a dashboard, so the state API is not there)."""
+    import ray
+    from ray._private import state  # the GCS actor table; ray.util.state needs the dashboard
+
+    # Pid 0: no worker process yet, i.e. waiting for resources (an actor loading its model has one).
+    pending = [a for a in state.actors().values()
+               if a.get("State") in ("PENDING_CREATION", "DEPENDENCIES_UNREADY") and not a.get("Pid")
+               and "MapWorker" in str(a.get("ActorClassName", ""))]
+    if not pending:
+        return []
+    free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+    return [f"{len(pending)} engine actor(s) not started yet; each asks for CPU {job.num_cpus or 0:g}, GPU "
+            f"{job.num_gpus or 0:g}; free in the cluster now: {free} (change --num-gpus / --concurrency if this "
+            "does not clear)"]
+
+
 def run_batch(input: str, output: str, config: str | BatchJobConfig | None = None, *,
               concurrency: int | None = None, num_gpus: float | None = None, batch_size: int | None = None,
               rows_per_part: int | None = None, output_mode: str | None = None, address: str | None = None, job_seed: int | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, resource_check: bool = True) -> dict[str, Any]:
     """Run (or resume) a batch job and return its summary (also written to OUTPUT/summary.json).
 
     Connects to a running Ray (RAY_ADDRESS, `address`, or an already initialized one) or starts a local one.
-    Raises InputError/ValueError for an unusable prompt set or config before any GPU time is spent.
+    Raises InputError/ValueError for an unusable prompt set or config, ModelLoadError for a model source that
+    cannot load here, ResourceError for actors the cluster cannot place (unless resource_check=False), all
+    before any GPU time is spent.
     """
     started = time.time()
     job = config if isinstance(config, BatchJobConfig) else load_job_config(config)
@@ -153,7 +199,16 @@ def run_batch(input: str, output: str, config: str | BatchJobConfig | None = Non
     input_ids = set(prompts.ids.to_pylist())
     done_before = committed_ids(output) & input_ids
 
+    import os
+
     import ray
+
+    from core.preflight import PendingWatcher, check_resources
+
+    if address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+        from core.loading import check_source
+
+        check_source(job.engine)  # local: the actors read the same paths and cache as this process
 
     started_ray = False
     if not ray.is_initialized():
@@ -161,16 +216,20 @@ def run_batch(input: str, output: str, config: str | BatchJobConfig | None = Non
         started_ray = True
     try:
         job = _fit_resources(job).apply_gpu_fraction()
+        if resource_check:
+            check_resources(batch_demands(job), ray.cluster_resources())
         _warn_if_cpus_short(job, resuming=bool(committed_ids(output)))
         status, error = "complete", None
         try:
             if input_ids - done_before:  # all done already: do not load a model for nothing
-                _execute(prompts, layout, ckpt, job, progress, input_ids - done_before)
+                with PendingWatcher(lambda: pending_actor_messages(job), log.warning, every_s=30.0):
+                    _execute(prompts, layout, ckpt, job, progress, input_ids - done_before)
         except BaseException as err:  # still report what was written; a rerun resumes
             status, error = "interrupted", f"{type(err).__name__}: {err}"
             _write_summary(input, output, layout, job, prompts.num_rows, input_ids, done_before, started, status,
                            error)
             raise
+        write_empty_errors(layout, prompts.ids.type)
         return _write_summary(input, output, layout, job, prompts.num_rows, input_ids, done_before, started, status,
                               error)
     finally:
@@ -202,12 +261,16 @@ def _execute(prompts, layout: OutputLayout, ckpt: str, job: BatchJobConfig, prog
         # (a big Parquet file would otherwise be one block, written only at the very end).
         ds = ds.repartition(target_num_rows_per_block=job.part_rows)
         pool = ActorPoolStrategy(size=job.concurrency, max_concurrent_calls_per_actor=job.actor_threads)
-        ds = ds.map_batches(GenerateImages, fn_constructor_kwargs={"job": job},
-                            batch_size=job.batch_size, batch_format="pyarrow", zero_copy_batch=True,
-                            compute=pool, num_gpus=job.num_gpus or None, num_cpus=job.num_cpus,
-                            # A dead actor fails the run (resumable) instead of waiting, with its tasks, for a
-                            # restart that a fixed cluster may never be able to place.
-                            max_restarts=job.actor_restarts)
+        with warnings.catch_warnings():
+            # Ray 2.60 deprecates extra remote args but has no named parameter for max_restarts yet (its actor pool
+            # operator still documents `map_batches(..., max_restarts=0)`): silence that one warning, here only.
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=Warning)
+            ds = ds.map_batches(GenerateImages, fn_constructor_kwargs={"job": job},
+                                batch_size=job.batch_size, batch_format="pyarrow", zero_copy_batch=True,
+                                compute=pool, num_gpus=job.num_gpus or None, num_cpus=job.num_cpus,
+                                # A dead actor fails the run (resumable) instead of waiting, with its tasks, for a
+                                # restart that a fixed cluster may never be able to place.
+                                max_restarts=job.actor_restarts)
         with BatchProgress(layout, todo_ids, enabled=progress):
             ds.write_datasink(BatchOutputSink(layout.root, filesystem=arrow_filesystem(layout.fs),
                                               mode=job.output_mode))

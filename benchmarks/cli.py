@@ -1,5 +1,5 @@
-"""`sdserve bench gpu` (benchmarks/gpu_bench.py), `sdserve bench previews` (benchmarks/preview_cost.py) and
-`sdserve bench replicas` (benchmarks/replica_proof.py)."""
+"""`sdserve bench gpu` (benchmarks/gpu_bench.py), `sdserve bench replicas` (benchmarks/replica_proof.py),
+`sdserve bench load` (benchmarks/load.py) and `sdserve bench previews` (benchmarks/preview_cost.py)."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,17 @@ def _bench_replicas(args: argparse.Namespace) -> int:
     return run_from_args(args)
 
 
+def _bench_load(args: argparse.Namespace) -> int:
+    import sys
+
+    from benchmarks.load import check_arguments, run_from_args
+
+    argv = sys.argv[sys.argv.index("load") + 1:] if "load" in sys.argv else []  # recorded as the command
+    return run_from_args(check_arguments(args._load_parser, args), argv)
+
+
 def register(sub) -> None:
+    from benchmarks.load import add_arguments as add_load_arguments  # stdlib-only at import: cheap
     from benchmarks.replica_proof import add_arguments  # stdlib-only at import: cheap
     from serving.cli import bench_subparsers  # the one shared `bench` command (argparse refuses two)
 
@@ -41,3 +51,8 @@ def register(sub) -> None:
                          "load; no OOM, no 5xx, no replica lost (JSON; exit code 1 when it fails)")
     add_arguments(r)
     r.set_defaults(func=_bench_replicas)
+
+    ld = bench.add_parser("load", help="issue 18: open-loop Poisson load at fractions of the measured capacity, "
+                          "per traffic profile and admission, in-process or HTTP (JSON records)")
+    add_load_arguments(ld)
+    ld.set_defaults(func=_bench_load, _load_parser=ld)

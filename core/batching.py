@@ -1,53 +1,23 @@
-"""Grouping resolved requests into compatible pipeline calls.
+"""What can share one UNet call, and which seed each image uses.
 
-Every image is one sample with its own prompt, negative prompt and generator; samples can share a pipeline
-call only when everything that changes the computation is equal: the compatibility key.
+Every image is one sample with its own scheduler, generator, latents and guidance (core/denoise_state.py), so a
+UNet call can mix steps, schedulers, guidance scales and seeds: one per-sample timestep tensor and a per-sample
+guidance tensor carry the differences (core/unet_step.py). Only what changes the UNet's input shapes or weights
+splits calls: the group key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Hashable, Sequence
+from typing import Hashable
 
 from core.schemas import MAX_SEED, GenerationRequest
 
 
-def compat_key(req: GenerationRequest) -> Hashable:
-    """Everything that changes the computation of a pipeline call (apart from per-sample prompts/seeds).
-
-    CFG on/off is implied by guidance_scale. Requests must be resolved (no None fields).
-    """
-    return (req.model, req.width, req.height, req.steps, req.scheduler, float(req.guidance_scale))
+def group_key(req: GenerationRequest) -> Hashable:
+    """(model, width, height) of a resolved request: requests with equal keys can share UNet calls. Later also
+    the adapter set / ControlNet (they change the UNet's weights or inputs)."""
+    return (req.model, req.width, req.height)
 
 
-@dataclass(frozen=True)
-class Sample:
-    request_index: int
-    image_index: int
-    seed: int
-    prompt: str
-    negative_prompt: str
-
-
-def expand(requests: Sequence[tuple[int, GenerationRequest]]) -> list[Sample]:
-    """One Sample per image; image i of a request uses seed + i (mod 2**32), as A1111 does."""
-    out = []
-    for idx, req in requests:
-        for i in range(req.num_images):
-            out.append(Sample(idx, i, (req.seed + i) % (MAX_SEED + 1), req.prompt, req.negative_prompt or ""))
-    return out
-
-
-def plan_batches(requests: Sequence[tuple[int, GenerationRequest]],
-                 max_batch: int | Callable[[Hashable], int]) -> list[tuple[Hashable, list[Sample]]]:
-    """Group by compat key (first-seen order, so no group starves), then chunk each group to <= max_batch images
-    (a number, or a function of the key: the VRAM budget caps large sizes harder)."""
-    groups: dict[Hashable, list[tuple[int, GenerationRequest]]] = {}
-    for idx, req in requests:
-        groups.setdefault(compat_key(req), []).append((idx, req))
-    plan = []
-    for key, members in groups.items():
-        samples = expand(members)
-        size = max(1, max_batch(key) if callable(max_batch) else max_batch)
-        for start in range(0, len(samples), size):
-            plan.append((key, samples[start:start + size]))
-    return plan
+def image_seed(req: GenerationRequest, index: int) -> int:
+    """Image i of a request uses seed + i (mod 2**32), as A1111 does."""
+    return (req.seed + index) % (MAX_SEED + 1)

@@ -120,8 +120,21 @@ class LimitsConfig(Strict):
     max_pixels: int = Field(2048 * 2048, ge=64 * 64, le=8192 * 8192, description="Largest width x height.")
     max_steps: int = Field(150, ge=1, le=1000, description="Most denoising steps per request.")
     max_images_per_request: int = Field(8, ge=1, le=64, description="Most images one request may ask for.")
-    max_batch_size: int = Field(8, ge=1, le=256, description="Most images in one pipeline call.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Most images in one UNet call (the step "
+                                "scheduler's batch per shape; also capped by the VRAM budget).")
     max_prompt_chars: int = Field(2000, ge=1, le=100_000, description="Longest accepted prompt, in characters.")
+
+
+class SchedulingConfig(Strict):
+    """How the engine's step-level scheduler (core/step_scheduler.py) batches requests into UNet calls."""
+
+    admission: Literal["step", "batch"] = Field(
+        "step", description="step: waiting requests join a running batch of their shape at the next denoising "
+        "step and leave when done (continuous batching). batch: a shape's batch admits only when it is empty "
+        "(request-level batching; the baseline the load benchmark compares against).")
+    starvation_s: float = Field(2.0, gt=0, le=600, description="Across shapes the scheduler runs the group with "
+                                "the least remaining work first; a group that has not run for this many seconds "
+                                "runs next regardless (bounds how long a large image can be held back).")
 
 
 class RequestDefaults(Strict):
@@ -181,6 +194,8 @@ class EngineConfig(Strict):
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Memory level and VRAM budget.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
     defaults: RequestDefaults = Field(default_factory=RequestDefaults, description="Request defaults.")
+    scheduling: SchedulingConfig = Field(default_factory=SchedulingConfig, description="Step-level batching: "
+                                         "admission policy and the cross-shape starvation bound.")
     previews: PreviewConfig = Field(default_factory=PreviewConfig, description="Live previews of async jobs "
                                     "(method, every_n_steps, TAESD weights).")
 

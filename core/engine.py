@@ -1,25 +1,29 @@
-"""The engine: one resident model, `generate(requests) -> results`, used unchanged by Serve, jobs and Ray Data.
+"""The engine: one resident model behind one request API, used unchanged by Serve, async jobs and Ray Data.
 
-Each pipeline call gets its own shallow pipeline copy and a fresh scheduler (diffusers schedulers and the
-pipeline's per-call attributes are not thread-safe), per-sample prompts and per-sample CPU generators, so an
-image depends only on its own request and seed - alone or inside any batch, on any device.
+The engine owns the denoising loop: `core/step_scheduler.py` batches images of any steps, scheduler, guidance and
+seed into shared UNet calls (continuous batching, interleaving across shapes), each image with its own scheduler
+and CPU generator (core/denoise_state.py), so an image depends only on its own request and seed - alone, inside
+any batch, or joined at any step. This module loads and warms the model, resolves requests, and exposes
+`await generate_async(request, on_progress, cancel)` (one request) and the sync `generate(requests)` (the CLI,
+Ray Data, benchmarks), both through the one scheduler.
 """
 from __future__ import annotations
 
-import copy
+import asyncio
 import logging
 import os
 import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Hashable, Sequence
+from typing import Callable, Sequence
 
-from core.batching import Sample, plan_batches
 from core.config import EngineConfig, MemoryLevel
-from core.gpu_stage import Rendering, Stopwatch, own_cudagraph_trees
-from core.schemas import MEDIA_TYPES, MAX_SEED, GeneratedImage, GenerationCancelled, GenerationError, \
-    GenerationRequest, GenerationResult, Timings
+from core.denoise_state import Job, ProgressCallback
+from core.gpu_stage import Stopwatch, own_cudagraph_trees
+from core.schemas import MEDIA_TYPES, MAX_SEED, GeneratedImage, GenerationError, GenerationRequest, \
+    GenerationResult, Timings
+from core.step_scheduler import StepScheduler
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,9 @@ log = logging.getLogger(__name__)
 FAMILY_DEFAULTS = {"sd15": (512, 512, 30, 7.5), "sd21": (768, 768, 30, 7.5), "sdxl": (1024, 1024, 30, 5.0)}
 TINY_DEFAULTS = (64, 64, 4, 5.0)  # embedded tiny models: small and quick, they make noise anyway
 
-StepCallback = Callable[[Sequence[int], int, int], None]  # (request indices, step done, total steps)
+# generate()'s step_callback: ([request index], UNet calls done, total calls); raising GenerationCancelled in it
+# stops that request at this step.
+StepCallback = Callable[[Sequence[int], int, int], None]
 Outcome = GenerationResult | GenerationError
 
 
@@ -47,8 +53,8 @@ class Engine:
         # PNG/JPEG encoders release the GIL: a few threads keep up with a batch while the GPU runs the next one.
         self._encoder = ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
                                            thread_name_prefix="encode")
-        # Every pipeline call (warm-up included) runs on this one thread: calls are serialized, and CUDA graphs
-        # recorded by torch.compile (reduce-overhead) are per thread - other threads would record their own.
+        # The step scheduler's loop (warm-up included) runs on this one thread: calls are serialized, and CUDA
+        # graphs recorded by torch.compile (reduce-overhead) are per thread - other threads would record their own.
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu",
                                        initializer=own_cudagraph_trees if config.optimization.compile != "none"
                                        else None)
@@ -57,6 +63,9 @@ class Engine:
         self.warmup_times: dict[str, float] = {}  # per warm-up shape: where a slow start goes
         self.load_times: dict[str, float] = {}  # per load stage
         self.aot_forwards: list = []  # core/aot_forward.py forwards, when compile_artifacts=aot
+        self.step_cache = None
+        self.compiled = False
+        self.scheduler = StepScheduler(self)
 
     # ------------------------------------------------------------------ loading
     def load(self) -> "Engine":
@@ -117,6 +126,7 @@ class Engine:
             self.note = NOISE_NOTE
         self.load_s = time.perf_counter() - t0
         self.warmup()
+        self.scheduler.mark_warm()
         if self.compiled:
             from core import compile_cache
 
@@ -135,17 +145,23 @@ class Engine:
             return TINY_DEFAULTS
         return FAMILY_DEFAULTS[self.family or "sd15"]
 
+    def default_guidance(self) -> float:
+        g = self.config.defaults.guidance_scale
+        return self.family_defaults()[3] if g is None else g
+
     def warmup_shapes(self) -> list[tuple[int, int, int]]:
         w, h, *_ = self.family_defaults()
         d = self.config.defaults
         return list(self.config.optimization.warmup_shapes) or [(d.width or w, d.height or h, 1)]
 
     def warmup(self) -> None:
+        """Run the configured shapes once. Compiled: every UNet row bucket (core.fastpath.row_buckets) and VAE
+        image bucket up to each shape's batch, so serving never compiles."""
         steps = self.config.optimization.warmup_steps
         self._calibrate_fp8(max(steps, 2))
         if steps == 0:
             return
-        from core.fastpath import batch_buckets
+        from core.fastpath import image_buckets, row_buckets
 
         t0 = time.perf_counter()
         self._warming = True  # compiled: every batch bucket up to b is compiled (and recorded) now, not mid-serving
@@ -153,23 +169,29 @@ class Engine:
             forward.compiling = True  # warmed shapes load (or compile and save) their AOT functions
         try:
             for w, h, b in self.warmup_shapes():
-                buckets = batch_buckets(self.config.limits.max_batch_size, self.config.optimization.batch_buckets)
-                sizes = [n for n in buckets if n <= b] if self.compiled else [b]
-                per_req = self.config.limits.max_images_per_request
+                sizes = [m for m in image_buckets(self) if m <= b] if self.compiled else [b]
+                uncovered = set(row_buckets(self)) - {2 * m for m in sizes} if self.compiled else set()
                 for n in sizes:
-                    # Requests of <= max_images_per_request images; one compat key, so they run as one call.
-                    reqs = [GenerationRequest(prompt="warm-up", width=w, height=h, steps=steps, seed=i,
-                                              num_images=min(per_req, n - i)) for i in range(0, n, per_req)]
-                    t = time.perf_counter()
-                    for out in self.submit(reqs, _warmup=True):
-                        if isinstance(out, GenerationError):
-                            raise RuntimeError(f"warm-up at {w}x{h} batch {n} failed: {out.message}")
-                    self.warmup_times[f"{w}x{h}x{n}"] = round(time.perf_counter() - t, 2)
+                    # with CFG (2n rows); and without (n rows) where that is a bucket no CFG run covers
+                    for guidance in (7.5, 1.0) if n in uncovered else (7.5,):
+                        t = time.perf_counter()
+                        self._warm(w, h, n, steps, guidance)
+                        name = f"{w}x{h}x{n}" + ("" if guidance > 1 else "-nocfg")
+                        self.warmup_times[name] = round(time.perf_counter() - t, 2)
         finally:
             self._warming = False
             for forward in self.aot_forwards:
                 forward.compiling = False
         self.warmup_s = time.perf_counter() - t0
+
+    def _warm(self, w: int, h: int, n: int, steps: int, guidance: float | None) -> None:
+        """n images in one UNet call (requests of <= max_images_per_request images, submitted together)."""
+        per_req = self.config.limits.max_images_per_request
+        reqs = [GenerationRequest(prompt="warm-up", width=w, height=h, steps=steps, seed=i, guidance_scale=guidance,
+                                  num_images=min(per_req, n - i)) for i in range(0, n, per_req)]
+        for out in self._run(reqs, encode=False):
+            if isinstance(out, GenerationError):
+                raise RuntimeError(f"warm-up at {w}x{h} batch {n} failed: {out.message}")
 
     def _calibrate_fp8(self, steps: int) -> None:
         """Static FP8: one call at the first warm-up shape records each layer's input range. It runs before the
@@ -182,8 +204,8 @@ class Engine:
             return
         w, h, _ = self.warmup_shapes()[0]
         with fp8.calibrating(self.pipe.unet):
-            for out in self.submit([GenerationRequest(prompt="calibration", negative_prompt="low quality", width=w,
-                                                      height=h, steps=steps, seed=0)], _warmup=True):
+            for out in self._run([GenerationRequest(prompt="calibration", negative_prompt="low quality", width=w,
+                                                    height=h, steps=steps, seed=0)], encode=False):
                 if isinstance(out, GenerationError):
                     raise RuntimeError(f"fp8 calibration at {w}x{h} failed: {out.message}")
 
@@ -222,73 +244,101 @@ class Engine:
 
     def generate(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
                  queue_s: Sequence[float] | None = None) -> list[Outcome]:
-        """One outcome per request, in order: a GenerationResult, or a GenerationError for that request alone."""
-        return [self.collect(r) for r in self.submit(requests, step_callback, queue_s)]
-
-    def submit(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
-               queue_s: Sequence[float] | None = None, _warmup: bool = False) -> list[Rendering | GenerationError]:
-        """The GPU stage: denoise + decode every request (one pipeline call at a time per engine). Encoding is
-        started on a thread pool as each chunk finishes and is awaited by `collect`, so a server can start the
-        next batch's GPU work while this one's images are still being encoded."""
-        if not self._ready and not _warmup:
+        """One outcome per request, in order: a GenerationResult, or a GenerationError for that request alone.
+        The requests are submitted together (so they start together) and share UNet calls with whatever else
+        the scheduler is running."""
+        if not self._ready:
             self.load()
-        t_start = time.perf_counter()
-        outcomes: list[Rendering | GenerationError | None] = [None] * len(requests)
-        for i, req in enumerate(requests):
-            try:
-                req = self.resolve(req)
-                self.check_capacity(req)
-                outcomes[i] = Rendering(req, t_start, queue_s[i] if queue_s else 0.0)
-            except GenerationError as err:
-                outcomes[i] = err
-        resolved = [(i, r.request) for i, r in enumerate(outcomes) if isinstance(r, Rendering)]
+        return self._run(requests, step_callback, queue_s)
 
-        def run_all() -> None:
-            for key, samples in plan_batches(resolved, lambda key: self.max_batch_for(key[1], key[2])):
-                live = [s for s in samples if isinstance(outcomes[s.request_index], Rendering)]
-                if live:
-                    self._run_group(key, live, step_callback, outcomes, encode=not _warmup)
+    async def generate_async(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
+                             cancel: threading.Event | None = None, timeout_s: float | None = None,
+                             queue_s: float = 0.0) -> Outcome:
+        """One request; never raises for a request's own failure (returns the GenerationError).
 
-        if resolved:
-            self._gpu.submit(run_all).result()
-        return outcomes  # type: ignore[return-value]
+        on_progress(step, total, latents) runs on the GPU thread after each UNet call that advanced the request
+        (keep it short: e.g. loop.call_soon_threadsafe); `latents()` gives a CPU copy of its current latents.
+        Setting `cancel`, passing `timeout_s`, or cancelling the awaiting task stops the request at the next step:
+        its images leave the batch (the others' are unchanged) and the replica is free for other work."""
+        if not self._ready:
+            await asyncio.to_thread(self.load)
+        job = self.submit(request, on_progress, cancel, timeout_s, queue_s)
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.cancel.set()  # (wrap_future cancelled job.future too: its samples leave at the next step)
+            raise
 
-    def _run_group(self, key, samples: list[Sample], cb: StepCallback | None, outcomes: list, encode: bool) -> None:
-        for chunk, result in self._run_with_oom_retry(key, samples, cb):
-            rids = sorted({s.request_index for s in chunk})
-            if isinstance(result, GenerationError):
-                for r in rids:
-                    outcomes[r] = result
-                continue
-            images, denoise_s, decode_s, peak = result
-            for r in rids:
-                if isinstance(outcomes[r], Rendering):  # not when another chunk of it already failed
-                    outcomes[r].add_stage(denoise_s, decode_s, len(chunk), peak)
-            if encode:  # on the pool: overlapped with the next chunk's GPU work
-                for sample, img in zip(chunk, images):
-                    rendering = outcomes[sample.request_index]
-                    if isinstance(rendering, Rendering):
-                        rendering.encodes.append((sample.image_index, sample.seed, self._encoder.submit(
-                            self._encode, img, rendering.request, sample.seed)))
+    def submit(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
+               cancel: threading.Event | None = None, timeout_s: float | None = None, queue_s: float = 0.0,
+               encode: bool = True) -> Job:
+        """Queue one request without waiting: returns its Job (`.future`: a concurrent Future of the outcome,
+        already set for a request that fails validation; `.cancel`: set it to stop the request)."""
+        if not self._ready:
+            self.load()
+        job = self._job(request, 0, on_progress, cancel, timeout_s, queue_s, encode)
+        if isinstance(job, GenerationError):
+            failed = Job(request, cancel=cancel or threading.Event())
+            failed.fail(job)
+            return failed
+        self.scheduler.submit([job])
+        return job
 
-    def collect(self, rendering: Rendering | GenerationError) -> Outcome:
-        """Wait for a rendering's encodes (non-blocking once its `futures` are done) and build its result."""
-        if isinstance(rendering, GenerationError):
-            return rendering
-        req, images, encode_s = rendering.request, [], 0.0
-        for index, seed, fut in sorted(rendering.encodes, key=lambda t: t[0]):
+    def _job(self, request, index: int, on_progress, cancel, timeout_s, queue_s: float, encode: bool):
+        try:
+            req = self.resolve(request)
+            self.check_capacity(req)
+        except GenerationError as err:
+            return err
+        job = Job(req, index, on_progress, cancel or threading.Event(), extra_queue_s=queue_s, encode=encode)
+        if timeout_s is not None:
+            job.deadline = job.submitted + timeout_s
+        return job
+
+    def _run(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
+             queue_s: Sequence[float] | None = None, encode: bool = True) -> list:
+        jobs = []
+        for i, request in enumerate(requests):
+            progress = None
+            if step_callback is not None:
+                progress = (lambda i: lambda step, total, _latents: step_callback([i], step, total))(i)
+            jobs.append(self._job(request, i, progress, None, None, queue_s[i] if queue_s else 0.0, encode))
+        self.scheduler.submit([j for j in jobs if isinstance(j, Job)])
+        return [j.future.result() if isinstance(j, Job) else j for j in jobs]
+
+    def finish_image(self, sample, pixels) -> None:
+        """A decoded image (GPU thread): encode it on the pool; the request's last encode completes it."""
+        job = sample.job
+        job.images_left -= 1
+        if not job.encode:
+            if job.images_left == 0:
+                job.settle(None)  # warm-up: no result to build
+            return
+        fut = self._encoder.submit(self._encode, pixels, job.request, sample.seed)
+        job.encodes.append((sample.image_index, sample.seed, fut))
+        fut.add_done_callback(lambda _f: self._maybe_complete(job))
+
+    def _maybe_complete(self, job: Job) -> None:
+        """On an encoder thread: once every image of the job is encoded, build its result."""
+        if job.finished or len(job.encodes) < job.request.num_images or not all(f.done() for *_, f in job.encodes):
+            return
+        req, images, encode_s = job.request, [], 0.0
+        for index, seed, fut in sorted(job.encodes, key=lambda t: t[0]):
             try:
                 data, enc_s = fut.result()
             except Exception as err:  # noqa: BLE001 - a failed encode fails its own request only
-                return self.internal_error(err)
+                job.fail(self.internal_error(err))
+                return
             images.append(GeneratedImage(data=data, seed=seed, media_type=MEDIA_TYPES[req.output_format]))
             encode_s += enc_s
-        timings = Timings(queue_s=rendering.queue_s, denoise_s=rendering.denoise_s, decode_s=rendering.decode_s,
-                          encode_s=encode_s, total_s=time.perf_counter() - rendering.started)
-        return GenerationResult(
+        admitted = job.admitted or job.submitted
+        timings = Timings(queue_s=admitted - job.submitted + job.extra_queue_s,
+                          denoise_s=max(0.0, job.denoise_end - admitted), decode_s=job.decode_s, encode_s=encode_s,
+                          total_s=time.perf_counter() - job.submitted)
+        job.settle(GenerationResult(
             images=images, width=req.width, height=req.height, steps=req.steps, guidance_scale=req.guidance_scale,
-            scheduler=req.scheduler, model=req.model, output_format=req.output_format, batch_size=rendering.batch,
-            timings=timings, peak_vram_bytes=rendering.peak, note=self.note)
+            scheduler=req.scheduler, model=req.model, output_format=req.output_format, batch_size=max(1, job.batch),
+            timings=timings, peak_vram_bytes=job.peak, note=self.note))
 
     def max_batch_for(self, width: int, height: int) -> int:
         """Images per pipeline call at this size: limits.max_batch_size, capped by the VRAM budget's estimate
@@ -314,80 +364,11 @@ class Engine:
             f"replica's VRAM budget is {self.budget / GiB:.1f} GiB: use a smaller size or a lower-memory level",
             "capacity", "width")
 
-    # ------------------------------------------------------------------ one pipeline call
-    def _run_with_oom_retry(self, key: Hashable, samples: list[Sample], cb: StepCallback | None):
-        """[(samples, result or GenerationError)]. On CUDA OOM: free, split the batch in two, tile the VAE, retry once;
-        a size that fit only tiled is decoded tiled from then on (no OOM and retry on every later request)."""
-        import torch
-
-        from core.memory import free_memory
-
-        size = (key[1], key[2])
-        try:
-            return [(samples, self._run_chunk(key, samples, cb, force_tiling=size in self.tiled_sizes))]
-        except GenerationCancelled as err:
-            return [(samples, err)]
-        except torch.cuda.OutOfMemoryError:
-            log.warning("CUDA OOM at batch %d of %s; retrying split with VAE tiling", len(samples), key)
-        except Exception as err:  # noqa: BLE001 - one bad call must not take the engine down
-            return [(samples, self.internal_error(err))]
-        free_memory()
-        half = max(1, len(samples) // 2)
-        out = []
-        for part in (samples[:half], samples[half:]):
-            if not part:
-                continue
-            try:
-                out.append((part, self._run_chunk(key, part, cb, force_tiling=True)))
-                self.tiled_sizes.add(size)
-            except GenerationCancelled as err:
-                out.append((part, err))
-            except torch.cuda.OutOfMemoryError:
-                free_memory()
-                out.append((part, GenerationError(
-                    f"out of GPU memory at {key[1]}x{key[2]} even at batch {len(part)} with VAE tiling; "
-                    "use a smaller size or a lower-memory level", "oom", None)))
-            except Exception as err:  # noqa: BLE001
-                out.append((part, self.internal_error(err)))
-        return out
-
     def internal_error(self, err: Exception) -> GenerationError:
         log.exception("generation failed: %s", err)
         if "CUDA error" in str(err) or "CUBLAS" in str(err):
             self.broken = f"CUDA error: {err}"  # the context is unusable; check_health makes Serve replace us
         return GenerationError(f"generation failed: {type(err).__name__}: {err}", "internal", None)
-
-    def _run_chunk(self, key: Hashable, samples: list[Sample], cb: StepCallback | None, force_tiling=False):
-        """Denoise + decode one compatible chunk. Returns (uint8 images, denoise_s, decode_s, peak bytes)."""
-        import torch
-
-        from core.fastpath import bucket_samples, shape_context
-        from core.schedulers import make_scheduler
-
-        _model, width, height, steps, scheduler, guidance = key
-        run = bucket_samples(self, samples)  # padded to a compiled batch bucket (extra outputs dropped)
-        pipe = copy.copy(self.pipe)  # per-call pipeline state (_guidance_scale, _interrupt, scheduler...)
-        pipe.scheduler = make_scheduler(scheduler, self.base_scheduler_config)
-        rids = sorted({s.request_index for s in samples})
-
-        def on_step(p, i, t, kw):
-            if cb is not None:
-                cb(rids, i + 1, p.num_timesteps)  # may raise GenerationCancelled: stops at this step
-            return kw
-
-        with self.monitor.track(), shape_context(self, width, height, len(run)):
-            t0 = time.perf_counter()
-            latents = pipe(prompt=[s.prompt for s in run], negative_prompt=[s.negative_prompt for s in run],
-                           width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
-                           generator=[torch.Generator("cpu").manual_seed(s.seed) for s in run],
-                           output_type="latent", callback_on_step_end=on_step).images
-            self._sync()
-            t1 = time.perf_counter()
-            # The whole padded bucket: a compiled VAE decoder only knows the warmed bucket sizes (decoding 7 of
-            # a bucket of 8 would compile a new graph mid-serving); the padding's images are dropped.
-            images = self._decode(latents, force_tiling)[: len(samples)]
-            t2 = time.perf_counter()
-        return images, t1 - t0, t2 - t1, self.monitor.last_peak
 
     def _decode(self, latents, force_tiling: bool):
         from core.gpu_stage import decode_latents
@@ -405,12 +386,6 @@ class Engine:
             params["note"] = self.note
         return encode_image(pixels, req.output_format, params), time.perf_counter() - t0
 
-    def _sync(self) -> None:
-        import torch
-
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-
     # ------------------------------------------------------------------ health / info
     def check_health(self) -> None:
         if not self._ready:
@@ -423,4 +398,13 @@ class Engine:
                 "device": getattr(self, "device", None), "dtype": str(getattr(self, "dtype", "")).replace("torch.", ""),
                 "optimizations": self.applied, "vram_budget_bytes": self.budget, "note": self.note,
                 "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times,
-                "warmup_times": self.warmup_times}
+                "warmup_times": self.warmup_times, "scheduling": self.scheduling_stats()}
+
+    def scheduling_stats(self) -> dict:
+        """The step scheduler's counters: admission policy, UNet calls, images per call, recompiles while
+        serving (each one a stall: should stay 0), requests waiting and images in flight."""
+        sched = self.scheduler
+        return {"admission": self.config.scheduling.admission, "unet_calls": sched.calls,
+                "batch_size_histogram": {str(k): v for k, v in sorted(sched.batch_histogram.items())},
+                "recompiles": sched.recompiles, "waiting_requests": sched.waiting_requests(),
+                "active_images": sched.active_images()}

@@ -1,7 +1,8 @@
 """The fast path: compile, fixed shape buckets, fp8 and step caching hooks.
 
-Shape buckets: a compiled UNet (and its CUDA graphs) is specialised per (width, height, batch). Batches are
-padded up to a power-of-two bucket, and a size that was not warmed up runs eagerly
+Shape buckets: a compiled UNet (and its CUDA graphs) is specialised per (width, height, rows). UNet calls are
+padded up to a row bucket (row_buckets: the image buckets, with and without CFG's doubling), VAE decodes up to an
+image bucket; a size that was not warmed up runs eagerly
 (`torch.compiler.set_stance("force_eager")`) instead of recompiling in the middle of serving.
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ def install_fastpath(engine) -> dict:
 
             engine.aot_forwards = aot_forward.install(engine.pipe, opt.compile, engine.config.cache_dir,
                                                       compile_cache.cache_key(engine), opt.compile_vae)
-    engine.warmed: set[tuple[int, int, int]] = set()
+    engine.warmed: set[tuple[str, int, int, int]] = set()
     return applied
 
 
@@ -70,13 +71,26 @@ def install_step_cache(engine, applied: dict):
     return hook
 
 
-def bucket_samples(engine, samples: list) -> list:
-    """Pad a chunk to its batch bucket when compiled (the padding's outputs are dropped)."""
+def image_buckets(engine) -> list[int]:
+    return batch_buckets(engine.config.limits.max_batch_size, engine.config.optimization.batch_buckets)
+
+
+def row_buckets(engine) -> list[int]:
+    """UNet batch sizes compiled ahead: each image bucket with CFG (two rows per image). Images with guidance <= 1
+    take one row and pad up into these (compiled and half idle beats eager); an engine whose default guidance is
+    <= 1 (turbo / LCM deployments) also gets the one-row-per-image buckets, so its usual calls are not padded."""
+    buckets = image_buckets(engine)
+    rows = {2 * b for b in buckets}
+    if engine.default_guidance() <= 1:
+        rows |= set(buckets)
+    return sorted(rows)
+
+
+def padded(engine, n: int, buckets: list[int] | None = None) -> int:
+    """n rows (or images) padded up to their compiled bucket; n itself when not compiled."""
     if not getattr(engine, "compiled", False):
-        return samples
-    target = next(b for b in batch_buckets(engine.config.limits.max_batch_size,
-                                        engine.config.optimization.batch_buckets) if b >= len(samples))
-    return samples + [samples[-1]] * (target - len(samples))
+        return n
+    return next((b for b in (buckets or image_buckets(engine)) if b >= n), n)
 
 
 def sdpa_context(engine):
@@ -94,18 +108,16 @@ def sdpa_context(engine):
 
 
 @contextlib.contextmanager
-def shape_context(engine, width: int, height: int, batch: int):
-    """Kernel choice for the call; during warm-up, record compiled shapes; while serving, run unseen shapes eagerly.
-    Also starts the step cache's count afresh: each pipeline call begins with full UNet steps."""
-    if getattr(engine, "step_cache", None) is not None:
-        engine.step_cache.reset()
+def shape_context(engine, part: str, width: int, height: int, batch: int):
+    """Kernel choice for one UNet call (part "unet", batch = rows) or VAE decode ("vae", batch = images); during
+    warm-up, record compiled shapes; while serving, run unseen shapes eagerly instead of recompiling."""
     with sdpa_context(engine):
         if not getattr(engine, "compiled", False):
             yield
             return
         import torch
 
-        shape = (width, height, batch)
+        shape = (part, width, height, batch)
         if getattr(engine, "_warming", False):
             engine.warmed.add(shape)
             yield

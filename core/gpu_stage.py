@@ -1,4 +1,4 @@
-"""The engine's GPU stage helpers: the one GPU thread's CUDA-graph state, per-request renderings, VAE decode.
+"""The engine's GPU stage helpers: the one GPU thread's CUDA-graph state, a load stopwatch, VAE decode.
 
 Kept apart from core/engine.py so the engine reads as the request flow; nothing here imports Ray.
 """
@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
-
-from core.schemas import GenerationRequest
 
 
 def own_cudagraph_trees() -> None:
@@ -45,31 +41,6 @@ class Stopwatch:
         now = time.perf_counter()
         self.into[name] = round(now - self.last, 2)
         self.last = now
-
-
-@dataclass
-class Rendering:
-    """One request after the GPU stage: stage timings and the futures of its images' encodes."""
-
-    request: GenerationRequest
-    started: float
-    queue_s: float = 0.0
-    denoise_s: float = 0.0
-    decode_s: float = 0.0
-    batch: int = 0
-    peak: int | None = None
-    encodes: list[tuple[int, int, Future]] = field(default_factory=list)  # (image index, seed, future)
-
-    @property
-    def futures(self) -> list[Future]:
-        return [f for _, _, f in self.encodes]
-
-    def add_stage(self, denoise_s: float, decode_s: float, batch: int, peak: int | None) -> None:
-        self.denoise_s += denoise_s
-        self.decode_s += decode_s
-        self.batch = max(self.batch, batch)
-        if peak is not None:
-            self.peak = max(self.peak or 0, peak)
 
 
 def decode_latents(vae, latents, force_tiling: bool) -> list:

@@ -19,7 +19,28 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelLoadError(RuntimeError):
-    pass
+    """A model that cannot be loaded, said in one line: which model, which source was tried, what is wrong and
+    what to change. CLIs print it as `error: <line>` (exit code 2); serving reports the same line."""
+
+    def __init__(self, message: str, model: str | None = None, source: str | None = None):
+        prefix = f"model {model!r} (source {source!r}): " if model and source else ""
+        super().__init__(prefix + message)
+        self.model, self.source, self.reason = model, source, message
+
+    def __reduce__(self):  # picklable across Ray workers
+        return (_rebuild_load_error, (str(self), self.model, self.source, self.reason))
+
+
+def _rebuild_load_error(text: str, model, source, reason) -> "ModelLoadError":
+    err = ModelLoadError(reason, model, source)
+    err.args = (text,)
+    return err
+
+
+LOCAL_HINT = ("point engine.source at a local diffusers folder (save_pretrained layout) or a .safetensors file, "
+              "or use embedded:tiny-sd")
+
+
 
 
 def resolve_device(device: str) -> str:
@@ -53,14 +74,23 @@ def source_kind(source: str) -> str:
                              "convert to .safetensors")
     if path.suffix.lower() == ".safetensors":
         if not path.is_file():
-            raise ModelLoadError(f"single-file checkpoint {source} does not exist")
+            raise ModelLoadError(f"single-file checkpoint {source} does not exist; fix engine.source "
+                                 "(paths are read on the machine that loads the model)")
         return "single_file"
     if path.is_dir():
         if not (path / "model_index.json").exists():
-            raise ModelLoadError(f"{source} is a folder but has no model_index.json (not a diffusers pipeline)")
+            raise ModelLoadError(f"{source} is a folder but has no model_index.json (not a diffusers pipeline); "
+                                 "save one with pipe.save_pretrained(folder) or point engine.source at a "
+                                 ".safetensors file")
         return "folder"
-    if HUB_ID.match(source):
+    if path.is_file():
+        raise ModelLoadError(f"{source} is a {path.suffix or 'suffix-less'} file: only .safetensors checkpoints "
+                             "and diffusers folders are loaded")
+    if HUB_ID.match(source) and not source.startswith((".", "~")):
         return "hub"
+    if source.startswith(("/", "./", "../", "~")) or "/" in source or "\\" in source:
+        raise ModelLoadError(f"local path {source} does not exist; fix engine.source (paths are read on the "
+                             "machine that loads the model)")
     raise ModelLoadError(f"model source {source!r} is not an embedded model, an existing folder, a "
                          ".safetensors file or a hub id 'org/name'")
 
@@ -79,8 +109,12 @@ def family_of_single_file(path: Path) -> str:
     """Detect the family from tensor names only (no weights read)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as fh:
-        keys = list(fh.keys())
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError for a bad header
+        raise ModelLoadError(f"{path} is not a readable .safetensors file ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else 'bad header'})") from None
     if any(k.startswith("conditioner.embedders.1") for k in keys):
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -117,10 +151,77 @@ def direct_device_map(device: str) -> str | None:
     return "cuda" if torch.device(device).index in (None, torch.cuda.current_device()) else None
 
 
+def hub_offline(config: EngineConfig) -> bool:
+    return config.local_files_only or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_family(config: EngineConfig, detected: str) -> None:
+    """A configured family that is not the checkpoint's would load the wrong pipeline class (and fail deep in
+    diffusers with a shape error): say which family the files are."""
+    if config.family not in ("auto", detected) and not {config.family, detected} <= {"sd15", "sd21"}:
+        raise ModelLoadError(f"the checkpoint is {detected} but engine.family is {config.family}; set "
+                             f"family: auto (or {detected})")
+
+
+def check_source(config: EngineConfig) -> str:
+    """What can be checked without reading weights, on the machine that runs it (the CLIs call it before
+    deploying): the source kind, the family of local files, and for a hub id offline, the local cache.
+    Returns the kind; raises ModelLoadError naming the model and source."""
+    try:
+        kind = source_kind(config.source)
+        source = os.path.expanduser(config.source)
+        if kind == "folder":
+            check_family(config, family_of_folder(Path(source)))
+        elif kind == "single_file":
+            check_family(config, family_of_single_file(Path(source)))
+        elif kind == "hub" and hub_offline(config) and not _hub_cached(config):
+            raise ModelLoadError(_hub_message(config, "the hub is off (HF_HUB_OFFLINE / local_files_only)"))
+        return kind
+    except ModelLoadError as err:
+        raise _named(err, config) from None
+
+
+def _hub_cached(config: EngineConfig) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(config.source, "model_index.json", revision=config.revision)
+    return isinstance(found, str)
+
+
+def _hub_message(config: EngineConfig, why: str) -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return (f"{why} and {config.source} is not in the local cache ({HF_HUB_CACHE}); download it where there is "
+            f"network (`hf download {config.source}`, then copy the cache), or {LOCAL_HINT}")
+
+
+def _named(err: ModelLoadError, config: EngineConfig) -> ModelLoadError:
+    if err.model is not None:
+        return err
+    return ModelLoadError(err.reason, config.name, config.source)
+
+
 def load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool = False):
     """Return (pipeline in `dtype`, family): on the CPU, placement being the memory level's job, or with
     `onto_device` (fully resident levels) read straight onto the GPU: safetensors land in VRAM with no host
-    copy (with it and compiled .pyc files, about halves an SDXL warm start's load: docs/benchmarks.md)."""
+    copy (with it and compiled .pyc files, about halves an SDXL warm start's load: docs/benchmarks.md).
+
+    Every failure is a ModelLoadError naming the model, the source and what to change (one line)."""
+    try:
+        return _load_pipeline(config, device, dtype, onto_device)
+    except ModelLoadError as err:
+        raise _named(err, config) from None
+    except OSError as err:  # diffusers/huggingface_hub: not found, not cached, hub unreachable
+        kind = source_kind(config.source)
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if kind == "hub":
+            why = "the hub is off (HF_HUB_OFFLINE / local_files_only)" if hub_offline(config) else \
+                "the hub could not be reached or has no such model"
+            raise ModelLoadError(_hub_message(config, why), config.name, config.source) from None
+        raise ModelLoadError(f"{first[:300]}; {LOCAL_HINT}", config.name, config.source) from None
+
+
+def _load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool):
     quiet_libraries()
     kind = source_kind(config.source)
     family = None if config.family == "auto" else config.family
@@ -152,10 +253,10 @@ def load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool = 
         source = os.path.expanduser(config.source)
     extra = {"dtype": dtype}
     if kind == "single_file":
-        family = family or family_of_single_file(Path(source))
-        hub_off = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-        offline = config.local_files_only or hub_off
-        if not config.single_file_config and offline:
+        detected = family_of_single_file(Path(source))
+        check_family(config, detected)
+        family = family or detected
+        if not config.single_file_config and hub_offline(config):
             # diffusers would fetch the component configs from the hub anyway (it overrides local_files_only).
             raise ModelLoadError(f"{source}: offline, a single-file checkpoint needs single_file_config (a local "
                                  "diffusers folder of the same family holding the component configs)")
@@ -168,7 +269,10 @@ def load_pipeline(config: EngineConfig, device: str, dtype, onto_device: bool = 
     else:
         extra["use_safetensors"] = True  # refuses pickle weights in folders and on the hub
         if kind == "folder":
-            family = family or family_of_folder(Path(source))
+            detected = family_of_folder(Path(source))
+            if config.embedded_name is None:
+                check_family(config, detected)
+            family = family or detected
         else:
             extra.update(revision=config.revision, local_files_only=config.local_files_only)
             family = family or ("sdxl" if "xl" in source.lower() else "sd15")

@@ -6,7 +6,7 @@ Fields left out (None) are filled from the model's defaults by `Engine.resolve`;
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -26,8 +26,8 @@ class GenerationRequest(Strict):
     height: int | None = Field(None, ge=64, le=8192, multiple_of=8, description="Height in pixels, a "
                                "multiple of 8 within the model's limits; model default when absent.")
     steps: int | None = Field(None, ge=1, le=1000, description="Denoising steps (<= the model's max_steps).")
-    guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance scale; "
-                                         "<= 1 turns CFG off.")
+    guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False, description="Classifier-free "
+                                         "guidance scale (a finite number); <= 1 turns CFG off.")
     scheduler: str | None = Field(None, max_length=64, description="Scheduler name (euler, euler_a, "
                                   "dpmpp_2m, dpmpp_2m_karras, unipc, ddim, lcm, ...); model default when absent.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image (image i uses "
@@ -37,6 +37,15 @@ class GenerationRequest(Strict):
     output_format: OutputFormat = Field("png", description="png | jpeg | webp.")
     model: str | None = Field(None, max_length=128, description="Model name; the deployment's default when "
                               "absent.")
+
+    @field_validator("width", "height", "steps", "guidance_scale", "seed", "num_images", mode="before")
+    @classmethod
+    def _strict_number(cls, value: Any) -> Any:
+        # `seed: true` is not 1 and `"5"` is not 5. Integral floats (5.0), JSON integers for float fields and numpy
+        # scalars (Parquet rows) still pass; pydantic's Strict types would refuse the last two.
+        if isinstance(value, (bool, str, bytes)) or type(value).__name__ == "bool_":
+            raise ValueError("must be a number, not a boolean or a string")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -57,8 +66,9 @@ class GenerationRequest(Strict):
 
 class Timings(Strict):
     queue_s: float = Field(0.0, ge=0, description="Waiting before the engine started this request.")
-    denoise_s: float = Field(0.0, ge=0, description="Text encoding + denoising loop (shared by the batch).")
-    decode_s: float = Field(0.0, ge=0, description="VAE decode (shared by the batch).")
+    denoise_s: float = Field(0.0, ge=0, description="Text encoding + denoising, from admission to the last step "
+                             "(UNet calls are shared with the batch).")
+    decode_s: float = Field(0.0, ge=0, description="VAE decode (calls shared by images finishing together).")
     encode_s: float = Field(0.0, ge=0, description="Image encoding of this request's images.")
     total_s: float = Field(0.0, ge=0, description="Wall time inside the engine for this request.")
 
@@ -78,7 +88,7 @@ class GenerationResult(Strict):
     scheduler: str = Field(..., description="Scheduler used.")
     model: str = Field(..., description="Model that made the images.")
     output_format: OutputFormat = Field(..., description="Encoding of images[].data.")
-    batch_size: int = Field(..., ge=1, description="Images in the pipeline call that made these.")
+    batch_size: int = Field(..., ge=1, description="The most images that shared a UNet call with these.")
     timings: Timings = Field(default_factory=Timings, description="Stage timings.")
     peak_vram_bytes: int | None = Field(None, description="Peak CUDA memory allocated during the call.")
     note: str | None = Field(None, description="Caveats, e.g. 'random weights: images are noise'.")

@@ -46,7 +46,13 @@ class CaptureDeepFeature(ModelHook):
 
 
 class StepCacheHook(ModelHook):
-    """On the UNet: picks a full or a shallow step per call. Stateful; `reset()` at each pipeline call."""
+    """On the UNet: picks a full or a shallow step per call. Stateful.
+
+    Two ways to drive it: by its own call counter (`reset()` starts a new denoising run: `is_full_step(count)`),
+    or, as the engine's step scheduler does, by `plan = (full, deep)` set before each call: samples at different
+    steps share calls there, so each sample's phase comes from its own step index (the scheduler groups samples
+    by phase) and each sample keeps its own rows of the deep feature (`deep`: the rows gathered for this call).
+    After a full call `deep` holds the whole call's feature, for the engine to split per sample."""
 
     _is_stateful = True
 
@@ -67,6 +73,7 @@ class StepCacheHook(ModelHook):
         return module
 
     def reset(self) -> None:
+        self.plan = None  # (full, deep rows) for the next call, set by core/unet_step.py; None: own counter
         self.step = 0
         self.deep = None  # the cached hidden state entering up_blocks[-1]
         self.full_calls = self.shallow_calls = 0
@@ -84,22 +91,27 @@ class StepCacheHook(ModelHook):
         call = dict(bound.arguments)
         call.pop("self", None)
         step, self.step = self.step, self.step + 1
-        if self.is_full_step(step) or not self.shallow_possible(call):
+        plan, self.plan = self.plan, None
+        if plan is not None:  # the engine's step scheduler decided, per sample (see `plan`)
+            full, deep = plan
+        else:
+            full, deep = self.is_full_step(step), self.deep
+        if full or not self.shallow_possible(call, deep):
             return self.run_full(args, kwargs)
         self.shallow_calls += 1
         return_dict = call.pop("return_dict")
         for name in DEEP_ONLY_KWARGS:
             call.pop(name)
-        out = self.shallow_fn(deep=self.deep, **call)
+        out = self.shallow_fn(deep=deep, **call)
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
             return UNet2DConditionOutput(sample=out)
         return (out,)
 
-    def shallow_possible(self, call: dict) -> bool:
+    def shallow_possible(self, call: dict, deep) -> bool:
         sample = call["sample"]
-        if self.deep is None or self.deep.shape[0] != sample.shape[0] or self.deep.shape[-2:] != sample.shape[-2:]:
+        if deep is None or deep.shape[0] != sample.shape[0] or deep.shape[-2:] != sample.shape[-2:]:
             return False  # nothing cached for this batch / size (e.g. reset() was not called): run in full
         if any(call[name] is not None for name in DEEP_ONLY_KWARGS):
             return False

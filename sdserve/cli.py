@@ -2,9 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
+
+from core.request_flags import add_request_flags, request_fields
+
+EXAMPLES = """examples (from a fresh shell after `make serve`, use .venv/bin/sdserve or `source .venv/bin/activate`):
+  sdserve serve                                          embedded tiny-sd at http://127.0.0.1:8000 (Ctrl-C stops)
+  sdserve serve configs/serve-two-models-h100.yaml --dry-run --gpus   computed Serve options, no Ray started
+  sdserve check configs/serve-deploy.yaml                validate a config before `serve deploy`
+  sdserve generate "a lighthouse at dusk" -o out.png --seed 42 --steps 4      local engine, no Ray
+  sdserve make-prompts 200 prompts.parquet
+  sdserve batch prompts.parquet out/ --config configs/batch-tiny.yaml         Ray Data, resumable
+  sdserve bench serve --url http://127.0.0.1:8000 --no-offline --steps 4      load test a running server
+"""
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -12,20 +25,29 @@ def _generate(args: argparse.Namespace) -> int:
 
     from core.config import format_validation_error, load_engine_config
     from core.engine import Engine
+    from core.loading import ModelLoadError
     from core.schemas import GenerationError, GenerationRequest
 
     try:
         cfg = load_engine_config(args.config, source=args.model_source, device=args.device)
-        fields = {k: getattr(args, k) for k in ("negative_prompt", "width", "height", "steps", "guidance_scale",
-                                                "scheduler", "seed", "num_images", "output_format")}
-        req = GenerationRequest(prompt=args.prompt, **{k: v for k, v in fields.items() if v is not None})
+        req = GenerationRequest(prompt=args.prompt, **request_fields(args, args.request_fields))
     except (ValidationError, ValueError) as err:
         print(f"error: {format_validation_error(err)}", file=sys.stderr)
         return 2
-    out = Engine(cfg).load().generate([req])[0]
+    try:
+        engine = Engine(cfg).load()
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from core.prompt_length import overlong_prompt_note
+
+    long_note = overlong_prompt_note(engine.pipe.tokenizer, req.prompt, req.negative_prompt, cfg.name)
+    out = engine.generate([req])[0]
     if isinstance(out, GenerationError):
         print(f"error: {out.message}", file=sys.stderr)
         return 2
+    if long_note and long_note not in (out.note or ""):  # until the engine adds it to the result itself
+        print(f"warning: {long_note}", file=sys.stderr)
     stem, ext = os.path.splitext(args.output)  # the file's extension, not the first dot in the path
     paths = [args.output] if len(out.images) == 1 else [f"{stem}-{i}{ext}" for i in range(len(out.images))]
     for path, img in zip(paths, out.images):
@@ -38,37 +60,29 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# The Ray-based packages register their subcommands; importing them pulls in Ray but not torch. A broken module
+# of ours must fail loudly here (never silently drop its subcommands).
+SUBCOMMAND_MODULES = ("serving.cli", "batch_jobs.cli", "benchmarks.cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdserve", description="Stable Diffusion / SDXL generation on Ray.")
+    p = argparse.ArgumentParser(prog="sdserve", description="Stable Diffusion / SDXL generation on Ray.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate locally with the engine (no Ray)")
-    g.add_argument("prompt")
-    g.add_argument("-o", "--output", default="out.png")
+    g = sub.add_parser("generate", help="generate locally with the engine (no Ray)",
+                       epilog='example: sdserve generate "a lighthouse at dusk" -o out.png --seed 42 --steps 4',
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("prompt", help="what to draw")
+    g.add_argument("-o", "--output", default="out.png", help="image path (several images: out-0.png, ...)")
     g.add_argument("--config", help="engine config YAML")
     g.add_argument("--model-source", help="override the config's model source")
     g.add_argument("--device", help="auto | cpu | cuda[:N]")
-    g.add_argument("--negative-prompt")
-    g.add_argument("--width", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--steps", type=int)
-    g.add_argument("--guidance-scale", type=float)
-    g.add_argument("--scheduler")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--num-images", type=int)
-    g.add_argument("--output-format", choices=["png", "jpeg", "webp"])
-    g.set_defaults(func=_generate)
+    g.set_defaults(func=_generate, request_fields=add_request_flags(g, exclude=("model",)))
 
-    # Subcommands of the Ray-based packages register themselves lazily (importing them pulls in Ray).
-    for module in ("serving.cli", "batch_jobs.cli", "benchmarks.cli"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ImportError as err:
-            if err.name and err.name.split(".")[0] in ("serving", "batch_jobs", "benchmarks"):
-                continue
-            raise
-        mod.register(sub)
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 

@@ -23,7 +23,18 @@ def config_from_args(args: dict[str, Any] | None) -> ServingConfig:
 
 
 def app_builder(args: dict[str, Any]):
-    return build_app(config_from_args(args))
+    """Serve calls this in its controller (`serve run`/`serve deploy`): a bad `args` raises one ValueError naming
+    each key (what `serve status` then shows), not a pydantic traceback. `sdserve check` runs the same checks
+    before anything is deployed."""
+    from pydantic import ValidationError
+
+    from core.config import format_validation_error
+
+    try:
+        config = config_from_args(args)
+    except ValidationError as err:
+        raise ValueError(f"sdserve config (args): {format_validation_error(err)}") from None
+    return build_app(config)
 
 
 def __getattr__(name: str):

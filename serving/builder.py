@@ -46,8 +46,8 @@ def model_deployment_options(model: ModelConfig, cluster_has_gpus: bool = False)
         opts["num_replicas"] = d.num_replicas or 1
     engine = replica_engine_config(model, num_gpus)
     # The typed config itself is bound (Serve pickles it): the replica gets the object, nothing is re-validated.
-    opts["init_kwargs"] = {"engine_config": engine, "max_batch_size": d.max_batch_size,
-                           "batch_wait_timeout_s": d.batch_wait_timeout_s}
+    # Batching is the engine's step scheduler (engine.limits.max_batch_size): no @serve.batch options.
+    opts["init_kwargs"] = {"engine_config": engine}
     return opts
 
 
@@ -55,7 +55,9 @@ def ingress_deployment_options(config: ServingConfig) -> dict[str, Any]:
     i = config.ingress
     return {"name": "ingress", "num_replicas": i.num_replicas, "ray_actor_options": {"num_cpus": i.num_cpus},
             "max_ongoing_requests": i.max_ongoing_requests, "max_queued_requests": i.max_queued_requests,
-            "backpressure_config": {"status_code": 503, "retry_after_s": 1.0}}
+            "backpressure_config": {"status_code": 503, "retry_after_s": 1.0},
+            # Serve waits this long for the replica's requests before __del__ (the drain's job requeue) and kill.
+            "graceful_shutdown_timeout_s": i.drain_timeout_s, "graceful_shutdown_wait_loop_s": 0.5}
 
 
 def deployment_options(config: ServingConfig, cluster_has_gpus: bool = False) -> dict[str, dict[str, Any]]:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from core.config import EngineConfig, Strict, load_yaml
+from core.image_fields import ImageInputLimits, UriAllowlist
 from serving.jobs.config import JobsConfig
 
 API_KEYS_ENV = "SDSERVE_API_KEYS"  # comma-separated; added to the configured keys
@@ -50,8 +51,11 @@ class DeploymentOptions(Strict):
     max_queued_requests: int = Field(
         64, ge=1, description="Requests waiting for a replica, per caller; beyond it callers get 503 + "
         "Retry-After (the queue is never unbounded).")
-    max_batch_size: int = Field(8, ge=1, le=256, description="Most images in one @serve.batch call.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long a batch waits to fill.")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Sizes the default max_ongoing_requests (2x). "
+                                "Images per UNet call are the engine's limits.max_batch_size: its step scheduler "
+                                "is the only batching layer.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Unused since the engine batches at "
+                                        "step level (no batch window); kept so existing configs still load.")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with backpressure rejections.")
     health_check_period_s: float = Field(10.0, gt=0, description="Serve health-check period.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="Serve health-check timeout.")
@@ -92,8 +96,19 @@ class ModelConfig(Strict):
 
 
 class RateLimit(Strict):
-    requests_per_minute: float = Field(..., gt=0, description="Sustained requests per minute per key.")
+    requests_per_minute: float = Field(..., gt=0, description="Sustained requests per minute per key (generation "
+                                       "and job submits: POST).")
     burst: int = Field(10, ge=1, description="Requests allowed back to back before limiting.")
+    reads_per_minute: float = Field(600.0, gt=0, description="Sustained reads (GET: job status, results, events, "
+                                    "models) per minute per key: a budget of their own, so polling a job never "
+                                    "uses up the generation budget.")
+    read_burst: int = Field(60, ge=1, description="Reads allowed back to back before limiting.")
+
+
+class AuthThrottle(Strict):
+    max_failures: int = Field(10, ge=1, description="Failed authentications per client address within window_s; "
+                              "beyond, the address gets 429 + Retry-After until the window passes.")
+    window_s: float = Field(60.0, gt=0, description="Sliding window of the failure count.")
 
 
 class SecurityConfig(Strict):
@@ -101,6 +116,8 @@ class SecurityConfig(Strict):
                                 "None configured: no auth (local default).")
     rate_limit: RateLimit | None = Field(None, description="Per-key (or per-client-address without keys) "
                                          "token bucket, per ingress replica.")
+    auth_failures: AuthThrottle = Field(default_factory=AuthThrottle, description="Throttling of failed "
+                                        "authentication per client address (when API keys are on).")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest accepted request body (413 above).")
     prompt_blocklist: list[str] = Field(default_factory=list, description="Case-insensitive substrings; a "
                                         "prompt containing one gets 400.")
@@ -123,6 +140,24 @@ class IngressOptions(Strict):
     max_ongoing_requests: int = Field(256, ge=1, description="Concurrent HTTP requests per ingress replica.")
     max_queued_requests: int = Field(512, ge=1, description="Requests queued at the proxy for the ingress.")
     request_timeout_s: float = Field(600.0, gt=0, description="Give up on a model call after this long (504).")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown (SIGTERM, redeploy): how long requests in "
+                                   "flight may take to finish while new ones get 503; also the ingress's Serve "
+                                   "graceful_shutdown_timeout_s (docs/deploy.md#draining).")
+
+
+class ImageInputsConfig(Strict):
+    """Input images on HTTP (init_image, mask_image, control[i].image): limits and which URIs may be named."""
+
+    limits: ImageInputLimits = Field(default_factory=ImageInputLimits, description="Bytes and pixel limits, "
+                                     "checked before decoding.")
+    uri_allowlist: UriAllowlist = Field(default_factory=UriAllowlist, description="fsspec URI prefixes an HTTP "
+                                        "request may name as an image; empty (default): only inline images.")
+
+    def uri_policy(self):
+        """The core.image_inputs.UriPolicy for HTTP requests."""
+        from core.image_inputs import UriPolicy
+
+        return UriPolicy(prefixes=tuple(self.uri_allowlist.prefixes))
 
 
 class ServingConfig(Strict):
@@ -137,6 +172,8 @@ class ServingConfig(Strict):
     log_encoding: Literal["TEXT", "JSON"] = Field("JSON", description="Serve log encoding; JSON records carry "
                                                   "request_id, deployment and replica.")
     jobs: JobsConfig | None = Field(None, description="Asynchronous jobs /v1/jobs (None: off).")
+    image_inputs: ImageInputsConfig = Field(default_factory=ImageInputsConfig, description="Input images "
+                                            "(img2img, inpainting, ControlNet): limits and URI allowlist.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ServingConfig":
@@ -144,6 +181,10 @@ class ServingConfig(Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"duplicate model names: {', '.join(dupes)}")
+        if self.jobs is not None and self.jobs.backend == "local" and self.ingress.num_replicas > 1:
+            # Each replica would open its own SQLite file (other nodes) and answer 404 for the others' jobs.
+            raise ValueError("jobs.backend local (one SQLite file) serves one ingress replica; use backend redis "
+                             "with ingress.num_replicas > 1")
         return self
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -16,7 +17,8 @@ from serving.config import ServingConfig
 from serving.http.app import create_app
 from serving.http.errors import ApiError, generation_error, route_error, validation_detail
 from serving.openai_api import OpenAIError
-from serving.security import ApiKeys, Blocklist, RateLimiter, retry_after_header
+from serving.drain import DrainGate, drain_ingress
+from serving.security import ApiKeys, Blocklist, FailureThrottle, RateLimiter, retry_after_header
 
 log = logging.getLogger("ray.serve")
 
@@ -30,6 +32,12 @@ class Ingress:
         self.keys = ApiKeys(sec.effective_api_keys())
         self.limiter = RateLimiter(sec.rate_limit.requests_per_minute, sec.rate_limit.burst) if sec.rate_limit \
             else None
+        # Reads (GET: job polling, results, models) draw from a budget of their own.
+        self.read_limiter = RateLimiter(sec.rate_limit.reads_per_minute, sec.rate_limit.read_burst) \
+            if sec.rate_limit else None
+        self.auth_throttle = FailureThrottle(sec.auth_failures.max_failures, sec.auth_failures.window_s)
+        self.gate = DrainGate()
+        self.metrics = None
         self.blocklist = Blocklist(sec.prompt_blocklist)
         self.timeout_s = config.ingress.request_timeout_s
         self.started = int(time.time())
@@ -43,6 +51,17 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         return create_app(self)
+
+    async def drain(self, timeout_s: float | None = None) -> dict:
+        """Stop accepting (503 + Retry-After), let requests in flight finish (<= timeout_s), queue running jobs
+        again. Called through the handle by `sdserve serve` on SIGTERM (serving/drain.py)."""
+        return await drain_ingress(self, self.config.ingress.drain_timeout_s if timeout_s is None else timeout_s)
+
+    async def __del__(self):
+        # Serve calls this after the replica's graceful shutdown waited for its requests (serve deploy, KubeRay,
+        # a redeploy): running jobs are queued again for the next replica instead of being lost mid-run.
+        if hasattr(self, "gate"):
+            await drain_ingress(self, 0)
 
     def check_request(self, req: GenerationRequest, openai: bool) -> str:
         """Model name (default filled) after the blocklist and unknown-model checks."""
@@ -83,4 +102,39 @@ class Ingress:
                               {"Retry-After": "5"}) from None
         if isinstance(outcome, GenerationError):
             raise generation_error(outcome, openai)
+        return outcome
+
+    async def stream_model(self, name: str, req: GenerationRequest,
+                           on_progress: Callable[[int, int], None]) -> GenerationResult | GenerationError:
+        """Run one request through the model's generate_stream, calling on_progress(step, total) after each
+        denoising step; returns the outcome (a GenerationError is returned, not raised). Transport failures map
+        like call_model's (native flavour). Cancelling the awaiting task cancels the request in the engine."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        stream = self.models[name].options(stream=True).generate_stream.remote(req)
+        outcome, finished = None, False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async for event in stream:
+                    if event["event"] == "progress":
+                        on_progress(event["step"], event["total"])
+                    else:
+                        outcome = event["outcome"]
+            finished = True
+        except BackPressureError as err:
+            raise route_error(False, 503, f"model {name} is overloaded (queue full); retry later", None,
+                              "overloaded", {"Retry-After": retry_after_header(err.retry_after_s or 1.0)}) from None
+        except TimeoutError:
+            raise route_error(False, 504, f"generation took longer than {self.timeout_s:.0f}s", None,
+                              "timeout") from None
+        except (RayActorError, DeploymentUnavailableError) as err:
+            log.warning("model %s unavailable: %s", name, type(err).__name__)
+            raise route_error(False, 503, f"model {name} is unavailable; retry later", None, "unavailable",
+                              {"Retry-After": "5"}) from None
+        finally:
+            if not finished:  # timeout, cancellation (interrupt, client gone), error: stop it in the engine
+                stream.cancel()
+        if outcome is None:
+            raise route_error(False, 500, f"model {name} ended the stream without a result", None, "internal_error")
         return outcome

@@ -10,11 +10,11 @@ import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from core.schemas import MAX_SEED, GenerationRequest, GenerationResult
 
-SIZE_RE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+SIZE_RE = re.compile(r"(\d{2,5})x(\d{2,5})")  # used with fullmatch: "64x64\n" is not a size
 
 
 class OpenAIImageRequest(BaseModel):
@@ -34,14 +34,20 @@ class OpenAIImageRequest(BaseModel):
     background: str | None = None
     moderation: str | None = None
     output_compression: int | None = None
-    stream: bool | None = None
+    stream: StrictBool | None = None
     partial_images: int | None = None
     # sdserve extensions.
     negative_prompt: str | None = Field(None, max_length=10_000, description="Extension: what to avoid.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Extension: seed of the first image.")
     steps: int | None = Field(None, ge=1, le=1000, description="Extension: denoising steps.")
-    guidance_scale: float | None = Field(None, ge=0, le=50, description="Extension: CFG scale.")
+    guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False, description="Extension: CFG scale.")
     scheduler: str | None = Field(None, max_length=64, description="Extension: scheduler name.")
+
+    @field_validator("n", "seed", "steps", "guidance_scale", "output_compression", "partial_images", mode="before")
+    @classmethod
+    def _strict_number(cls, value: Any) -> Any:
+        # The same rule as GenerationRequest: `n: true` is not 1.
+        return GenerationRequest._strict_number(value)
 
 
 class OpenAIError(Exception):
@@ -60,7 +66,7 @@ class OpenAIError(Exception):
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size is None or size == "auto":
         return None, None
-    m = SIZE_RE.match(size)
+    m = SIZE_RE.fullmatch(size)
     if not m:
         raise OpenAIError(400, f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {size!r}", "size",
                           "invalid_size")
@@ -86,6 +92,24 @@ def to_generation_request(body: OpenAIImageRequest) -> GenerationRequest:
 
 
 OPENAI_PARAM = {"num_images": "n", "width": "size", "height": "size"}
+
+
+def openai_message(message: str, field: str | None) -> str:
+    """A native error message for an OpenAI route: the field named as OpenAI clients know it ("n", not
+    "num_images"); messages name their field first ("num_images: must be <= 8 ...")."""
+    param = OPENAI_PARAM.get(field or "")
+    if param and message.startswith(f"{field}:"):
+        return f"{param}:{message[len(field) + 1:]}"
+    return message
+
+
+def invalid_json_message(error: dict[str, Any]) -> str:
+    """FastAPI's json_invalid error as a sentence (its loc holds a character offset, not a field)."""
+    ctx = error.get("ctx") or {}
+    where = error.get("loc", ())[-1] if error.get("loc") else None
+    detail = ctx.get("error") or error.get("msg") or "JSON decode error"
+    at = f" at character {where}" if isinstance(where, int) else ""
+    return f"request body is not valid JSON: {detail}{at}"
 
 
 def images_response(result: GenerationResult) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Keys are compared in constant time and never logged: logs and job ownership use 
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import math
@@ -79,6 +80,46 @@ class RateLimiter:
                 del self._buckets[caller]
 
 
+class FailureThrottle:
+    """Failed authentications per client address: after `max_failures` within `window_s` the address gets 429
+    (before its key is even checked) until the oldest failure leaves the window. Keys cannot be guessed at speed,
+    and a client with a bad key configured stops hammering the server."""
+
+    def __init__(self, max_failures: int, window_s: float, max_clients: int = 100_000):
+        self.max_failures, self.window_s, self.max_clients = max_failures, window_s, max_clients
+        self._failures: dict[str, collections.deque] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> collections.deque:
+        window = self._failures.get(client)
+        if window is None:
+            return collections.deque()
+        while window and window[0] <= now - self.window_s:
+            window.popleft()
+        if not window:
+            del self._failures[client]
+        return window
+
+    def blocked_for(self, client: str, now: float | None = None) -> float:
+        """Seconds until `client` may try again (0: not throttled)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            window = self._recent(client, now)
+            if len(window) < self.max_failures:
+                return 0.0
+            return window[0] + self.window_s - now
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._recent(client, now)
+            self._failures.setdefault(client, collections.deque(maxlen=self.max_failures)).append(now)
+            if len(self._failures) > self.max_clients:  # bounded memory: forget the longest-quiet half
+                quiet = sorted(self._failures, key=lambda c: self._failures[c][-1])[: self.max_clients // 2]
+                for c in quiet:
+                    del self._failures[c]
+
+
 def retry_after_header(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
@@ -101,7 +142,12 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimitMiddleware:
-    """Pure ASGI middleware: 413 when Content-Length or the streamed body exceeds `limit_of(app)` bytes."""
+    """Pure ASGI middleware: 413 when Content-Length or the streamed body exceeds `limit_of(app)` bytes.
+
+    A chunked body has no Content-Length: it is counted as it streams, and the 413 is sent the moment it passes
+    the limit. The app then sees the body read fail (FastAPI turns that into its own 400 "error parsing the
+    body"); that second response is dropped, the client already has the 413.
+    """
 
     def __init__(self, app, limit_of):
         self.app, self.limit_of = app, limit_of
@@ -114,27 +160,31 @@ class BodyLimitMiddleware:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 return await _send_413(send, limit, scope)
         seen = 0
+        started = rejected = False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, rejected
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    if not started and not rejected:
+                        rejected = True
+                        await _send_413(send, limit, scope)
                     raise BodyTooLarge()
             return message
 
-        started = False
-
         async def tracking_send(message):
             nonlocal started
+            if rejected:
+                return  # the app's answer to the aborted body read: the 413 went out instead
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
-            if not started:
+            if not started and not rejected:
                 await _send_413(send, limit, scope)
 
 

@@ -9,12 +9,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from serving.http import health, routes_jobs, routes_native, routes_openai, routes_playground
+from serving.drain import DrainMiddleware
+from serving.http import health, routes_a1111, routes_jobs, routes_native, routes_openai, routes_playground
 from serving.http.errors import install_error_handlers
+from serving.http.openapi import install_openapi
 from serving.security import BodyLimitMiddleware
 
 DESCRIPTION = ("Stable Diffusion / SDXL image generation on Ray Serve. Native API (/v1/generate), OpenAI Images "
-               "API (/v1/images/generations), async jobs (/v1/jobs).")
+               "API (/v1/images/generations), async jobs (/v1/jobs), AUTOMATIC1111-compatible API (/sdapi/v1).")
 
 
 def create_app(ingress: Any) -> FastAPI:
@@ -24,7 +26,9 @@ def create_app(ingress: Any) -> FastAPI:
     app.state.jobs = ingress.jobs
     limit = ingress.config.security.max_body_bytes
     app.add_middleware(BodyLimitMiddleware, limit_of=lambda: limit)
+    app.add_middleware(DrainMiddleware, gate=ingress.gate)  # added last: outermost (serving/drain.py)
     install_error_handlers(app)
-    for group in (routes_native, routes_openai, routes_jobs, health, routes_playground):
+    for group in (routes_native, routes_openai, routes_jobs, routes_a1111, health, routes_playground):
         app.include_router(group.router)
+    install_openapi(app, ingress.config)  # status codes, content types and this deployment's limits
     return app

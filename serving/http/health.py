@@ -1,4 +1,5 @@
-"""Health routes: /healthz (liveness: the ingress answers) and /readyz (every model deployment HEALTHY).
+"""Health routes: /healthz (liveness: the ingress answers) and /readyz (every model deployment HEALTHY, the jobs
+store reachable, not draining).
 
 Readiness asks the Serve controller for the status of this application's model deployments; no auth, so
 load balancers and Kubernetes probes can call them.
@@ -34,8 +35,25 @@ async def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: every model deployment is loaded and healthy")
+async def jobs_store_status(jobs) -> str:
+    """'ok', or why the jobs store (Redis / the SQLite file) cannot be used."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(jobs.store.ping), 3.0)
+        return "ok"
+    except Exception as err:  # noqa: BLE001 - any failure means not ready
+        return f"unavailable: {type(err).__name__}: {err}"[:300]
+
+
+@router.get("/readyz", summary="Readiness: every model deployment healthy, the jobs store reachable, not draining")
 async def readyz(request: Request):
-    status = await asyncio.to_thread(model_statuses, request.app.state.ingress.config)
+    ingress = request.app.state.ingress
+    status = await asyncio.to_thread(model_statuses, ingress.config)
     ready = all(s == "HEALTHY" for s in status.values())
-    return JSONResponse({"ready": ready, "models": status}, 200 if ready else 503)
+    body = {"ready": ready, "models": status}
+    if ingress.jobs is not None:
+        body["jobs_store"] = await jobs_store_status(ingress.jobs)
+        ready = ready and body["jobs_store"] == "ok"
+    if ingress.gate.draining:
+        body["draining"], ready = True, False
+    body["ready"] = ready
+    return JSONResponse(body, 200 if ready else 503)

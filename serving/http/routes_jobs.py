@@ -13,7 +13,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from core.schemas import GenerationRequest
 from serving.http.auth import authorize
-from serving.http.errors import ApiError
+from serving.http.errors import ApiError, generation_error
+from serving.jobs.states import TERMINAL, JobRejected, JobStatus
+from serving.metrics import count_error
+from serving.request_limits import limits_error
+from serving.security import retry_after_header
 
 router = APIRouter()
 
@@ -41,7 +45,7 @@ def _owned(request: Request, job_id: str, caller: str) -> dict:
 def _view(jobs, rec: dict) -> dict:
     out = {k: rec.get(k) for k in JOB_FIELDS if k in rec}
     out["model"] = rec["request"].get("model")
-    if rec["status"] == "queued":
+    if rec["status"] == JobStatus.QUEUED:
         out["queue_position"] = jobs.store.queue_position(rec)
     return out
 
@@ -50,11 +54,24 @@ def _view(jobs, rec: dict) -> dict:
 async def submit_job(body: GenerationRequest, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
     ingress = request.app.state.ingress
-    name = ingress.check_request(body, openai=False)
+    name = request.state.model = ingress.check_request(body, openai=False)
+    # The model's own limits, before a job id exists: the same 422 naming the field as /v1/generate.
+    err = limits_error(next(m.engine for m in ingress.config.models if m.name == name), body)
+    if err is not None:
+        raise generation_error(err, openai=False)
     owner = caller if ingress.keys.enabled else None
-    rec = jobs.store.create(body.model_copy(update={"model": name}).model_dump(mode="json"), owner)
+    request_json = body.model_copy(update={"model": name}).model_dump(mode="json")
+    try:
+        rec = await asyncio.to_thread(jobs.store.create, request_json, owner,
+                                      jobs.cfg.max_unfinished_per_key if owner is not None else None)
+    except JobRejected as rej:
+        raise ApiError(rej.status, {"message": rej.message, "code": rej.code},
+                       {"Retry-After": retry_after_header(jobs.cfg.queue_full_retry_after_s)}) from None
     jobs.submit(rec)
-    return JSONResponse({"id": rec["id"], "status": "queued"}, 202, headers={"Location": f"/v1/jobs/{rec['id']}"})
+    # url_for includes the app's root path, which Serve sets to the route prefix (a bare "/v1/jobs/..." would
+    # point outside an app deployed under, say, /sd).
+    location = request.url_for("get_job", job_id=rec["id"]).path
+    return JSONResponse({"id": rec["id"], "status": "queued"}, 202, headers={"Location": location})
 
 
 @router.get("/v1/jobs/{job_id}", summary="Job status, progress, queue position, timestamps")
@@ -66,7 +83,7 @@ async def get_job(job_id: str, request: Request, caller: str = Depends(authorize
 @router.get("/v1/jobs/{job_id}/result", summary="Job result: JSON (base64 images + seeds), or one image as bytes")
 async def get_job_result(job_id: str, request: Request, caller: str = Depends(authorize)):
     rec = _owned(request, job_id, caller)
-    if rec["status"] != "succeeded":
+    if rec["status"] != JobStatus.SUCCEEDED:
         raise ApiError(409, {"message": f"job is {rec['status']}, no result", "status": rec["status"],
                              "error": rec.get("error"), "code": "not_ready"})
     result = await asyncio.to_thread(_jobs(request).store.read_result, job_id)
@@ -84,17 +101,23 @@ async def get_job_result(job_id: str, request: Request, caller: str = Depends(au
 async def cancel_job(job_id: str, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
     rec = _owned(request, job_id, caller)
-    if rec["status"] in ("succeeded", "failed", "cancelled"):
+    if rec["status"] in TERMINAL:
         return _view(jobs, rec)
     jobs.store.request_cancel(job_id)
-    if rec["status"] == "queued":
-        rec = jobs.store.update(job_id, status="cancelled", finished_at=time.time()) or rec
+    # A queued job is cancelled now (it never runs); a running one is `cancelling` until its next step.
+    cancelled = jobs.store.update(job_id, expect=[JobStatus.QUEUED], status=JobStatus.CANCELLED,
+                                  finished_at=time.time())
+    if cancelled is not None:
+        count_error("cancelled", rec["request"].get("model"))
+    rec = (cancelled or jobs.store.update(job_id, expect=[JobStatus.RUNNING], status=JobStatus.CANCELLING)
+           or jobs.store.get(job_id) or rec)
     return _view(jobs, rec)
 
 
 @router.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: job status/progress until it ends")
 async def job_events(job_id: str, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
+    ingress = request.app.state.ingress
     _owned(request, job_id, caller)
 
     async def events():
@@ -107,7 +130,7 @@ async def job_events(job_id: str, request: Request, caller: str = Depends(author
             if view != last:
                 yield f"data: {json.dumps(view)}\n\n"
                 last = view
-            if rec["status"] in ("succeeded", "failed", "cancelled"):
+            if rec["status"] in TERMINAL or ingress.gate.draining:  # draining: the client reconnects elsewhere
                 return
             await asyncio.sleep(0.2)
 

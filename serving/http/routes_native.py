@@ -30,7 +30,7 @@ def image_headers(result: GenerationResult) -> dict[str, str]:
              summary="Generate images (PNG/JPEG/WebP bytes for one image, JSON for several)")
 async def generate(body: GenerationRequest, request: Request, caller: str = Depends(authorize)):
     ingress = request.app.state.ingress
-    name = ingress.check_request(body, openai=False)
+    name = request.state.model = ingress.check_request(body, openai=False)
     result = await ingress.call_model(name, body, openai=False)
     wants_json = "application/json" in request.headers.get("accept", "")
     if len(result.images) == 1 and not wants_json:

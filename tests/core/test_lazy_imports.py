@@ -24,7 +24,7 @@ def test_config_and_schemas_do_not_import_torch():
     assert proc.stdout.strip() == "", f"heavy modules imported: {proc.stdout.strip()}"
 
 
-@pytest.mark.parametrize("module", ["core.engine", "core.loading", "core.checkpoint_export"])
+@pytest.mark.parametrize("module", ["core.engine", "core.step_scheduler", "core.loading", "core.checkpoint_export"])
 def test_core_never_imports_ray(module):
     code = f"import sys, {module}; print('ray' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -39,7 +39,12 @@ def test_minimal_request_leaves_model_defaults_open():
     ({"output_format": "gif"}, "output_format", "'png', 'jpeg' or 'webp'"),
     ({"negative_prompt": "x" * 10_001}, "negative_prompt", "at most 10000"),
     ({"model": "m" * 129}, "model", "at most 128"),
-    ({"width": "wide"}, "width", "valid integer"),
+    ({"width": "wide"}, "width", "not a boolean or a string"),
+    ({"seed": True}, "seed", "not a boolean"),  # strict: true is not 1
+    ({"steps": "20"}, "steps", "not a boolean or a string"),
+    ({"num_images": False}, "num_images", "not a boolean"),
+    ({"guidance_scale": float("nan")}, "guidance_scale", "finite number"),  # not "must be <= 50"
+    ({"guidance_scale": float("inf")}, "guidance_scale", "finite number"),
 ])
 def test_bounds_name_the_field(data, field, why):
     text = error_for(**data)
@@ -102,3 +107,14 @@ def test_error_kind_is_an_enum_that_reads_as_its_string():
     assert GenerationError("x").kind is ErrorKind.INTERNAL
     with pytest.raises(ValueError):
         GenerationError("x", "bogus")  # a misspelt kind fails where it is raised, not as a wrong HTTP status
+
+
+def test_json_numbers_stay_numbers():
+    """Strict types still take what JSON and Parquet give: an integer for a float field, an integral float for an
+    int field, numpy scalars from Parquet rows."""
+    import numpy as np
+
+    req = GenerationRequest.model_validate_json('{"prompt": "a", "guidance_scale": 7, "width": 64.0, "seed": 5}')
+    assert req.guidance_scale == 7.0 and req.width == 64 and req.seed == 5
+    req = GenerationRequest(prompt="a", seed=np.int64(9), guidance_scale=np.float32(2.5), num_images=np.int32(2))
+    assert (req.seed, req.guidance_scale, req.num_images) == (9, 2.5, 2)

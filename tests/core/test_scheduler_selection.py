@@ -66,7 +66,9 @@ def test_shared_scheduler_untouched_by_calls(engine, req, ok):
     assert (base.num_inference_steps, getattr(base, "_step_index", None)) == before
 
 
-def test_concurrent_calls_with_different_schedulers_match_sequential(engine, req, ok):
+def test_concurrent_calls_with_different_schedulers_match_sequential(engine, req, ok, decode):
+    """Concurrent callers share UNet calls (the step scheduler batches them), each image with its own scheduler
+    instance: the same images as one at a time, up to the rounding of batched CPU matmuls (2/255)."""
     jobs = {"euler_a": [req(seed=s, scheduler="euler_a", steps=3) for s in (11, 12, 13)],
             "dpmpp_2m": [req(seed=s, scheduler="dpmpp_2m", steps=3) for s in (11, 12, 13)]}
     sequential = {name: [ok(engine.generate([r])[0]).images[0].data for r in rs] for name, rs in jobs.items()}
@@ -79,4 +81,6 @@ def test_concurrent_calls_with_different_schedulers_match_sequential(engine, req
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run, name) for name in jobs}
         concurrent = {name: f.result(timeout=120) for name, f in futures.items()}
-    assert concurrent == sequential
+    for name in jobs:
+        for a, b in zip(concurrent[name], sequential[name]):
+            assert abs(decode(a) - decode(b)).max() <= 2, name

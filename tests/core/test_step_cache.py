@@ -172,3 +172,23 @@ def test_step_cache_composes_with_reduce_overhead_compile(make_config, req, ok, 
     assert a == b and compiled.step_cache.shallow_calls == 5
     eager = pixels(engine("none"), ok, decode, req, seed=3, steps=8)
     assert np.abs(decode(a) - eager).mean() < 2  # compiled kernels round differently; nothing else may differ
+
+
+def test_samples_at_different_cache_phases_keep_their_own_images(cached, ok, req, decode):
+    """Continuous batching with the step cache: a request joining mid-way starts with full steps while the
+    running one is at a shallow step; calls group samples by phase and each keeps its own deep feature, so both
+    images equal their alone runs."""
+    engine = cached["tiny-sd"]
+    first, second = req(seed=41, steps=7), req(seed=42, steps=5, scheduler="euler_a")
+    alone = [ok(engine.generate([r])[0]) for r in (first, second)]
+    joined = {}
+
+    def on_step(_ids, done, _total):
+        if done == 1 and "job" not in joined:
+            joined["job"] = engine.submit(second)
+
+    together = ok(engine.generate([first], step_callback=on_step)[0])
+    late = ok(joined["job"].future.result(timeout=300))
+    assert together.batch_size == 2 and late.batch_size == 2  # shallow steps shared a call
+    for a, b in ((alone[0], together), (alone[1], late)):
+        assert np.abs(decode(a.images[0].data) - decode(b.images[0].data)).max() <= 2

@@ -27,8 +27,12 @@ def free_port() -> int:
 
 def main_config() -> dict:
     dep = {"num_gpus": 0.5, "num_cpus": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.25}
-    return {"app_name": "sdserve", "route_prefix": "/", "security": {"api_keys": KEYS},
-            "jobs": {"backend": "local", "concurrency": 2, "max_retries": 3},
+    # Many tests send wrong keys from 127.0.0.1 on purpose: the failed-auth throttle (tested on its own app) is
+    # set high here.
+    return {"app_name": "sdserve", "route_prefix": "/",
+            "security": {"api_keys": KEYS, "auth_failures": {"max_failures": 1000}},
+            "jobs": {"backend": "local", "concurrency": 2, "max_retries": 3, "lease_s": 3, "max_queued": 30,
+                     "max_unfinished_per_key": 24},
             "models": [{"engine": {"name": "tiny-sd", "device": "cpu", "limits": {"max_steps": 400}}, "deployment": dep},
                        {"engine": {"name": "tiny-b", "device": "cpu", "seed": 1, "limits": {"max_steps": 400}},
                         "deployment": dep}]}
@@ -91,38 +95,55 @@ def pytest_runtest_teardown(item, nextitem):
             _cleanups.pop()()
 
 
+class RedisServer:
+    """A real, throwaway redis-server on a free port (no persistence) that a test may stop and start again."""
+
+    def __init__(self):
+        import shutil
+
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self.port, self.proc = free_port(), None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        import subprocess
+        import time
+
+        import redis
+
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return self
+            except redis.ConnectionError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.proc.kill()
+                    pytest.skip("redis-server did not start")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     """A real, throwaway redis-server on a free port (no persistence); skips when the binary is missing."""
-    import shutil
-    import subprocess
-    import time
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    import redis
-
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.time() + 10
-    while True:
-        try:
-            redis.Redis.from_url(url).ping()
-            break
-        except redis.ConnectionError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.skip("redis-server did not start")
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    server = RedisServer().start()
+    yield server.url
+    server.stop()
 
 
 def redis_jobs_config(redis_url: str, result_store: str) -> dict:
@@ -145,3 +166,35 @@ def redis_jobs_url(serve_url, redis_url, tmp_path_factory):
     cfg = redis_jobs_config(redis_url, str(tmp_path_factory.mktemp("rjobs-results")))
     serve.run(build_app(ServingConfig.model_validate(cfg)), name="rjobs", route_prefix="/rjobs")
     return f"{serve_url}/rjobs"
+
+
+OPS_KEYS = ["ops-a", "ops-b", "ops-c"]
+
+
+@pytest.fixture(scope="session")
+def ops_redis():
+    """The "ops" app's own Redis, which its tests stop and start again."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ops_url(serve_url, ops_redis, tmp_path_factory):
+    """App "ops" at /ops: a tight failed-auth throttle, a small generation budget with a large read budget, and
+    jobs on a Redis of its own (tests take it down)."""
+    from ray import serve
+
+    from serving.builder import build_app
+    from serving.config import ServingConfig
+
+    cfg = {"app_name": "ops", "route_prefix": "/ops",
+           "security": {"api_keys": OPS_KEYS, "auth_failures": {"max_failures": 3, "window_s": 3},
+                        "rate_limit": {"requests_per_minute": 6, "burst": 2, "reads_per_minute": 600,
+                                       "read_burst": 100}},
+           "jobs": {"backend": "redis", "redis_url": ops_redis.url, "queue_name": "ops", "lease_s": 2,
+                    "result_store": str(tmp_path_factory.mktemp("ops-results"))},
+           "models": [{"engine": {"name": "tiny-sd", "device": "cpu"},
+                       "deployment": {"num_gpus": 0, "num_cpus": 0.5, "max_batch_size": 4}}]}
+    serve.run(build_app(ServingConfig.model_validate(cfg)), name="ops", route_prefix="/ops")
+    return f"{serve_url}/ops"

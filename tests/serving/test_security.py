@@ -128,3 +128,15 @@ def test_body_limit_passes_small_bodies_and_refuses_large_ones_in_each_shape():
     assert status == 413 and json.loads(body)["detail"]["code"] == "request_too_large"
     status, body = _call(mw, "/v1/images/generations", [b"123456", b"789012"])  # no header: counted as it streams
     assert status == 413 and json.loads(body)["error"]["code"] == "request_too_large"
+
+
+def test_auth_failure_throttle_sliding_window():
+    from serving.security import FailureThrottle
+
+    th = FailureThrottle(max_failures=3, window_s=10)
+    for t in (0, 1, 2):
+        assert th.blocked_for("1.2.3.4", now=t) == 0
+        th.failed("1.2.3.4", now=t)
+    assert th.blocked_for("1.2.3.4", now=3) == pytest.approx(7)  # until the first failure leaves the window
+    assert th.blocked_for("5.6.7.8", now=3) == 0  # per address
+    assert th.blocked_for("1.2.3.4", now=10.01) == 0  # one failure left the window: one more try

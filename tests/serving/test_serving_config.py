@@ -67,6 +67,8 @@ def test_autoscaling_passes_through_and_excludes_num_replicas():
     ({"models": [{"deployment": {"max_batch_sizee": 8}}]}, "models.0.deployment.max_batch_sizee"),
     ({"security": {"rate_limit": {"requests_per_minute": 0}}}, "security.rate_limit.requests_per_minute"),
     ({"models": []}, "models"),
+    ({"jobs": {"backend": "local"}, "ingress": {"num_replicas": 2}}, "use backend redis"),
+    ({"jobs": {"max_queued": 0}}, "jobs.max_queued"),
 ])
 def test_bad_configs_name_the_key(bad, names):
     with pytest.raises(ValidationError) as err:
@@ -155,3 +157,18 @@ def test_importing_serving_config_does_not_import_torch_or_ray():
            "print('torch' in sys.modules, 'ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_image_inputs_config_defaults_refuse_uris_and_prefixes_are_checked():
+    from core.image_inputs import UriPolicy
+
+    cfg = ServingConfig()
+    assert cfg.image_inputs.uri_allowlist.prefixes == [] and cfg.image_inputs.uri_policy() == UriPolicy()
+    cfg = ServingConfig.model_validate({"image_inputs": {"uri_allowlist": {"prefixes": ["s3://bucket/in/"]},
+                                                         "limits": {"max_bytes": 1 << 20, "min_side": 32}}})
+    assert cfg.image_inputs.uri_policy().prefixes == ("s3://bucket/in/",)
+    assert cfg.image_inputs.limits.min_side == 32
+    for bad in ({"uri_allowlist": {"prefixes": ["s3://bucket"]}}, {"limits": {"max_bytes": 10}},
+                {"limits": {"min_side": 512, "max_side": 256}}, {"limits": {"unknown": 1}}):
+        with pytest.raises(ValueError):
+            ServingConfig.model_validate({"image_inputs": bad})

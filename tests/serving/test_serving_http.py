@@ -75,11 +75,12 @@ def test_concurrent_requests_are_batched_and_seeds_reproduce(client, serve_url):
     for responses in runs:
         assert all(r.status_code == 200 for r in responses)
         batch_sizes = [int(r.headers["x-batch-size"]) for r in responses]
-        assert max(batch_sizes) > 1, batch_sizes  # Serve collected several requests into one engine call
+        assert max(batch_sizes) > 1, batch_sizes  # the engine ran several requests in shared UNet calls
     for b, r1, r2 in zip(bodies, *runs):
         assert r1.headers["x-seed"] == r2.headers["x-seed"] == str(b["seed"])
-        if r1.headers["x-batch-size"] == r2.headers["x-batch-size"]:
-            assert r1.content == r2.content, "same seed and batch size must give the same bytes"
+        # Continuous batching: the two runs may share calls with other requests at other steps; the image
+        # depends only on its own request, up to the rounding of batched CPU fp32 matmuls (2/255).
+        assert np.abs(np.asarray(decode(r1.content), int) - np.asarray(decode(r2.content), int)).max() <= 2
         if b["seed"] in alone:
             # Same latents alone or batched (core guarantees it); CPU fp32 batched matmuls may round the
             # final pixels by at most 2/255, as in tests/core/test_seeds_and_batching.py.
@@ -88,7 +89,7 @@ def test_concurrent_requests_are_batched_and_seeds_reproduce(client, serve_url):
 
 
 def test_mixed_shapes_in_one_batch_all_complete(client, serve_url):
-    # Different compat keys in one collected batch: each group runs; none waits for a later batch.
+    # Different shapes at once: each shape's group runs, interleaved step by step; all complete.
     bodies = [{"prompt": "p", "seed": i, "width": 64 + 8 * (i % 3), "steps": 2 + (i % 2)} for i in range(6)]
 
     def post(b):
@@ -136,9 +137,27 @@ def test_unknown_model_lists_known_models(client):
     assert "sd99" in msg and "tiny-sd" in msg and "tiny-b" in msg
 
 
-def test_malformed_json_is_422(client):
-    r = client.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+def test_malformed_json_is_400_with_a_message(client):
+    r = client.post("/v1/generate", content=b'{"prompt": "x",, }', headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert detail["code"] == "invalid_json" and detail["field"] is None
+    assert detail["message"].startswith("request body is not valid JSON") and "character 15" in detail["message"]
+
+
+@pytest.mark.parametrize("raw, field, words", [
+    (b'{"prompt": "x", "seed": true}', "seed", "not a boolean"),       # strict: true is not 1
+    (b'{"prompt": "x", "steps": "4"}', "steps", "not a boolean or a string"),
+    (b'{"prompt": "x", "guidance_scale": NaN}', "guidance_scale", "finite number"),  # not "must be <= 50"
+    (b'{"prompt": "x", "guidance_scale": Infinity}', "guidance_scale", "finite number"),
+])
+def test_strict_numbers_name_the_field(client, raw, field, words):
+    r = client.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    err = r.json()["detail"][0]
+    assert err["loc"] == ["body", field] and words in err["msg"], err
+    ok = client.post("/v1/generate", json={"prompt": "x", "guidance_scale": 7, "steps": 2, "seed": 1})
+    assert ok.status_code == 200  # a JSON integer is still a valid float
 
 
 def test_auth_required(serve_url):
@@ -155,8 +174,8 @@ def test_auth_required(serve_url):
 def test_health_readiness_docs(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     r = client.get("/readyz")
-    assert r.status_code == 200 and r.json() == {"ready": True, "models": {"tiny-sd": "HEALTHY",
-                                                                           "tiny-b": "HEALTHY"}}
+    assert r.status_code == 200 and r.json() == {"ready": True, "models": {"tiny-sd": "HEALTHY", "tiny-b": "HEALTHY"},
+                                                 "jobs_store": "ok"}
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/generate", "/v1/images/generations", "/v1/models"} <= set(paths)

@@ -16,14 +16,17 @@ def strict(serve_url, key):
 
 
 def test_rate_limit_is_per_key_with_retry_after(serve_url):
+    # POSTs draw from the generation budget (30/min, burst 10); the key is checked and a token taken before the
+    # body is validated, so an empty prompt (400) costs a token without running the model.
     with strict(serve_url, STRICT_KEYS[0]) as c:
-        codes = [c.get("/v1/models") for _ in range(14)]
-    limited = [r for r in codes if r.status_code == 429]
-    assert limited and codes[0].status_code == 200
-    assert int(limited[0].headers["retry-after"]) >= 1
-    assert limited[0].json()["error"]["type"] == "rate_limit_exceeded"  # OpenAI route, OpenAI shape
+        codes = [c.post("/v1/images/generations", json={"prompt": ""}) for _ in range(14)]
+        limited = [r for r in codes if r.status_code == 429]
+        assert limited and codes[0].status_code == 400
+        assert int(limited[0].headers["retry-after"]) >= 1
+        assert limited[0].json()["error"]["type"] == "rate_limit_exceeded"  # OpenAI route, OpenAI shape
+        assert c.get("/v1/models").status_code == 200  # reads have a budget of their own
     with strict(serve_url, STRICT_KEYS[2]) as other:
-        assert other.get("/v1/models").status_code == 200  # another key has its own bucket
+        assert other.post("/v1/images/generations", json={"prompt": ""}).status_code == 400  # own bucket
 
 
 def test_full_queue_answers_503_with_retry_after(serve_url):
@@ -45,6 +48,26 @@ def test_body_size_limit_413(serve_url):
         assert r.status_code == 413 and "2048 bytes" in r.json()["detail"]["message"]
         r = c.post("/v1/images/generations", json={"prompt": "x" * 5000})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def chunks(total: int, size: int = 512):
+    """A body sent with Transfer-Encoding: chunked (no Content-Length), as a streaming client does."""
+    yield b'{"prompt": "'
+    for _ in range(total // size):
+        yield b"x" * size
+    yield b'"}'
+
+
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/images/generations", "/v1/jobs"])
+def test_oversized_chunked_body_is_413(serve_url, path):
+    with strict(serve_url, STRICT_KEYS[2]) as c:
+        r = c.post(path, content=chunks(8192), headers={"Content-Type": "application/json"})
+        assert "content-length" not in {k.lower() for k in r.request.headers}  # really chunked
+        assert r.status_code == 413, (r.status_code, r.text)
+        err = r.json()["error"] if "/images/" in path else r.json()["detail"]
+        assert err["code"] == "request_too_large" and "2048 bytes" in err["message"]
+        small = c.post("/v1/generate", content=chunks(512), headers={"Content-Type": "application/json"})
+        assert small.status_code != 413  # under the limit, chunked bodies are read as usual
 
 
 def test_prompt_blocklist_400(serve_url):

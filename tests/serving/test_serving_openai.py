@@ -88,3 +88,26 @@ def test_raw_response_shape(serve_url):
     assert r.status_code == 200
     body = r.json()
     assert isinstance(body["created"], int) and set(body["data"][0]) >= {"b64_json"}
+
+
+def test_openai_n_over_the_model_limit_names_n(oai):
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.images.generate(prompt="x", n=9, size="64x64")  # the model's max_images_per_request is 8
+    body = err.value.body
+    assert body["param"] == "n" and body["message"].startswith("n:") and "num_images" not in body["message"]
+
+
+@pytest.mark.parametrize("raw, param, words", [
+    (b'{"prompt": "x", "size": "64x64\\n"}', "size", "WIDTHxHEIGHT"),  # a trailing newline is not a size
+    (b'{"prompt": "x", "n": true}', "n", "not a boolean"),
+    (b'{"prompt": "x", "seed": true}', "seed", "not a boolean"),
+    (b'{"prompt": "x", "guidance_scale": NaN}', "guidance_scale", "finite number"),
+    (b'{"prompt": "x",, }', None, "not valid JSON"),  # malformed: no character offset as param
+])
+def test_openai_error_details(serve_url, raw, param, words):
+    r = httpx.post(f"{serve_url}/v1/images/generations", content=raw, timeout=60,
+                   headers={"Authorization": f"Bearer {KEYS[0]}", "content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]  # OpenAI's shape, also for malformed JSON
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param and words in err["message"], err

@@ -1,0 +1,224 @@
+"""Per-request and per-image denoising state for the step-level scheduler (core/step_scheduler.py).
+
+A request of n images is one `Job` and n `DenoiseSample`s (image i uses seed + i). Each sample carries everything
+that makes its image depend on its own request only: its own diffusers scheduler instance (timesteps, sigmas,
+multistep history), its own CPU generator (initial noise and ancestral noise), its latents, its guidance and its
+step index. The job carries what is per request: the text conditioning (encoded once, at admission), the progress
+callback, the cancel flag and deadline, and the outcome future.
+
+The preparation reproduces diffusers' StableDiffusion(XL)Pipeline.__call__ (0.42): encode_prompt per request,
+randn_tensor(shape, generator) * init_noise_sigma on the sample's CPU generator, SDXL's pooled embeddings and
+add_time_ids (original = target = the image size, crop (0, 0)), set_begin_index(0) for SDXL, eta=0 and the
+generator passed to step() where the scheduler takes them.
+"""
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from core.batching import group_key, image_seed
+from core.schemas import GenerationError, GenerationRequest
+
+# on_progress(step, total, latents): after each UNet call that advanced the request. `latents()` returns a CPU
+# copy of the request's current latents (for live previews); call it only inside the callback (GPU thread).
+ProgressCallback = Callable[[int, int, Callable[[], Any]], None]
+
+
+@dataclass
+class TextConditioning:
+    """One request's text conditioning, shared by its images (rows of shape [1, ...])."""
+
+    cond: Any
+    uncond: Any | None  # None: no classifier-free guidance
+    cond_pooled: Any | None = None  # SDXL
+    uncond_pooled: Any | None = None
+    time_ids: Any | None = None  # SDXL add_time_ids, the same for the cond and uncond rows
+    timestep_cond: Any | None = None  # guidance-distilled UNets (time_cond_proj_dim): guidance embedding
+
+
+@dataclass(eq=False)
+class Job:
+    """One request inside the engine, from submission to its outcome (`future`: GenerationResult or
+    GenerationError, never an exception)."""
+
+    request: GenerationRequest  # resolved (no None fields)
+    index: int = 0  # position in a sync generate() call (its step_callback reports it)
+    on_progress: ProgressCallback | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    deadline: float | None = None  # time.perf_counter() value
+    extra_queue_s: float = 0.0  # queueing before the engine (e.g. in a server), added to queue_s
+    encode: bool = True  # False for warm-up calls: no image encoding
+    submitted: float = field(default_factory=time.perf_counter)
+    future: Future = field(default_factory=Future)
+    # filled by the scheduler
+    admitted: float | None = None
+    conditioning: TextConditioning | None = None
+    images_left: int = 0  # samples not yet decoded
+    denoise_end: float = 0.0
+    decode_s: float = 0.0
+    batch: int = 0  # most images that shared a UNet call with one of this job's images
+    peak: int | None = None
+    calls_done: int = 0  # UNet calls done, summed over its samples (progress)
+    calls_total: int = 0
+    reported: int = 0
+    samples: list = field(default_factory=list)  # its DenoiseSamples (set at submission)
+    encodes: list = field(default_factory=list)  # (image index, seed, Future[(bytes, seconds)])
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def key(self):
+        return group_key(self.request)
+
+    @property
+    def finished(self) -> bool:
+        return self.future.done()
+
+    def settle(self, outcome) -> bool:
+        """Set this job's outcome (the first one wins; a future cancelled by an awaiting task stays cancelled)."""
+        with self.lock:
+            if self.future.done():
+                return False
+            try:
+                self.future.set_result(outcome)
+            except InvalidStateError:  # cancelled meanwhile (asyncio.wrap_future cancels it with its task)
+                return False
+            return True
+
+    def fail(self, err: GenerationError) -> None:
+        """Fail this request with `err`; its samples leave the batch at the next step."""
+        self.settle(err)
+
+    def stop_reason(self, now: float) -> GenerationError | None:
+        """Why this job must stop now (cancelled, past its deadline), or None."""
+        from core.schemas import GenerationCancelled
+
+        progress = f"{self.reported}/{self.calls_total or self.request.steps}"  # UNet calls (heun: 2 per step)
+        if self.cancel.is_set():
+            return GenerationCancelled(f"cancelled at step {progress}")
+        if self.deadline is not None and now > self.deadline:
+            return GenerationCancelled(f"deadline exceeded at step {progress}")
+        return None
+
+
+@dataclass(eq=False)
+class DenoiseSample:
+    """One image being denoised."""
+
+    job: Job
+    image_index: int
+    seed: int
+    scheduler: Any = None
+    generator: Any = None
+    timesteps: Any = None  # float32 copy of scheduler.timesteps (the UNet's per-sample timestep input)
+    latents: Any = None  # [1, C, h, w]
+    step: int = 0  # UNet calls done (heun/kdpm2: two per denoising step, as their timesteps list them)
+    step_kwargs: dict = field(default_factory=dict)
+    deep: Any = None  # step cache: this sample's rows of the cached deep feature ([cond(, uncond)])
+    last_run: float = 0.0
+
+    @property
+    def guidance(self) -> float:
+        return float(self.job.request.guidance_scale)
+
+    @property
+    def cfg(self) -> bool:
+        return self.job.conditioning.uncond is not None
+
+    @property
+    def total(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.step
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total
+
+
+def samples_of(job: Job) -> list[DenoiseSample]:
+    req = job.request
+    return [DenoiseSample(job, i, image_seed(req, i)) for i in range(req.num_images)]
+
+
+def uses_cfg(pipe, guidance: float) -> bool:
+    """As the pipelines' do_classifier_free_guidance."""
+    return guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+
+
+def encode_text(pipe, family: str, req: GenerationRequest, device) -> TextConditioning:
+    """The request's text conditioning, as the pipeline's __call__ prepares it (batch of one prompt)."""
+    import torch
+
+    cfg = uses_cfg(pipe, req.guidance_scale)
+    negative = req.negative_prompt or ""
+    with torch.no_grad():
+        if family == "sdxl":
+            pe, npe, pooled, npooled = pipe.encode_prompt(prompt=req.prompt, device=device,
+                                                          num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+                                                          negative_prompt=negative)
+            te2 = getattr(pipe, "text_encoder_2", None)
+            proj = int(pooled.shape[-1]) if te2 is None else te2.config.projection_dim
+            time_ids = pipe._get_add_time_ids((req.height, req.width), (0, 0), (req.height, req.width),
+                                              dtype=pe.dtype, text_encoder_projection_dim=proj).to(device)
+            out = TextConditioning(pe.to(device), npe.to(device) if cfg else None, pooled.to(device),
+                                   npooled.to(device) if cfg else None, time_ids)
+        else:
+            pe, npe = pipe.encode_prompt(req.prompt, device, 1, cfg, negative)
+            out = TextConditioning(pe, npe if cfg else None)
+        proj_dim = pipe.unet.config.time_cond_proj_dim
+        if proj_dim is not None:
+            w = torch.tensor([req.guidance_scale - 1.0])
+            out.timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=proj_dim).to(
+                device=device, dtype=pe.dtype)
+    return out
+
+
+_STEP_PARAMS: dict[type, set[str]] = {}
+
+
+def step_kwargs(scheduler, generator) -> dict:
+    """The pipeline's prepare_extra_step_kwargs(generator, eta=0.0) for this scheduler."""
+    params = _STEP_PARAMS.get(type(scheduler))
+    if params is None:
+        params = _STEP_PARAMS[type(scheduler)] = set(inspect.signature(scheduler.step).parameters)
+    out = {}
+    if "eta" in params:
+        out["eta"] = 0.0
+    if "generator" in params:
+        out["generator"] = generator
+    return out
+
+
+def initial_latents(generator, shape: tuple, device, dtype, init_noise_sigma):
+    """prepare_latents for one image: noise from the image's own CPU generator, scaled for its scheduler."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * init_noise_sigma
+
+
+def start_sample(sample: DenoiseSample, pipe, family: str, base_scheduler_config, device, dtype) -> None:
+    """Scheduler, timesteps, generator and initial latents of one image (the job's text is encoded first)."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    from core.schedulers import make_scheduler
+
+    req = sample.job.request
+    sched = make_scheduler(req.scheduler, base_scheduler_config)
+    timesteps, _ = retrieve_timesteps(sched, req.steps, device)
+    if family == "sdxl" and hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(0)
+    sample.scheduler = sched
+    sample.timesteps = timesteps.to(torch.float32)
+    sample.generator = torch.Generator("cpu").manual_seed(sample.seed)
+    sample.step_kwargs = step_kwargs(sched, sample.generator)
+    vsf = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, req.height // vsf, req.width // vsf)
+    sample.latents = initial_latents(sample.generator, shape, device, dtype, sched.init_noise_sigma)
+    sample.last_run = time.perf_counter()

@@ -1,0 +1,161 @@
+"""AUTOMATIC1111-compatible routes under /sdapi/v1 (translation and shapes in serving/a1111.py), so unmodified
+A1111 clients and bots work: txt2img, progress, interrupt, sd-models, samplers, schedulers, options, and the
+lists sdserve has nothing in yet (loras, scripts, sd-vae, prompt-styles, embeddings).
+
+Errors answer FastAPI's {"detail": ...} (422 [{loc, msg, type}] naming the A1111 field), as A1111's own API does.
+State (the in-flight generations GET progress reports and POST interrupt cancels, and the model POST options
+picks) belongs to this ingress replica: with several ingress replicas, each keeps its own.
+"""
+# No `from __future__ import annotations`: FastAPI must see real annotation objects.
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Request
+
+from core.schemas import ErrorKind, GenerationError
+from serving.a1111 import A1111_FIELD, A1111Error, ModelInfo, Txt2ImgRequest, find_model, options_response, \
+    samplers_response, schedulers_response, sd_models_response, to_generation_request, txt2img_response
+from serving.a1111_progress import ProgressBoard
+from serving.http.auth import authorize_bearer_or_basic
+from serving.http.errors import ApiError, generation_error
+
+router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
+# The API key as Bearer, or as the password of HTTP Basic (what A1111 clients send for --api-auth).
+AUTH = Depends(authorize_bearer_or_basic)
+
+
+@dataclass
+class A1111Replica:
+    """This ingress replica's A1111 state."""
+
+    checkpoint: str  # the model /sdapi requests use without override_settings.sd_model_checkpoint
+    board: ProgressBoard = field(default_factory=ProgressBoard)
+
+
+def _state(request: Request) -> A1111Replica:
+    state = getattr(request.app.state, "a1111", None)
+    if state is None:  # first /sdapi call of this replica (one event loop: no race)
+        state = request.app.state.a1111 = A1111Replica(request.app.state.ingress.config.default_model)
+    return state
+
+
+def _models(request: Request) -> list[ModelInfo]:
+    return [ModelInfo(m.name, m.engine.source, m.engine.scheduler, m.engine.limits.max_images_per_request)
+            for m in request.app.state.ingress.config.models]
+
+
+def _unprocessable(field_name: str | None, message: str, status: int = 422) -> ApiError:
+    loc = ["body", *field_name.split(".")] if field_name else ["body"]
+    return ApiError(status, [{"loc": loc, "msg": message, "type": "value_error"}])
+
+
+def _outcome_error(err: GenerationError) -> Exception:
+    if err.kind in (ErrorKind.VALIDATION, ErrorKind.CAPACITY):
+        return _unprocessable(A1111_FIELD.get(err.field, err.field), err.message)
+    return generation_error(err, openai=False)
+
+
+@router.post("/txt2img", summary="A1111 txt2img: images (base64 PNG), parameters, info (JSON string)")
+async def txt2img(body: Txt2ImgRequest, request: Request, caller: str = AUTH):
+    ingress = request.app.state.ingress
+    state = _state(request)
+    try:
+        plan = to_generation_request(body, _models(request), state.checkpoint)
+    except A1111Error as err:
+        raise _unprocessable(err.field, err.message, err.status) from None
+    name = ingress.check_request(plan.request, openai=False)
+    key, gen = state.board.begin("txt2img")
+
+    def on_progress(step: int, total: int) -> None:
+        gen.step, gen.steps = step, total
+
+    task = asyncio.ensure_future(ingress.stream_model(name, plan.request, on_progress))
+    gen.cancel = task.cancel  # the task's cancellation cancels the stream, which stops the request in the engine
+    try:
+        outcome = await task
+    except asyncio.CancelledError:
+        if not gen.interrupted:
+            raise  # this HTTP request itself was cancelled (client gone)
+        raise ApiError(409, f"interrupted at step {gen.step}/{gen.steps} (POST /sdapi/v1/interrupt)") from None
+    finally:
+        state.board.end(key)
+    if isinstance(outcome, GenerationError):
+        raise _outcome_error(outcome)
+    return txt2img_response(body, plan, outcome, gen.timestamp)
+
+
+@router.get("/progress", summary="A1111 progress of the running generation(s) of this replica")
+async def progress(request: Request, skip_current_image: bool = False, caller: str = AUTH):
+    return _state(request).board.progress()
+
+
+@router.post("/interrupt", summary="Cancel the running A1111 generation(s) of this replica")
+async def interrupt(request: Request, caller: str = AUTH):
+    _state(request).board.interrupt()
+    return {}
+
+
+@router.get("/sd-models", summary="Served models as A1111 checkpoints")
+async def sd_models(request: Request, caller: str = AUTH):
+    return sd_models_response(_models(request))
+
+
+@router.get("/samplers", summary="A1111 sampler names sdserve maps onto its schedulers")
+async def samplers(caller: str = AUTH):
+    return samplers_response()
+
+
+@router.get("/schedulers", summary="A1111 schedulers (sigma schedules) sdserve honours")
+async def schedulers(caller: str = AUTH):
+    return schedulers_response()
+
+
+@router.get("/options", summary="A1111 options (sd_model_checkpoint: this replica's default for /sdapi)")
+async def get_options(request: Request, caller: str = AUTH):
+    return options_response(_state(request).checkpoint)
+
+
+@router.post("/options", summary="Set A1111 options; only sd_model_checkpoint is supported")
+async def set_options(request: Request, body: dict[str, Any] = Body(...), caller: str = AUTH):
+    state = _state(request)
+    unsupported = sorted(k for k in body if k != "sd_model_checkpoint")
+    if unsupported:
+        raise _unprocessable(unsupported[0], f"option {unsupported[0]!r} is not supported; sdserve accepts only "
+                                             "sd_model_checkpoint")
+    if "sd_model_checkpoint" in body:
+        value = body["sd_model_checkpoint"]
+        if not isinstance(value, str):
+            raise _unprocessable("sd_model_checkpoint", "sd_model_checkpoint must be a string")
+        try:
+            state.checkpoint = find_model(value, _models(request), "sd_model_checkpoint").name
+        except A1111Error as err:
+            raise _unprocessable(err.field, err.message) from None
+    return None
+
+
+@router.get("/loras", summary="LoRAs (none yet)")
+async def loras(caller: str = AUTH):
+    return []
+
+
+# What A1111 clients list at start-up (webuiapi asks for scripts when constructed): sdserve has none of these,
+# and says so in A1111's shapes rather than with a 404.
+@router.get("/scripts", summary="Scripts (none)")
+async def scripts(caller: str = AUTH):
+    return {"txt2img": [], "img2img": []}
+
+
+@router.get("/sd-vae", summary="Separate VAEs (none: each model uses its own)")
+async def sd_vae(caller: str = AUTH):
+    return []
+
+
+@router.get("/prompt-styles", summary="Saved prompt styles (none)")
+async def prompt_styles(caller: str = AUTH):
+    return []
+
+
+@router.get("/embeddings", summary="Textual-inversion embeddings (none)")
+async def embeddings(caller: str = AUTH):
+    return {"loaded": {}, "skipped": {}}
