@@ -41,6 +41,12 @@ class ModelServer:
         # Load, optimize, compile and warm up here: Serve marks the replica ready only after __init__ returns.
         self.engine = Engine(self.config).load()
         self.engine.scheduler.observers.append(self.metrics.batch.observe)  # images per UNet call
+        self.previews = None  # live previews of streamed (async job) requests, every previews.every_n_steps
+        if self.config.previews.method != "none":
+            from core.previews import PreviewMaker
+
+            self.previews = PreviewMaker(self.config.previews, self.engine.family, self.engine.device,
+                                         self.engine.dtype)
         log.info("model %s ready: %s", self.name, self.engine.info())
 
     # ------------------------------------------------------------------ public (handle) API
@@ -69,14 +75,17 @@ class ModelServer:
 
     async def generate_stream(self, request: GenerationRequest | dict):
         """Streaming variant for async jobs: yields {"event": "progress", "step", "total"} after each denoising
-        step, then {"event": "result", "outcome": GenerationResult | GenerationError}. Closing the stream cancels
-        the request: its images leave the batch at the next step."""
+        step, {"event": "preview", "step", "total", "images": [base64 JPEG per image]} every
+        previews.every_n_steps steps, then {"event": "result", "outcome": GenerationResult | GenerationError}.
+        Closing the stream cancels the request: its images leave the batch at the next step."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
 
-        def on_progress(step: int, total: int, _latents) -> None:  # GPU thread
-            loop.call_soon_threadsafe(events.put_nowait, (step, total))
+        def on_progress(step: int, total: int, latents) -> None:  # GPU thread
+            # Only preview steps pay for the latents' copy to the host; the JPEGs are made off the GPU thread.
+            due = self.previews is not None and self.previews.due(step, total)
+            loop.call_soon_threadsafe(events.put_nowait, (step, total, latents() if due else None))
 
         task = asyncio.ensure_future(self.generate_outcome(request, on_progress, cancel))
         try:
@@ -84,8 +93,11 @@ class ModelServer:
                 getter = asyncio.ensure_future(events.get())
                 done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in done:
-                    step, total = getter.result()
+                    step, total, latents = getter.result()
                     yield {"event": "progress", "step": step, "total": total}
+                    if latents is not None:
+                        images = await asyncio.to_thread(self.previews.jpegs_b64, latents)
+                        yield {"event": "preview", "step": step, "total": total, "images": images}
                 else:
                     getter.cancel()
             yield {"event": "result", "outcome": task.result()}

@@ -114,18 +114,23 @@ async def cancel_job(job_id: str, request: Request, caller: str = Depends(author
     return _view(jobs, rec)
 
 
-@router.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events: job status/progress until it ends")
+@router.get("/v1/jobs/{job_id}/events", summary="Server-Sent Events until the job ends: job views (status, "
+            "progress, queue position) and `preview` events (base64 JPEGs every previews.every_n_steps)")
 async def job_events(job_id: str, request: Request, caller: str = Depends(authorize)):
     jobs = _jobs(request)
     ingress = request.app.state.ingress
     _owned(request, job_id, caller)
 
     async def events():
-        last = None
+        last, shown = None, None
         while True:
             rec = jobs.store.get(job_id)
             if rec is None:
                 return
+            preview = rec.get("preview")  # {step, total, images: [base64 JPEG]} from the model's stream
+            if preview and rec["status"] == JobStatus.RUNNING and preview["step"] != shown:
+                yield f"event: preview\ndata: {json.dumps(preview)}\n\n"
+                shown = preview["step"]
             view = _view(jobs, rec)
             if view != last:
                 yield f"data: {json.dumps(view)}\n\n"

@@ -69,6 +69,8 @@ async def run_job(store, handles: dict, job_id: str, default_model: str, max_ret
                     if now - last >= PROGRESS_EVERY_S or event["step"] == event["total"]:
                         store.update(job_id, progress=progress)
                         last = now
+                elif event["event"] == "preview":  # the latest only: the events route streams it once
+                    store.update(job_id, preview={k: event[k] for k in ("step", "total", "images")})
                 else:
                     outcome = event["outcome"]
             break

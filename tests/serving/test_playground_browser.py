@@ -85,6 +85,8 @@ def test_generate_with_progress_history_and_cancel(page, serve_url):
     page.wait_for_function("() => document.getElementById('status').textContent.startsWith('step ')"
                            " && document.getElementById('progress').max === 400"
                            " && document.getElementById('progress').value >= 1")
+    page.get_by_test_id("preview").wait_for(state="visible")  # a live preview (SSE `preview` event) arrived
+    assert page.get_by_test_id("preview").evaluate("img => img.src.startsWith('data:image/jpeg;base64,')")
     page.get_by_test_id("cancel").click()
     page.wait_for_function("() => document.getElementById('status').textContent === 'cancelled'")
     assert page.get_by_test_id("progress").evaluate("p => p.value") < 400
