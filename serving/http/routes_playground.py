@@ -32,7 +32,8 @@ def capabilities(config: Any, jobs_enabled: bool, auth_required: bool) -> dict[s
 
     Per model, these optional keys appear only when the feature exists (later features fill them; clients show
     their controls only then): `loras` [{name, default_weight}], `controlnets` [{name}], `image_inputs`
-    (e.g. ["init_image", "mask"]).
+    (e.g. ["init_image", "mask"]). The page sends them as GenerationRequest's image fields (core/image_fields.py:
+    init_image, strength, mask_image, control=[{model, image, scale}]).
     """
     models = []
     for i, m in enumerate(config.models):

@@ -151,7 +151,7 @@ async function requestBody() {
   }
   if ((m.controlnets || []).length) {
     const image = await fileB64($("control-image"));
-    if (image) body.controlnet = { name: $("controlnet").value, image, scale: parseFloat($("controlnet-scale").value) };
+    if (image) body.control = [{ model: $("controlnet").value, image, scale: parseFloat($("controlnet-scale").value) }];
   }
   return body;
 }
@@ -322,7 +322,7 @@ function showResult(body, result) {
                                               height: result.height, steps: result.steps,
                                               guidance_scale: result.guidance_scale, scheduler: result.scheduler });
     delete params.init_image; delete params.mask_image;  // too big for the history; the file stays on disk
-    if (params.controlnet) delete params.controlnet.image;
+    if (params.control) params.control = params.control.map((c) => Object.assign({}, c, { image: undefined }));
     el.addEventListener("load", () => addHistory(params, el), { once: true });
   }
 }
