@@ -1,7 +1,7 @@
 """HTTP load generator for the serving app, with the engine's offline throughput as the baseline.
 
 The offline baseline runs first (before the app takes the GPU): the same requests through `Engine.generate`
-in batches of the model's max_batch_size. The report's `serving_efficiency` is HTTP throughput at saturation
+in batches of the engine's limits.max_batch_size. The report's `serving_efficiency` is HTTP throughput at saturation
 divided by offline throughput; `added_latency_ms` is unloaded HTTP p50 minus the offline single-request time.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def offline_baseline(config: ServingConfig, body: dict[str, Any], n: int) -> dic
     model = config.models[0]
     engine = Engine(local_engine_config(model)).load()
     reqs = [GenerationRequest(**b) for b in bench_bodies(body, n, offset=10_000)]
-    batch = model.deployment.max_batch_size
+    batch = model.engine.limits.max_batch_size
     engine.generate(reqs[:1])  # untimed: first calls at a shape pay one-off kernel selection
     engine.generate(reqs[:batch])
     singles = []

@@ -33,7 +33,7 @@ def model_deployment_options(model: ModelConfig, cluster_has_gpus: bool = False)
     opts: dict[str, Any] = {
         "name": model_deployment_name(model.name),
         "ray_actor_options": actor,
-        "max_ongoing_requests": d.max_ongoing_requests or 2 * d.max_batch_size,
+        "max_ongoing_requests": d.max_ongoing_requests or 2 * model.engine.limits.max_batch_size,
         "max_queued_requests": d.max_queued_requests,
         "health_check_period_s": d.health_check_period_s,
         "health_check_timeout_s": d.health_check_timeout_s,

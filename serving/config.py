@@ -46,16 +46,12 @@ class DeploymentOptions(Strict):
         "when the Ray cluster has GPUs, else 0 (CPU). Also the replica's VRAM budget fraction.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="Requests a replica holds at once (running + waiting to batch). Default: "
-        "2 x max_batch_size, so the next batch gathers while one runs.")
+        None, ge=1, description="Requests a replica holds at once (denoising + waiting for the engine's step "
+        "scheduler to admit them). Default: 2 x the engine's limits.max_batch_size (images per UNet call), so "
+        "requests are there to join the running batch as others finish.")
     max_queued_requests: int = Field(
         64, ge=1, description="Requests waiting for a replica, per caller; beyond it callers get 503 + "
         "Retry-After (the queue is never unbounded).")
-    max_batch_size: int = Field(8, ge=1, le=256, description="Sizes the default max_ongoing_requests (2x). "
-                                "Images per UNet call are the engine's limits.max_batch_size: its step scheduler "
-                                "is the only batching layer.")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="Unused since the engine batches at "
-                                        "step level (no batch window); kept so existing configs still load.")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with backpressure rejections.")
     health_check_period_s: float = Field(10.0, gt=0, description="Serve health-check period.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="Serve health-check timeout.")
@@ -66,9 +62,6 @@ class DeploymentOptions(Strict):
     def _exclusive_scaling(self) -> "DeploymentOptions":
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("set num_replicas or autoscaling_config, not both")
-        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests {self.max_ongoing_requests} < max_batch_size "
-                             f"{self.max_batch_size}: batches could never fill")
         return self
 
     @field_validator("num_gpus")

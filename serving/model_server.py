@@ -28,12 +28,10 @@ class ModelServer:
     denoising step.
     """
 
-    def __init__(self, engine_config: EngineConfig | dict, **legacy):
+    def __init__(self, engine_config: EngineConfig | dict):
         from core.engine import Engine
         from serving.metrics import ModelMetrics
 
-        if legacy:  # max_batch_size / batch_wait_timeout_s of the @serve.batch era: the engine batches now
-            log.warning("ModelServer ignores %s: batching is the engine's (limits.max_batch_size)", sorted(legacy))
         self.config = (engine_config if isinstance(engine_config, EngineConfig)
                        else EngineConfig.model_validate(engine_config))
         self.name = self.config.name

@@ -200,8 +200,7 @@ def serve_config(http_port: int) -> dict:
             "name": APP, "route_prefix": "/", "import_path": "serving.app:app_builder",
             "args": {"app_name": APP, "route_prefix": "/",
                      "models": [{"engine": {"name": MODEL, "source": "embedded:tiny-sd", "device": "cpu"},
-                                 "deployment": {"num_replicas": 2, "num_gpus": 0.5, "num_cpus": 0,
-                                                "max_batch_size": 4, "batch_wait_timeout_s": 0.05}}]},
+                                 "deployment": {"num_replicas": 2, "num_gpus": 0.5, "num_cpus": 0}}]},
             "deployments": [
                 # One replica per node, so both nodes serve (and a lost node's replica is not re-placed on the
                 # head, leaving its 0.5 GPU to the batch job).

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def main_config() -> dict:
-    dep = {"num_gpus": 0.5, "num_cpus": 0.5, "max_batch_size": 8, "batch_wait_timeout_s": 0.25}
+    dep = {"num_gpus": 0.5, "num_cpus": 0.5}
     # Many tests send wrong keys from 127.0.0.1 on purpose: the failed-auth throttle (tested on its own app) is
     # set high here.
     return {"app_name": "sdserve", "route_prefix": "/",
@@ -151,8 +151,7 @@ def redis_jobs_config(redis_url: str, result_store: str) -> dict:
             "jobs": {"backend": "redis", "redis_url": redis_url, "queue_name": "sdserve-test", "concurrency": 2,
                      "max_retries": 2, "lease_s": 2, "result_store": result_store},
             "models": [{"engine": {"name": "tiny-sd", "device": "cpu", "limits": {"max_steps": 400}},
-                        "deployment": {"num_gpus": 0, "num_cpus": 0.5, "max_batch_size": 8,
-                                       "batch_wait_timeout_s": 0.1}}]}
+                        "deployment": {"num_gpus": 0, "num_cpus": 0.5}}]}
 
 
 @pytest.fixture(scope="session")

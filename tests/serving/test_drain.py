@@ -27,8 +27,7 @@ def _config(tmp_path) -> str:
            # Requests go to tiny-sd, the job to tiny-b: the job is still running when the requests are done.
            "models": [{"engine": {"name": name, "source": "embedded:tiny-sd", "device": "cpu",
                                   "limits": {"max_steps": 1000}},
-                       "deployment": {"num_gpus": 0, "num_cpus": 0.5, "max_batch_size": 8,
-                                      "max_ongoing_requests": 16, "batch_wait_timeout_s": 0.05}}
+                       "deployment": {"num_gpus": 0, "num_cpus": 0.5, "max_ongoing_requests": 16}}
                       for name in ("tiny-sd", "tiny-b")]}
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -25,7 +25,7 @@ def test_default_config_is_one_cpu_tiny_model():
     assert opts["ray_actor_options"]["num_gpus"] == 0
     engine = opts["init_kwargs"]["engine_config"]
     assert isinstance(engine, EngineConfig) and engine.device == "cpu"  # bound as the typed object
-    assert opts["max_ongoing_requests"] == 16  # 2 x max_batch_size: the next batch gathers while one runs
+    assert opts["max_ongoing_requests"] == 16  # 2 x engine.limits.max_batch_size: requests wait to join
     assert opts["max_queued_requests"] == 64
 
 
@@ -61,7 +61,9 @@ def test_autoscaling_passes_through_and_excludes_num_replicas():
 
 
 @pytest.mark.parametrize("bad, names", [
-    ({"models": [{"deployment": {"max_batch_size": 8, "max_ongoing_requests": 4}}]}, "max_ongoing_requests"),
+    # The @serve.batch era's deployment keys are gone (the engine batches): an old config is told which key.
+    ({"models": [{"deployment": {"max_batch_size": 8}}]}, "models.0.deployment.max_batch_size"),
+    ({"models": [{"deployment": {"batch_wait_timeout_s": 0.01}}]}, "models.0.deployment.batch_wait_timeout_s"),
     ({"models": [{"deployment": {"num_gpus": 1.5e9}}]}, "num_gpus"),
     ({"models": [{"engine": {"name": "x"}}, {"engine": {"name": "x"}}]}, "duplicate model names: x"),
     ({"models": [{"deployment": {"max_batch_sizee": 8}}]}, "models.0.deployment.max_batch_sizee"),
