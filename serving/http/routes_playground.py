@@ -40,7 +40,7 @@ def capabilities(config: Any, jobs_enabled: bool, auth_required: bool) -> dict[s
         e = m.engine
         models.append({"id": m.name, "family": e.family, "default": i == 0, "noise_model": e.is_noise_model,
                        "scheduler": e.scheduler, "limits": e.limits.model_dump(), "defaults": e.defaults.model_dump(),
-                       "max_batch_size": m.deployment.max_batch_size,
+                       "max_batch_size": e.limits.max_batch_size,
                        "previews": {"method": e.previews.method, "every_n_steps": e.previews.every_n_steps}})
     return {"models": models, "default_model": config.default_model, "schedulers": sorted(SCHEDULERS),
             "output_formats": list(MEDIA_TYPES), "jobs": jobs_enabled, "auth_required": auth_required,
