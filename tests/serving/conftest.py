@@ -42,8 +42,9 @@ def strict_config() -> dict:
     return {"app_name": "strict", "route_prefix": "/strict",
             "security": {"api_keys": STRICT_KEYS, "rate_limit": {"requests_per_minute": 30, "burst": 10},
                          "max_body_bytes": 2048, "prompt_blocklist": ["forbidden thing"]},
-            "models": [{"engine": {"name": "tiny-sd", "device": "cpu", "limits": {"max_steps": 400}},
-                        "deployment": {"num_gpus": 0, "num_cpus": 0.5, "max_batch_size": 1,
+            "models": [{"engine": {"name": "tiny-sd", "device": "cpu",
+                                   "limits": {"max_steps": 400, "max_batch_size": 1}},
+                        "deployment": {"num_gpus": 0, "num_cpus": 0.5,
                                        "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 3}}]}
 
 
@@ -193,7 +194,7 @@ def ops_url(serve_url, ops_redis, tmp_path_factory):
                                        "read_burst": 100}},
            "jobs": {"backend": "redis", "redis_url": ops_redis.url, "queue_name": "ops", "lease_s": 2,
                     "result_store": str(tmp_path_factory.mktemp("ops-results"))},
-           "models": [{"engine": {"name": "tiny-sd", "device": "cpu"},
-                       "deployment": {"num_gpus": 0, "num_cpus": 0.5, "max_batch_size": 4}}]}
+           "models": [{"engine": {"name": "tiny-sd", "device": "cpu", "limits": {"max_batch_size": 4}},
+                       "deployment": {"num_gpus": 0, "num_cpus": 0.5}}]}
     serve.run(build_app(ServingConfig.model_validate(cfg)), name="ops", route_prefix="/ops")
     return f"{serve_url}/ops"
