@@ -140,6 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.builder import build_app
     from serving.drain import drain_app
     from serving.local_ray import init_ray
+    from serving.startup import StartupReporter
 
     init_ray(args.address)  # no address: a local Ray on loopback only (serving/local_ray.py)
     app = config.app_name
@@ -172,7 +173,8 @@ def _serve(args: argparse.Namespace) -> int:
     watcher = PendingWatcher(lambda: pending_messages(app),
                              lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True)).start()
     try:
-        serve.run(build_app(config), name=app, route_prefix=config.route_prefix)
+        with StartupReporter(config):  # per-model replica states, load stages, warm-up and compile results
+            serve.run(build_app(config), name=app, route_prefix=config.route_prefix)
     except (RuntimeError, ModelLoadError) as err:
         watcher.stop()
         details = deployment_messages(app)
