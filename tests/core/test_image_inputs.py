@@ -278,14 +278,10 @@ def test_image_fields_validate_and_round_trip_bytes_through_json():
 
 
 def test_importing_the_image_modules_is_cheap():
-    import subprocess
-    import sys
+    from tests.import_probe import heavy_imports
 
-    code = ("import sys, core.image_fields, core.image_inputs, serving.config; "
-            "print(','.join(sorted(m for m in ('PIL', 'torch', 'diffusers', 'ray', 'fsspec') if m in sys.modules)))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "", f"heavy modules imported: {proc.stdout.strip()}"
+    assert heavy_imports(["core.image_fields", "core.image_inputs", "serving.config"],
+                         ("PIL", "torch", "diffusers", "ray", "fsspec")) == []
 
 
 def test_fields_drop_into_generation_request():

@@ -221,14 +221,10 @@ def test_progress_board_reports_a1111_progress_and_interrupts():
 
 
 def test_the_mapping_needs_neither_fastapi_nor_ray():
-    import subprocess
-    import sys
+    from tests.import_probe import heavy_imports
 
-    code = ("import sys, serving.a1111, serving.a1111_progress; "
-            "print(','.join(sorted(m for m in ('fastapi', 'starlette', 'ray', 'torch', 'PIL') if m in sys.modules)))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "", f"imported: {proc.stdout.strip()}"
+    assert heavy_imports(["serving.a1111", "serving.a1111_progress"],
+                         ("fastapi", "starlette", "ray", "torch", "PIL")) == []
 
 
 def test_every_sdserve_scheduler_has_an_a1111_name():
