@@ -86,20 +86,28 @@ class Ingress:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         response = self.models[name].generate_outcome.remote(req)
+        finished = False
         try:
             outcome = await asyncio.wait_for(response, self.timeout_s)
+            finished = True
         except BackPressureError as err:
             wait = err.retry_after_s or 1.0
             raise route_error(openai, 503, f"model {name} is overloaded (queue full); retry later", None,
                               "overloaded", {"Retry-After": retry_after_header(wait)}) from None
         except asyncio.TimeoutError:
-            response.cancel()
             raise route_error(openai, 504, f"generation took longer than {self.timeout_s:.0f}s", None,
                               "timeout") from None
         except (RayActorError, DeploymentUnavailableError) as err:
             log.warning("model %s unavailable: %s", name, type(err).__name__)
             raise route_error(openai, 503, f"model {name} is unavailable; retry later", None, "unavailable",
                               {"Retry-After": "5"}) from None
+        finally:
+            # Timeout, or this HTTP request cancelled (client gone: the proxy cancels the ingress's task): cancelling
+            # the awaiting task does not cancel the model call (DeploymentResponse.__await__ only re-raises), so
+            # cancel it explicitly: ray.cancel of the replica's asyncio task -> the engine drops the request at
+            # its next step.
+            if not finished:
+                response.cancel()
         if isinstance(outcome, GenerationError):
             raise generation_error(outcome, openai)
         return outcome
