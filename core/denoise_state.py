@@ -65,6 +65,7 @@ class Job:
     calls_done: int = 0  # UNet calls done, summed over its samples (progress)
     calls_total: int = 0
     reported: int = 0
+    stopped_early: bool = False  # counted in the scheduler's cancelled_requests
     samples: list = field(default_factory=list)  # its DenoiseSamples (set at submission)
     encodes: list = field(default_factory=list)  # (image index, seed, Future[(bytes, seconds)])
     lock: threading.Lock = field(default_factory=threading.Lock)

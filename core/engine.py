@@ -411,9 +411,10 @@ class Engine:
 
     def scheduling_stats(self) -> dict:
         """The step scheduler's counters: admission policy, UNet calls, images per call, recompiles while
-        serving (each one a stall: should stay 0), requests waiting and images in flight."""
+        serving (each one a stall: should stay 0), requests waiting, images in flight, and requests stopped early
+        (cancelled: caller gone, timeout; or past their deadline)."""
         sched = self.scheduler
         return {"admission": self.config.scheduling.admission, "unet_calls": sched.calls,
                 "batch_size_histogram": {str(k): v for k, v in sorted(sched.batch_histogram.items())},
                 "recompiles": sched.recompiles, "waiting_requests": sched.waiting_requests(),
-                "active_images": sched.active_images()}
+                "active_images": sched.active_images(), "cancelled_requests": sched.cancelled_requests}

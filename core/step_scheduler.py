@@ -54,6 +54,7 @@ class StepScheduler:
         self.batch_histogram: collections.Counter = collections.Counter()  # images per UNet call -> calls
         self.observers: list[Callable[[int], None]] = []  # called with the images of every UNet call
         self.recompiles = 0
+        self.cancelled_requests = 0  # requests stopped early: cancelled (caller gone) or past their deadline
         self._graphs = None
 
     # ------------------------------------------------------------------ submission (any thread)
@@ -136,8 +137,7 @@ class StepScheduler:
             queue, active = self._waiting[key], self._active.setdefault(key, [])
             for s in list(queue):  # requests cancelled or past their deadline while waiting get their outcome now
                 reason = None if s.job.finished else s.job.stop_reason(now)
-                if reason is not None:
-                    s.job.fail(reason)
+                self._stop_early(s.job, reason)
                 if s.job.finished:
                     queue.remove(s)
             if self.cfg.admission == "batch" and active:
@@ -173,11 +173,19 @@ class StepScheduler:
             keep = []
             for s in active:
                 reason = None if s.job.finished else s.job.stop_reason(now)
-                if reason is not None:
-                    s.job.fail(reason)
+                self._stop_early(s.job, reason)
                 if not s.job.finished and s.latents is not None:
                     keep.append(s)
             active[:] = keep
+
+    def _stop_early(self, job: Job, reason: GenerationError | None) -> None:
+        """Fail a job that must stop (reason) and count every request stopped before its end once: cancelled or
+        past its deadline here, or its future cancelled by the task awaiting it (a Serve caller that went away)."""
+        if reason is not None:
+            job.fail(reason)
+        if not job.stopped_early and (reason is not None or job.future.cancelled()):
+            job.stopped_early = True
+            self.cancelled_requests += 1
 
     def _pick(self, now: float):
         hook = self.engine.step_cache

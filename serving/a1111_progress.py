@@ -18,6 +18,7 @@ class Generation:
     step: int = 0
     steps: int = 0
     interrupted: bool = False
+    current_image: str | None = None  # the latest live preview (base64 JPEG of its first image)
     cancel: Callable[[], None] | None = None  # set by the route: stops the request in the engine
 
 
@@ -55,8 +56,10 @@ class ProgressBoard:
                 gen.cancel()
         return len(self.running)
 
-    def progress(self) -> dict[str, Any]:
-        """A1111's ProgressResponse (current_image None: no previews yet)."""
+    def progress(self, skip_current_image: bool = False) -> dict[str, Any]:
+        """A1111's ProgressResponse. current_image: the reported generation's latest live preview (base64 JPEG
+        of its first image, as A1111 sends a base64 image), None before its first preview, with previews off,
+        or when the client passes skip_current_image (as in A1111)."""
         state = {"skipped": False, "interrupted": self.last_interrupted, "stopping_generation": False, "job": "",
                  "job_count": 0, "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
         if not self.running:
@@ -69,4 +72,4 @@ class ProgressBoard:
         elapsed = max(0.0, self.clock() - gen.started)
         eta = elapsed / progress - elapsed
         return {"progress": min(progress, 1.0), "eta_relative": max(0.0, eta), "state": state,
-                "current_image": None, "textinfo": None}
+                "current_image": None if skip_current_image else gen.current_image, "textinfo": None}

@@ -86,29 +86,39 @@ class Ingress:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         response = self.models[name].generate_outcome.remote(req)
+        finished = False
         try:
             outcome = await asyncio.wait_for(response, self.timeout_s)
+            finished = True
         except BackPressureError as err:
             wait = err.retry_after_s or 1.0
             raise route_error(openai, 503, f"model {name} is overloaded (queue full); retry later", None,
                               "overloaded", {"Retry-After": retry_after_header(wait)}) from None
         except asyncio.TimeoutError:
-            response.cancel()
             raise route_error(openai, 504, f"generation took longer than {self.timeout_s:.0f}s", None,
                               "timeout") from None
         except (RayActorError, DeploymentUnavailableError) as err:
             log.warning("model %s unavailable: %s", name, type(err).__name__)
             raise route_error(openai, 503, f"model {name} is unavailable; retry later", None, "unavailable",
                               {"Retry-After": "5"}) from None
+        finally:
+            # Timeout, or this HTTP request cancelled (client gone): cancelling the awaiting task alone does not
+            # cancel the model call (DeploymentResponse.__await__ only re-raises; Ray's recursive ray.cancel from
+            # the proxy covers the proxy path only), so cancel it explicitly: the model replica's asyncio task is
+            # cancelled and the engine drops the request at its next step.
+            if not finished:
+                _cancel_call(response)
         if isinstance(outcome, GenerationError):
             raise generation_error(outcome, openai)
         return outcome
 
-    async def stream_model(self, name: str, req: GenerationRequest,
-                           on_progress: Callable[[int, int], None]) -> GenerationResult | GenerationError:
+    async def stream_model(self, name: str, req: GenerationRequest, on_progress: Callable[[int, int], None],
+                           on_preview: Callable[[int, int, list[str]], None] | None = None
+                           ) -> GenerationResult | GenerationError:
         """Run one request through the model's generate_stream, calling on_progress(step, total) after each
-        denoising step; returns the outcome (a GenerationError is returned, not raised). Transport failures map
-        like call_model's (native flavour). Cancelling the awaiting task cancels the request in the engine."""
+        denoising step and on_preview(step, total, [base64 JPEG per image]) on each live preview; returns the
+        outcome (a GenerationError is returned, not raised). Transport failures map like call_model's (native
+        flavour). Cancelling the awaiting task cancels the request in the engine."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -119,6 +129,9 @@ class Ingress:
                 async for event in stream:
                     if event["event"] == "progress":
                         on_progress(event["step"], event["total"])
+                    elif event["event"] == "preview":
+                        if on_preview is not None:
+                            on_preview(event["step"], event["total"], event["images"])
                     else:
                         outcome = event["outcome"]
             finished = True
@@ -134,7 +147,17 @@ class Ingress:
                               {"Retry-After": "5"}) from None
         finally:
             if not finished:  # timeout, cancellation (interrupt, client gone), error: stop it in the engine
-                stream.cancel()
+                _cancel_call(stream)
         if outcome is None:
             raise route_error(False, 500, f"model {name} ended the stream without a result", None, "internal_error")
         return outcome
+
+
+def _cancel_call(response) -> None:
+    """Cancel a model call (DeploymentResponse or DeploymentResponseGenerator) its caller gave up on. One that
+    already failed (e.g. BackPressureError at assignment) has nothing left to cancel, and its cancel() re-raises
+    that failure (handle.py _fetch_future_result_sync), which must not replace the route's own error."""
+    try:
+        response.cancel()
+    except Exception:  # noqa: BLE001 - the call failed before it ran: nothing runs that could be stopped
+        pass

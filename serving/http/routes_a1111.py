@@ -70,7 +70,11 @@ async def txt2img(body: Txt2ImgRequest, request: Request, caller: str = AUTH):
     def on_progress(step: int, total: int) -> None:
         gen.step, gen.steps = step, total
 
-    task = asyncio.ensure_future(ingress.stream_model(name, plan.request, on_progress))
+    def on_preview(step: int, total: int, images: list[str]) -> None:
+        if images:  # A1111 shows one current image: the first of the batch
+            gen.current_image = images[0]
+
+    task = asyncio.ensure_future(ingress.stream_model(name, plan.request, on_progress, on_preview))
     gen.cancel = task.cancel  # the task's cancellation cancels the stream, which stops the request in the engine
     try:
         outcome = await task
@@ -87,7 +91,7 @@ async def txt2img(body: Txt2ImgRequest, request: Request, caller: str = AUTH):
 
 @router.get("/progress", summary="A1111 progress of the running generation(s) of this replica")
 async def progress(request: Request, skip_current_image: bool = False, caller: str = AUTH):
-    return _state(request).board.progress()
+    return _state(request).board.progress(skip_current_image)
 
 
 @router.post("/interrupt", summary="Cancel the running A1111 generation(s) of this replica")

@@ -186,7 +186,9 @@ def test_async_generate_and_cancel_by_the_awaiting_task(engine, req, ok, unet_ro
             await task
         return await engine.generate_async(req(seed=41, steps=2))
 
+    cancelled_before = engine.info()["scheduling"]["cancelled_requests"]
     result = ok(asyncio.run(scenario()))
+    assert engine.info()["scheduling"]["cancelled_requests"] == cancelled_before + 1
     assert result.batch_size == 1
     cancelled_calls = len(unet_rows) - 2
     assert 1 <= cancelled_calls <= 6, unet_rows  # not 50

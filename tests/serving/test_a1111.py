@@ -220,6 +220,26 @@ def test_progress_board_reports_a1111_progress_and_interrupts():
     assert board.progress()["state"]["interrupted"] is False  # a new generation clears it, as in A1111
 
 
+def test_progress_board_reports_the_latest_preview_as_current_image():
+    clock = FakeClock()
+    board = ProgressBoard(clock)
+    key, gen = board.begin("txt2img")
+    gen.step, gen.steps = 3, 10
+    assert board.progress()["current_image"] is None  # no preview yet
+    gen.current_image = "first-preview"
+    clock.now += 1
+    later_key, later = board.begin("txt2img")
+    later.current_image = "other-generation"
+    assert board.progress()["current_image"] == "first-preview"  # the reported (oldest) generation's preview
+    gen.current_image = "second-preview"
+    assert board.progress()["current_image"] == "second-preview"  # the latest one
+    assert board.progress(skip_current_image=True)["current_image"] is None  # A1111's skip_current_image
+    board.end(key)
+    assert board.progress()["current_image"] == "other-generation"
+    board.end(later_key)
+    assert board.progress()["current_image"] is None  # nothing running
+
+
 def test_the_mapping_needs_neither_fastapi_nor_ray():
     from tests.import_probe import heavy_imports
 

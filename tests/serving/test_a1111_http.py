@@ -112,17 +112,21 @@ def test_progress_while_running_and_interrupt_cancels_it(client, serve_url):
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(run_slow)
         deadline = time.monotonic() + 240
-        while True:  # wait for the first reported denoising step (A1111 clients poll progress like this)
+        while True:  # wait for the first live preview (every 5 steps; A1111 clients poll progress like this)
             p = client.get("/sdapi/v1/progress").json()
-            if p["state"]["sampling_step"] >= 1 or pending.done():
+            if p["current_image"] is not None or pending.done():
                 break
-            assert time.monotonic() < deadline, "no progress reported"
+            assert time.monotonic() < deadline, "no preview reported"
             time.sleep(0.05)  # poll interval, not a stand-in for the event: the loop waits for the condition
         assert not pending.done(), pending.result().text
         state = p["state"]
         assert (state["job"], state["job_count"], state["sampling_steps"], state["interrupted"]) == \
             ("txt2img", 1, 400, False)
-        assert 0 < p["progress"] < 1 and p["eta_relative"] >= 0 and p["current_image"] is None
+        assert 0 < p["progress"] < 1 and p["eta_relative"] >= 0 and state["sampling_step"] >= 5
+        preview = Image.open(io.BytesIO(base64.b64decode(p["current_image"])))
+        assert preview.format == "JPEG" and preview.size == (64, 64)  # latent2rgb: the 512x512 image's latents
+        assert client.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] \
+            is None
         assert client.post("/sdapi/v1/interrupt").json() == {}
         r = pending.result(timeout=120)
     assert r.status_code == 409 and "interrupted at step" in r.json()["detail"]
