@@ -29,9 +29,10 @@ DEPLOYMENT = f"model-{MODEL}"
 
 def fault_config() -> dict:
     return {"app_name": APP, "route_prefix": PREFIX,
-            "models": [{"engine": {"name": MODEL, "device": "cpu", "optimization": {"warmup_steps": 1}},
+            "models": [{"engine": {"name": MODEL, "device": "cpu", "optimization": {"warmup_steps": 1},
+                                   "limits": {"max_batch_size": 1}},
                         "deployment": {
-                            "num_replicas": 1, "num_gpus": 0, "num_cpus": 0.5, "max_batch_size": 1,
+                            "num_replicas": 1, "num_gpus": 0, "num_cpus": 0.5,
                             "health_check_period_s": 1, "health_check_timeout_s": 10,
                             "graceful_shutdown_timeout_s": 1,
                             "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(

@@ -24,7 +24,7 @@ def contract_config() -> dict:
             "jobs": {"backend": "local", "concurrency": 1},
             "models": [{"engine": {"name": "tiny-c", "device": "cpu", "limits": LIMITS,
                                    "optimization": {"warmup_steps": 0}},
-                        "deployment": {"num_gpus": 0, "num_cpus": 0.5, "max_batch_size": 2}}]}
+                        "deployment": {"num_gpus": 0, "num_cpus": 0.5}}]}
 
 
 def offline_openapi(config: dict) -> dict:
