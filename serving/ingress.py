@@ -5,6 +5,7 @@ constructor by serving/http/app.py (Serve's late-bound `__serve_build_asgi_app__
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Callable
@@ -82,25 +83,12 @@ class Ingress:
 
     async def call_model(self, name: str, req: GenerationRequest, openai: bool) -> GenerationResult:
         """Run one request on a model deployment; map failures to HTTP errors of the route's flavour."""
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
         response = self.models[name].generate_outcome.remote(req)
         finished = False
         try:
-            outcome = await asyncio.wait_for(response, self.timeout_s)
+            with self._transport_errors(name, openai):
+                outcome = await asyncio.wait_for(response, self.timeout_s)
             finished = True
-        except BackPressureError as err:
-            wait = err.retry_after_s or 1.0
-            raise route_error(openai, 503, f"model {name} is overloaded (queue full); retry later", None,
-                              "overloaded", {"Retry-After": retry_after_header(wait)}) from None
-        except asyncio.TimeoutError:
-            raise route_error(openai, 504, f"generation took longer than {self.timeout_s:.0f}s", None,
-                              "timeout") from None
-        except (RayActorError, DeploymentUnavailableError) as err:
-            log.warning("model %s unavailable: %s", name, type(err).__name__)
-            raise route_error(openai, 503, f"model {name} is unavailable; retry later", None, "unavailable",
-                              {"Retry-After": "5"}) from None
         finally:
             # Timeout, or this HTTP request cancelled (client gone): cancelling the awaiting task alone does not
             # cancel the model call (DeploymentResponse.__await__ only re-raises; Ray's recursive ray.cancel from
@@ -119,32 +107,20 @@ class Ingress:
         denoising step and on_preview(step, total, [base64 JPEG per image]) on each live preview; returns the
         outcome (a GenerationError is returned, not raised). Transport failures map like call_model's (native
         flavour). Cancelling the awaiting task cancels the request in the engine."""
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
         stream = self.models[name].options(stream=True).generate_stream.remote(req)
         outcome, finished = None, False
         try:
-            async with asyncio.timeout(self.timeout_s):
-                async for event in stream:
-                    if event["event"] == "progress":
-                        on_progress(event["step"], event["total"])
-                    elif event["event"] == "preview":
-                        if on_preview is not None:
-                            on_preview(event["step"], event["total"], event["images"])
-                    else:
-                        outcome = event["outcome"]
+            with self._transport_errors(name, openai=False):
+                async with asyncio.timeout(self.timeout_s):
+                    async for event in stream:
+                        if event["event"] == "progress":
+                            on_progress(event["step"], event["total"])
+                        elif event["event"] == "preview":
+                            if on_preview is not None:
+                                on_preview(event["step"], event["total"], event["images"])
+                        else:
+                            outcome = event["outcome"]
             finished = True
-        except BackPressureError as err:
-            raise route_error(False, 503, f"model {name} is overloaded (queue full); retry later", None,
-                              "overloaded", {"Retry-After": retry_after_header(err.retry_after_s or 1.0)}) from None
-        except TimeoutError:
-            raise route_error(False, 504, f"generation took longer than {self.timeout_s:.0f}s", None,
-                              "timeout") from None
-        except (RayActorError, DeploymentUnavailableError) as err:
-            log.warning("model %s unavailable: %s", name, type(err).__name__)
-            raise route_error(False, 503, f"model {name} is unavailable; retry later", None, "unavailable",
-                              {"Retry-After": "5"}) from None
         finally:
             if not finished:  # timeout, cancellation (interrupt, client gone), error: stop it in the engine
                 _cancel_call(stream)
@@ -152,6 +128,25 @@ class Ingress:
             raise route_error(False, 500, f"model {name} ended the stream without a result", None, "internal_error")
         return outcome
 
+    @contextlib.contextmanager
+    def _transport_errors(self, name: str, openai: bool):
+        """A model call's transport failures as HTTP errors of the route's flavour: queue full 503 + Retry-After,
+        timeout 504, replica gone 503."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        try:
+            yield
+        except BackPressureError as err:
+            raise route_error(openai, 503, f"model {name} is overloaded (queue full); retry later", None,
+                              "overloaded", {"Retry-After": retry_after_header(err.retry_after_s or 1.0)}) from None
+        except TimeoutError:  # asyncio.wait_for's and asyncio.timeout's (one class since Python 3.11)
+            raise route_error(openai, 504, f"generation took longer than {self.timeout_s:.0f}s", None,
+                              "timeout") from None
+        except (RayActorError, DeploymentUnavailableError) as err:
+            log.warning("model %s unavailable: %s", name, type(err).__name__)
+            raise route_error(openai, 503, f"model {name} is unavailable; retry later", None, "unavailable",
+                              {"Retry-After": "5"}) from None
 
 def _cancel_call(response) -> None:
     """Cancel a model call (DeploymentResponse or DeploymentResponseGenerator) its caller gave up on. One that
