@@ -57,6 +57,7 @@ class Job:
     # filled by the scheduler
     admitted: float | None = None
     conditioning: TextConditioning | None = None
+    prompt_note: str | None = None  # the prompt is longer than the text encoder reads (set with conditioning)
     images_left: int = 0  # samples not yet decoded
     denoise_end: float = 0.0
     decode_s: float = 0.0

@@ -338,16 +338,8 @@ class Engine:
         job.settle(GenerationResult(
             images=images, width=req.width, height=req.height, steps=req.steps, guidance_scale=req.guidance_scale,
             scheduler=req.scheduler, model=req.model, output_format=req.output_format, batch_size=max(1, job.batch),
-            timings=timings, peak_vram_bytes=job.peak, note=self._note_for(req)))
-
-    def _note_for(self, req: GenerationRequest) -> str | None:
-        """The engine's note (e.g. random weights) plus a warning when a prompt is longer than the text encoder
-        reads (cut, not silently: core/prompt_length.py)."""
-        from core.prompt_length import overlong_prompt_note
-
-        tokenizer = getattr(self.pipe, "tokenizer", None)
-        cut = overlong_prompt_note(tokenizer, req.prompt, req.negative_prompt, self.config.name) if tokenizer else None
-        return "; ".join(n for n in (self.note, cut) if n) or None
+            timings=timings, peak_vram_bytes=job.peak,
+            note="; ".join(n for n in (self.note, job.prompt_note) if n) or None))
 
     def max_batch_for(self, width: int, height: int) -> int:
         """Images per pipeline call at this size: limits.max_batch_size, capped by the VRAM budget's estimate

@@ -1,8 +1,9 @@
 """Prompts longer than the text encoder reads (CLIP: 77 tokens with start/end) are cut by the tokenizer. Until long
 prompts are supported (chunked embeddings), say so in the result's note and in the log instead of silently.
 
-`overlong_prompt_note(tokenizer, prompt, negative_prompt)` is cheap (a tokenizer call, no model) and is meant to be
-called by the engine once per request, its text appended to `GenerationResult.note`.
+`overlong_prompt_note(tokenizer, prompt, negative_prompt)` is cheap (a tokenizer call, no model). The engine calls it
+(`prompt_note`) once per request on its GPU thread, where the prompt is encoded: a fast tokenizer is not thread-safe
+(each call sets padding/truncation on the shared backend), so it must not run beside the text encoding.
 """
 from __future__ import annotations
 
@@ -32,3 +33,9 @@ def overlong_prompt_note(tokenizer, prompt: str, negative_prompt: str | None = N
     note = "; ".join(parts)
     log.warning("model %s: %s", model or "?", note)
     return note
+
+
+def prompt_note(pipe, req, model: str | None = None) -> str | None:
+    """overlong_prompt_note with the pipeline's (first) tokenizer; None for a pipeline without one."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    return overlong_prompt_note(tokenizer, req.prompt, req.negative_prompt, model) if tokenizer is not None else None

@@ -34,6 +34,7 @@ import time
 from typing import Callable, Hashable
 
 from core.denoise_state import DenoiseSample, Job, encode_text, samples_of, start_sample
+from core.prompt_length import prompt_note
 from core.schemas import GenerationError
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,9 @@ class StepScheduler:
                 if job.conditioning is None:
                     job.admitted = time.perf_counter()
                     job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device)
+                    # Here, on the GPU thread: a fast tokenizer is not thread-safe (each call sets its padding and
+                    # truncation on the shared backend), so it is only ever called from this thread.
+                    job.prompt_note = prompt_note(eng.pipe, job.request, eng.config.name)
                 start_sample(s, eng.pipe, eng.family, eng.base_scheduler_config, self.device,
                              job.conditioning.cond.dtype)
                 if not job.calls_total:
