@@ -104,7 +104,7 @@ def ray_connection_info(app_name: str) -> list[str]:
     ctx = ray.get_runtime_context()
     node = next((n for n in ray.nodes() if n.get("NodeID") == ctx.get_node_id()), {})
     auth = os.environ.get("RAY_AUTH_MODE", "disabled")
-    lines = [f"sdserve: Ray address {ctx.gcs_address} (handles: ray.init(address=\"{ctx.gcs_address}\") "
+    lines = [f"sdserve: Ray address {ctx.gcs_address} (handles on this machine: serving.local_ray.init_ray(\"{ctx.gcs_address}\") "
              f"with RAY_AUTH_MODE={auth}; then serve.get_deployment_handle(..., app_name=\"{app_name}\"))"]
     port = node.get("MetricsExportPort")
     if port:
@@ -169,6 +169,11 @@ def _serve(args: argparse.Namespace) -> int:
         except ResourceError as err:
             stop_all(serve_started=False)
             return _error(f"{args.config or 'default config'}: {err}")
+    stop = threading.Event()
+    # SIGTERM counts from here: one that lands while the app deploys or while the start-up lines print (a
+    # readiness probe may already pass then) drains once the app is up, instead of killing the process with
+    # requests in flight. Ctrl-C keeps raising KeyboardInterrupt until the app is up (removes what started).
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     serve.start(http_options={"host": args.host, "port": args.port})
     watcher = PendingWatcher(lambda: pending_messages(app),
                              lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True)).start()
@@ -191,9 +196,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(line, flush=True)
     if any(m.engine.is_noise_model for m in config.models):
         print("note: embedded models have random weights: images are noise", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     while not stop.wait(1.0):  # keep serving until a signal
         pass
     watcher.stop()
