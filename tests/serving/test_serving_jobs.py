@@ -68,7 +68,8 @@ def test_cancel_queued_and_running(client):
         assert client.delete(f"/v1/jobs/{j}").json()["status"] in ("cancelling", "cancelled")  # until its next step
     for j in running:
         rec = wait_for(client, j, lambda r: r["status"] in TERMINAL, timeout=60)
-        assert rec["status"] == "cancelled" and rec["progress"]["step"] < 400
+        # progress None: cancelled after it was claimed but before its first step ended (a busy CI box)
+        assert rec["status"] == "cancelled" and (rec["progress"] is None or rec["progress"]["step"] < 400), rec
     rec = client.get(f"/v1/jobs/{queued}").json()
     assert rec["status"] == "cancelled" and rec["started_at"] is None  # never ran
     r = client.get(f"/v1/jobs/{queued}/result")
