@@ -134,7 +134,7 @@ def test_bad_inputs_name_their_field(engine, req, init_png, mask_png):
              (dict(init_image=init_png, strength=0.1, steps=4), "strength"),
              (dict(init_image=b"not an image"), "init_image"),
              (dict(init_image="file:///etc/hosts"), "init_image"),
-             (dict(control=[{"model": "pose", "image": init_png}]), "control")]
+             (dict(control=[{"model": "pose", "image": init_png}]), "control.0.model")]  # none configured
     for fields, field in cases:
         err = engine.generate([req(**fields)])[0]
         assert isinstance(err, GenerationError) and err.kind == "validation" and err.field == field, (fields, err)
