@@ -362,7 +362,7 @@ class Engine:
                 "optimizations": self.applied, "vram_budget_bytes": self.budget, "note": self.note,
                 "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times,
                 "warmup_times": self.warmup_times, "scheduling": self.scheduling_stats(),
-                "caches": self.caches.stats()}
+                "caches": self.caches.stats(), "controlnets": self.list_controlnets()}
 
     def list_controlnets(self) -> list[dict]:
         """The ControlNets this model serves (GET /v1/controlnets): [{name, family, source}]; family is the
