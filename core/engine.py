@@ -254,7 +254,11 @@ class Engine:
         its images leave the batch (the others' are unchanged) and the replica is free for other work."""
         if not self._ready:
             await asyncio.to_thread(self.load)
-        job = self.submit(request, on_progress, cancel, timeout_s, queue_s, uris=uris)
+        args = (request, on_progress, cancel, timeout_s, queue_s)
+        if request.init_image is not None or request.control:  # decoding images must not block the event loop
+            job = await asyncio.to_thread(self.submit, *args, uris=uris)
+        else:
+            job = self.submit(*args, uris=uris)
         try:
             return await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
