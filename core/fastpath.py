@@ -36,15 +36,12 @@ def install_fastpath(engine) -> dict:
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
     engine.step_cache = install_step_cache(engine, applied)
-    if engine.compiled:
+    if engine.compiled:  # the shared store's artifacts into the local caches before the warm-up compiles
         from core import compile_cache
 
-        applied["compile_cache_hit"] = compile_cache.load(engine)
-        if applied.get("compile_artifacts") == "aot":
-            from core import aot_forward
-
-            engine.aot_forwards = aot_forward.install(engine.pipe, opt.compile, engine.config.cache_dir,
-                                                      compile_cache.cache_key(engine), opt.compile_vae)
+        loaded = compile_cache.load(engine)
+        applied["compile_cache_hit"] = loaded["hit"]
+        applied["compile_artifacts"] = loaded
     engine.warmed: set[tuple[str, int, int, int]] = set()
     return applied
 
