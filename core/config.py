@@ -132,6 +132,27 @@ class OptimizationConfig(Strict):
         return value
 
 
+# `preset:` per model: named bundles of optimization fields (docs/presets.md). Fields written under
+# `optimization:` override the preset's; the preset overrides the field defaults.
+EXACT = {"attention": "sdpa", "sdpa_backend": "cudnn", "fuse_qkv": True, "channels_last": True,
+         "compile": "reduce-overhead", "compile_vae": True}
+PRESETS: dict[str, dict[str, Any]] = {
+    "exact": EXACT,  # the lossless best: images as fp16 eager's, within fp16 noise
+    "fast": {**EXACT, "fp8": "static"},  # + FP8 transformer linears (sm_89+; ignored elsewhere): near-lossless
+    "fastest": {**EXACT, "fp8": "static", "step_cache": {"interval": 3, "first_full_steps": 1}},  # + step caching
+}
+
+
+def apply_preset(data: Any) -> Any:
+    """EngineConfig input with `preset` expanded under the explicitly written optimization fields."""
+    if not isinstance(data, dict) or data.get("preset") is None or data["preset"] not in PRESETS:
+        return data  # no preset, or an unknown one (the field's own validation names it)
+    explicit = data.get("optimization") or {}
+    if isinstance(explicit, BaseModel):
+        explicit = explicit.model_dump(exclude_unset=True)
+    return {**data, "optimization": {**PRESETS[data["preset"]], **explicit}}
+
+
 class MemoryConfig(Strict):
     level: MemoryLevel = Field(MemoryLevel.NONE, description="none | balanced | aggressive | ultra | auto.")
     vram_budget_gib: float | None = Field(
@@ -234,7 +255,13 @@ class EngineConfig(Strict):
     cache_dir: str = Field(default_factory=default_cache_dir, description="Where embedded models, hub "
                            "downloads and compile caches live (shared by replicas).")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for building embedded random weights.")
-    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig, description="Speed settings.")
+    preset: Literal["exact", "fast", "fastest"] | None = Field(
+        None, description="Optimization preset: exact (compile with CUDA graphs, fused QKV, cuDNN SDPA, "
+        "channels_last: same images as fp16 eager within fp16 noise) | fast (exact + static FP8 transformer "
+        "linears on sm_89+: near-lossless) | fastest (fast + step caching every 3rd step: images change). Fields "
+        "set under optimization override the preset's. null: the optimization fields alone.")
+    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig, description="Speed settings "
+                                             "(over the preset's, when one is set).")
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Memory level and VRAM budget.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
     defaults: RequestDefaults = Field(default_factory=RequestDefaults, description="Request defaults.")
@@ -242,6 +269,11 @@ class EngineConfig(Strict):
                                          "admission policy and the cross-shape starvation bound.")
     previews: PreviewConfig = Field(default_factory=PreviewConfig, description="Live previews of async jobs "
                                     "(method, every_n_steps, TAESD weights).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        return apply_preset(data)
 
     @field_validator("scheduler")
     @classmethod
