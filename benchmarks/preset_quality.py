@@ -70,8 +70,8 @@ def child(args) -> dict:
 
     family, w, h, steps, _ = WORKLOADS[args.workload]
     opt = {"warmup_shapes": [(w, h, args.batch)], "warmup_steps": 2, **json.loads(args.override or "{}")}
-    cfg = EngineConfig(name=family, source=f"embedded:{family}", preset=args.preset, device=args.device,
-                       cache_dir=args.cache_dir, optimization=opt, scheduler="euler",
+    cfg = EngineConfig(name=family, source=args.source or f"embedded:{family}", preset=args.preset,
+                       device=args.device, cache_dir=args.cache_dir, optimization=opt, scheduler="euler",
                        limits={"max_batch_size": max(args.batch, 1)})
     t0 = time.perf_counter()
     engine = Engine(cfg).load()
@@ -118,7 +118,8 @@ def run_child(args, name: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.preset_quality", "--_child", name, "--workload", args.workload,
            "--device", args.device, "--batch", str(args.batch), "--repeats", str(args.repeats), "--prompts",
            str(args.prompts), "--workdir", args.workdir, "--cache-dir", args.cache_dir] \
-        + (["--override", args.override] if args.override else [])
+        + (["--override", args.override] if args.override else []) \
+        + (["--source", args.source] if args.source else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="images per timed call")
     p.add_argument("--repeats", type=int, default=3, help="timed calls (median)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--source", default=None, help="model source (hub id, folder, .safetensors) of the workload's "
+                   "family: real weights give a real quality figure (default: the embedded random-weight model)")
     p.add_argument("--override", default=None, help="JSON optimization fields over every preset's, e.g. "
                    "'{\"compile\": \"none\"}' (CPU smoke test)")
     p.add_argument("--diffusers-compile", choices=("auto", "on", "off"), default="auto",
@@ -189,7 +192,8 @@ def main(argv=None) -> int:
             for run in runs[:-1]:
                 if "latency_s" in run:
                     run["speed_vs_diffusers_compile"] = round(base["latency_s"] / run["latency_s"], 3)
-    report = {"workload": args.workload, "prompts": args.prompts, "seeds": list(range(args.prompts)),
+    report = {"workload": args.workload, "source": args.source or "embedded (random weights)",
+              "prompts": args.prompts, "seeds": list(range(args.prompts)),
               "override": json.loads(args.override or "{}"), "workdir": args.workdir, "runs": runs,
               "note": "PSNR/SSIM vs the exact preset's images (same prompts and seeds); with random-weight "
                       "(embedded) models the images are noise: a proxy for the quality cost, not the cost itself"}

@@ -132,7 +132,7 @@ class OptimizationConfig(Strict):
         return value
 
 
-# `preset:` per model: named bundles of optimization fields (docs/presets.md). Fields written under
+# `preset:` per model: named bundles of optimization fields (docs/presets-and-cold-start.md). Fields written under
 # `optimization:` override the preset's; the preset overrides the field defaults.
 EXACT = {"attention": "sdpa", "sdpa_backend": "cudnn", "fuse_qkv": True, "channels_last": True,
          "compile": "reduce-overhead", "compile_vae": True}

@@ -119,6 +119,11 @@ class Engine:
         from core.fastpath import install_fastpath
 
         self.applied.update(install_fastpath(self))  # 8. fp8 / step caching / compile
+        if self.compiled:  # the store's compile artifacts into the local caches, before the warm-up compiles
+            from core import compile_cache
+
+            loaded = compile_cache.load(self)
+            self.applied.update(compile_cache_hit=loaded["hit"], compile_artifacts=loaded)
         mark("fastpath")
         self.monitor = memory.MemoryMonitor(self.device)
         if cfg.is_noise_model:

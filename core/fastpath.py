@@ -36,12 +36,6 @@ def install_fastpath(engine) -> dict:
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
     engine.step_cache = install_step_cache(engine, applied)
-    if engine.compiled:  # the shared store's artifacts into the local caches before the warm-up compiles
-        from core import compile_cache
-
-        loaded = compile_cache.load(engine)
-        applied["compile_cache_hit"] = loaded["hit"]
-        applied["compile_artifacts"] = loaded
     engine.warmed: set[tuple[str, int, int, int]] = set()
     return applied
 

@@ -25,7 +25,8 @@ from core.engine import Engine
 e = Engine(EngineConfig.model_validate(yaml.safe_load(open(sys.argv[1])))).load()
 a = e.applied
 from torch._dynamo.utils import compilation_time_metrics as t
-print(json.dumps({"lowering_s": sum(t.get("fx_codegen_and_compile", [])), "hit": a["compile_cache_hit"], "loaded": a["compile_artifacts"], "warmup_s": e.warmup_s,
+print(json.dumps({"lowering_s": sum(t.get("fx_codegen_and_compile", [])), "hit": a["compile_cache_hit"],
+                  "loaded": a["compile_artifacts"], "warmup_s": e.warmup_s,
                   "counters": a["compile_counters"], "saved": a.get("compile_artifacts_saved")}), flush=True)
 import os
 os._exit(0)  # skip interpreter teardown: Inductor's compile workers sometimes abort there ("terminate called")
