@@ -119,6 +119,10 @@ class OptimizationConfig(Strict):
     warmup_steps: int = Field(2, ge=0, le=50, description="Denoising steps per warm-up call (0 = no warm-up).")
     step_cache: StepCacheConfig | None = Field(None, description="Opt-in DeepCache-style step caching, e.g. "
                                                "{interval: 3}; null = off. Changes images (quality/speed trade).")
+    capture_step: bool = Field(False, description="Prototype: the UNet, the CFG combine and the Euler step in one "
+                               "compiled function (one CUDA graph per step with reduce-overhead) for groups using "
+                               "the euler scheduler; other schedulers and step_cache take the usual path "
+                               "(core/captured_step.py).")
 
     @field_validator("compile_artifacts", mode="before")
     @classmethod

@@ -36,6 +36,11 @@ def install_fastpath(engine) -> dict:
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
     engine.step_cache = install_step_cache(engine, applied)
+    from core import captured_step
+
+    engine.captured_step = captured_step.install(engine)
+    if engine.captured_step is not None:
+        applied["capture_step"] = True
     engine.warmed: set[tuple[str, int, int, int]] = set()
     return applied
 
