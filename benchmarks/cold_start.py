@@ -13,7 +13,7 @@ The model is saved once as a diffusers folder (random weights, fp16) so every st
           the store read: a replica on a fresh node starting from the shared store (torch.compiler's portable
           cache artifacts, core/compile_cache.py).
 Each child reports process-start-to-ready time, load / warm-up split, the artifact lookup, compile-cache counters,
-Dynamo/Inductor phase times and one timed call. One JSON record: OUT/cold-start-FAMILY.json.
+Dynamo/Inductor phase times and one timed call. One JSON record: OUT/cold-start-FAMILY[-bBATCH].json.
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def child(args) -> dict:
 
     w, h, steps = SIZES[args.family]
     opt = {**BEST, "warmup_shapes": [(w, h, args.batch)], "batch_buckets": [args.batch],
-           "compile_artifacts": {"store": args.store, "read": args.phase == "store"}}
+           # none uploads (the first replica's job, inside its ready time); local and store only read or not at all
+           "compile_artifacts": {"store": args.store, "read": args.phase == "store", "write": args.phase == "none"}}
     if args.eager:
         opt["compile"] = "none"
     if args.device == "cpu":
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in report["runs"][-1].items() if k != "load_profile"}), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"cold-start-{args.family}.json")
+        path = os.path.join(args.out, f"cold-start-{args.family}{'' if args.batch == 1 else f'-b{args.batch}'}.json")
         with open(path, "w") as fh:
             json.dump(report, fh, indent=1)
     return 0 if all("error" not in r for r in report["runs"]) else 1

@@ -9,6 +9,8 @@ prompt's index, so every preset gets the same noise), then timing `--batch` imag
 reference; the record says what each preset applied (e.g. fp8 is ignored without FP8 tensor cores). With random
 weights (embedded models) the images are noise: PSNR/SSIM then say how far a preset moves the pixels, a proxy for
 its quality cost, not the cost itself on a trained model. One JSON record: OUT/preset-quality-WORKLOAD.json.
+A shared --cache-dir keeps the presets' compile artifacts (core/compile_cache.py): a later call with other --presets
+recompiles nothing it compiled before (`exact` is rerun every time, as the reference).
 """
 from __future__ import annotations
 
