@@ -119,12 +119,13 @@ class Engine:
         from core.fastpath import install_fastpath
 
         self.applied.update(install_fastpath(self))  # 8. fp8 / step caching / compile
+        mark("fastpath")
         if self.compiled:  # the store's compile artifacts into the local caches, before the warm-up compiles
             from core import compile_cache
 
             loaded = compile_cache.load(self)
             self.applied.update(compile_cache_hit=loaded["hit"], compile_artifacts=loaded)
-        mark("fastpath")
+            mark("compile_artifacts")  # the store's read + load_cache_artifacts: part of a fresh node's start
         self.monitor = memory.MemoryMonitor(self.device)
         if cfg.is_noise_model:
             self.note = NOISE_NOTE
