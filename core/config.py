@@ -5,6 +5,7 @@ Importing this module must stay cheap: no torch, no diffusers, no Ray.
 from __future__ import annotations
 
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -52,6 +53,38 @@ class StepCacheConfig(Strict):
                                   "(the image's layout forms there).")
 
 
+class CompileArtifactsConfig(Strict):
+    """torch.compile's portable cache artifacts (torch.compiler.save_cache_artifacts / load_cache_artifacts: the
+    FX graph, AOTAutograd, Triton and autotuning caches in one blob) in a store shared by replicas, keyed by GPU,
+    torch/CUDA/Python versions, model identity, optimization settings and warm-up shapes (core/compile_cache.py).
+    A replica with compile on loads its key's artifacts before warm-up (the warm-up then compiles from cache);
+    on a miss it compiles and, with write on, uploads them. `sdserve precompile CONFIG` fills the store ahead."""
+
+    store: str | None = Field(None, min_length=1, max_length=4096, description="An fsspec URI or a local "
+                              "folder: s3://bucket/prefix/, gs://..., file:///mnt/nfs/sdserve-cache/, "
+                              "/shared/cache. Remote schemes need their fsspec package (s3fs, gcsfs) where the "
+                              "replicas run. null: cache_dir/compile on this machine.")
+    read: bool = Field(True, description="Look the key up at start and load the artifacts before warm-up.")
+    write: bool = Field(True, description="After a warm-up that compiled (a miss), upload the artifacts (atomic: "
+                        "temporary name, then a rename or single put; concurrent writers: the last one wins). "
+                        "false: only `sdserve precompile` writes (read-only replicas).")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="Longest wait for one store read or write; past "
+                             "it the replica warns and compiles normally (a store never fails a replica).")
+
+    @field_validator("store")
+    @classmethod
+    def _known_protocol(cls, value: str | None) -> str | None:
+        match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value or "")
+        if match:
+            from fsspec.registry import known_implementations, registry
+
+            protocols = {p for name in (*known_implementations, *registry) for p in name.split("::")}
+            if match.group(1) not in protocols:
+                raise ValueError(f"{match.group(1)!r} is not an fsspec protocol (e.g. s3://, gs://, file://, or a "
+                                 "local folder)")
+        return value
+
+
 class OptimizationConfig(Strict):
     """Speed settings, applied at load in the fixed order documented in core/optimizations.py."""
 
@@ -66,10 +99,10 @@ class OptimizationConfig(Strict):
     compile: Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "none", description="torch.compile mode for the UNet (and the VAE decoder when compile_vae).")
     compile_vae: bool = Field(True, description="Also compile the VAE decoder when compile is not 'none'.")
-    compile_artifacts: Literal["cache", "aot"] = Field(
-        "cache", description="How compiled code is reused across processes: cache (Inductor/AOTAutograd caches; "
-        "Dynamo still re-traces at every start) or aot (experimental: torch.compile().aot_compile() functions per "
-        "warmed shape saved in cache_dir/aot, loaded without tracing; not with step_cache).")
+    compile_artifacts: CompileArtifactsConfig = Field(
+        default_factory=CompileArtifactsConfig, description="Where compiled code is shared between "
+        "replicas and hosts: torch's portable cache artifacts (core/compile_cache.py), e.g. {store: "
+        "'s3://bucket/sdserve-cache/'}. Default: cache_dir/compile on this machine.")
     fp8: bool | Literal["dynamic", "static"] = Field(
         False, description="FP8 (float8 e4m3) matmuls for the UNet's transformer linears on sm_89+: true/dynamic "
         "(per-row scales computed every call) or static (activation scales calibrated once at load). Opt-in: "
@@ -86,6 +119,42 @@ class OptimizationConfig(Strict):
     warmup_steps: int = Field(2, ge=0, le=50, description="Denoising steps per warm-up call (0 = no warm-up).")
     step_cache: StepCacheConfig | None = Field(None, description="Opt-in DeepCache-style step caching, e.g. "
                                                "{interval: 3}; null = off. Changes images (quality/speed trade).")
+    capture_step: bool = Field(False, description="Prototype: the UNet, the CFG combine and the Euler step in one "
+                               "compiled function (one CUDA graph per step with reduce-overhead) for groups using "
+                               "the euler scheduler; other schedulers and step_cache take the usual path "
+                               "(core/captured_step.py).")
+
+    @field_validator("compile_artifacts", mode="before")
+    @classmethod
+    def _old_compile_artifacts(cls, value: Any) -> Any:
+        if value == "cache":  # the old default, unchanged in meaning: artifacts in cache_dir on this machine
+            return {}
+        if value == "aot":
+            raise ValueError("'aot' was removed (its aot_compile functions failed to pickle Dynamo's guards on "
+                             "torch 2.11 CUDA); use optimization.compile_artifacts: {store: <fsspec URI or "
+                             "folder>} (torch's portable cache artifacts), or leave the key out")
+        return value
+
+
+# `preset:` per model: named bundles of optimization fields (docs/presets-and-cold-start.md). Fields written under
+# `optimization:` override the preset's; the preset overrides the field defaults.
+EXACT = {"attention": "sdpa", "sdpa_backend": "cudnn", "fuse_qkv": True, "channels_last": True,
+         "compile": "reduce-overhead", "compile_vae": True}
+PRESETS: dict[str, dict[str, Any]] = {
+    "exact": EXACT,  # the lossless best: images as fp16 eager's, within fp16 noise
+    "fast": {**EXACT, "fp8": "static"},  # + FP8 transformer linears (sm_89+; ignored elsewhere): near-lossless
+    "fastest": {**EXACT, "fp8": "static", "step_cache": {"interval": 3, "first_full_steps": 1}},  # + step caching
+}
+
+
+def apply_preset(data: Any) -> Any:
+    """EngineConfig input with `preset` expanded under the explicitly written optimization fields."""
+    if not isinstance(data, dict) or data.get("preset") is None or data["preset"] not in PRESETS:
+        return data  # no preset, or an unknown one (the field's own validation names it)
+    explicit = data.get("optimization") or {}
+    if isinstance(explicit, BaseModel):
+        explicit = explicit.model_dump(exclude_unset=True)
+    return {**data, "optimization": {**PRESETS[data["preset"]], **explicit}}
 
 
 class MemoryConfig(Strict):
@@ -224,7 +293,13 @@ class EngineConfig(Strict):
     cache_dir: str = Field(default_factory=default_cache_dir, description="Where embedded models, hub "
                            "downloads and compile caches live (shared by replicas).")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for building embedded random weights.")
-    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig, description="Speed settings.")
+    preset: Literal["exact", "fast", "fastest"] | None = Field(
+        None, description="Optimization preset: exact (compile with CUDA graphs, fused QKV, cuDNN SDPA, "
+        "channels_last: same images as fp16 eager within fp16 noise) | fast (exact + static FP8 transformer "
+        "linears on sm_89+: near-lossless) | fastest (fast + step caching every 3rd step: images change). Fields "
+        "set under optimization override the preset's. null: the optimization fields alone.")
+    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig, description="Speed settings "
+                                             "(over the preset's, when one is set).")
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Memory level and VRAM budget.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
     defaults: RequestDefaults = Field(default_factory=RequestDefaults, description="Request defaults.")
@@ -249,6 +324,11 @@ class EngineConfig(Strict):
         if dupes:
             raise ValueError(f"ControlNet names must be unique: {', '.join(dupes)} repeated")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        return apply_preset(data)
 
     @field_validator("scheduler")
     @classmethod

@@ -62,7 +62,6 @@ class Engine:
         self.load_s = self.warmup_s = 0.0
         self.warmup_times: dict[str, float] = {}  # per warm-up shape: where a slow start goes
         self.load_times: dict[str, float] = {}  # per load stage
-        self.aot_forwards: list = []  # core/aot_forward.py forwards, when compile_artifacts=aot
         self.step_cache = None
         self.compiled = False
         self.scheduler = StepScheduler(self)
@@ -131,22 +130,22 @@ class Engine:
 
         self.applied.update(install_fastpath(self))  # 8. fp8 / step caching / compile
         mark("fastpath")
+        if self.compiled:  # the store's compile artifacts into the local caches, before the warm-up compiles
+            from core import compile_cache
+
+            loaded = compile_cache.load(self)
+            self.applied.update(compile_cache_hit=loaded["hit"], compile_artifacts=loaded)
+            mark("compile_artifacts")  # the store's read + load_cache_artifacts: part of a fresh node's start
         self.monitor = memory.MemoryMonitor(self.device)
         if cfg.is_noise_model:
             self.note = NOISE_NOTE
         self.load_s = time.perf_counter() - t0
         self.warmup()
         self.scheduler.mark_warm()
-        if self.compiled:
+        if self.compiled:  # counters; artifacts uploaded to the store when the warm-up compiled
             from core import compile_cache
 
-            self.applied["compile_counters"] = compile_cache.counters()
-            if self.aot_forwards:
-                from core import aot_forward
-
-                self.applied.update(aot_forward.report(self.aot_forwards))
-            if not self.applied.get("compile_cache_hit"):
-                compile_cache.save(self)
+            self.applied.update(compile_cache.after_warmup(self))
         log.info("model %s (%s) ready on %s %s in %.1fs (+%.1fs warm-up): %s", cfg.name, self.family, self.device,
                  str(self.dtype).replace("torch.", ""), self.load_s, self.warmup_s, self.applied)
 
@@ -175,8 +174,6 @@ class Engine:
 
         t0 = time.perf_counter()
         self._warming = True  # compiled: every batch bucket up to b is compiled (and recorded) now, not mid-serving
-        for forward in self.aot_forwards:
-            forward.compiling = True  # warmed shapes load (or compile and save) their AOT functions
         try:
             for w, h, b in self.warmup_shapes():
                 sizes = [m for m in image_buckets(self) if m <= b] if self.compiled else [b]
@@ -190,8 +187,6 @@ class Engine:
                         self.warmup_times[name] = round(time.perf_counter() - t, 2)
         finally:
             self._warming = False
-            for forward in self.aot_forwards:
-                forward.compiling = False
         self.warmup_s = time.perf_counter() - t0
 
     def _warm(self, w: int, h: int, n: int, steps: int, guidance: float | None) -> None:

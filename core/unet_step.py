@@ -101,6 +101,9 @@ def denoise_step(engine, samples: list[DenoiseSample], inputs: CallInputs, padde
     added = inputs.added_cond_kwargs
     if added is not None:
         added = {k: pad_rows(v, padded) for k, v in added.items()}
+    captured = getattr(engine, "captured_step", None)  # optimization.capture_step (core/captured_step.py)
+    if captured is not None and hook is None and captured.accepts(samples, padded):
+        return captured.run(samples, inputs, latent_in, t_in, padded, pad_rows, added)
     with torch.no_grad():
         out = engine.pipe.unet(pad_rows(latent_in, padded), pad_rows(t_in, padded),
                                encoder_hidden_states=pad_rows(inputs.encoder_hidden_states, padded),
