@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from core.image_fields import ImageInputLimits
 from core.strict import Strict  # noqa: F401 - re-exported: most modules import Strict from here
