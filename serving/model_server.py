@@ -69,6 +69,7 @@ class ModelServer:
             self.metrics.observe_error(outcome.kind)
         else:
             self.metrics.observe_result(outcome)
+        self.metrics.observe_caches(self.engine.caches.stats())  # prompt-embedding / init-latent / control-map
         return outcome
 
     async def generate_stream(self, request: GenerationRequest | dict):
