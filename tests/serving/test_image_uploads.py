@@ -1,0 +1,174 @@
+"""Image inputs on the HTTP layer without Ray (issue 19): JSON and multipart bodies of the native routes, the
+per-route body limit, and every bad image refused in the ingress (before the model is called) naming its field.
+
+The app is the real one (serving.http.app.create_app) around a stand-in ingress whose model call records what it
+was given; the live routes are exercised in test_image_routes.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+
+import pytest
+from fastapi.testclient import TestClient
+
+from core.schemas import GeneratedImage, GenerationResult
+from serving.config import ServingConfig
+from tests.serving.image_samples import b64, bad_images, half_mask, png
+
+pytestmark = []
+
+
+class RecordingIngress(types.SimpleNamespace):
+    """The parts of serving.ingress.Ingress the routes use; call_model records the request and answers one PNG."""
+
+    def __init__(self, config: dict):
+        from serving.drain import DrainGate
+        from serving.security import ApiKeys, FailureThrottle
+
+        cfg = ServingConfig.model_validate(config)
+        super().__init__(config=cfg, jobs=None, gate=DrainGate(), keys=ApiKeys([]), limiter=None,
+                         read_limiter=None, auth_throttle=FailureThrottle(100, 60), calls=[], started=0)
+
+    def check_request(self, req, openai):
+        return req.model or self.config.default_model
+
+    async def call_model(self, name, req, openai):
+        self.calls.append(req)
+        return GenerationResult(images=[GeneratedImage(data=png(), seed=req.seed or 1, media_type="image/png")],
+                                width=64, height=64, steps=1, guidance_scale=1.0, scheduler="euler", model=name,
+                                output_format="png", batch_size=1)
+
+
+def make_client(config: dict | None = None) -> tuple[TestClient, RecordingIngress]:
+    from serving.http.app import create_app
+
+    ingress = RecordingIngress(config or {"security": {"max_body_bytes": 2048},
+                                          "image_inputs": {"max_body_bytes": 1024 * 1024}})
+    return TestClient(create_app(ingress)), ingress
+
+
+@pytest.fixture(scope="module")
+def app():
+    return make_client()
+
+
+def test_json_body_with_base64_and_data_url_images(app):
+    client, ingress = app
+    img = png()
+    r = client.post("/v1/generate", json={"prompt": "a", "init_image": b64(img), "strength": 0.5,
+                                          "mask_image": "data:image/png;base64," + b64(half_mask())})
+    assert r.status_code == 200, r.text
+    req = ingress.calls[-1]
+    assert req.init_image == b64(img) and req.strength == 0.5 and req.mask_image.startswith("data:image/png")
+
+
+def test_multipart_body_fills_image_fields_from_files(app):
+    client, ingress = app
+    img, mask, pose = png(seed=1), half_mask(), png(seed=2)
+    request = {"prompt": "a fox", "strength": 0.6, "mask_blur": 2, "control": [{"model": "pose", "scale": 0.5}]}
+    r = client.post("/v1/generate", data={"request": json.dumps(request)},
+                    files={"init_image": ("a.png", img, "image/png"), "mask_image": ("m.png", mask, "image/png"),
+                           "control.0.image": ("p.png", pose, "image/png")})
+    assert r.status_code == 200, r.text
+    req = ingress.calls[-1]
+    assert (req.init_image, req.mask_image, req.control[0].image) == (img, mask, pose)
+    assert (req.prompt, req.strength, req.mask_blur, req.control[0].scale) == ("a fox", 0.6, 2, 0.5)
+
+
+@pytest.mark.parametrize("data,files,loc", [
+    ({"request": json.dumps({"prompt": "a", "init_image": "x"})}, {"init_image": ("a.png", b"x")}, "init_image"),
+    ({"request": json.dumps({"prompt": "a"})}, {"control.0.image": ("a.png", b"x")}, "control.0.image"),
+    ({"request": json.dumps({"prompt": "a"})}, {"picture": ("a.png", b"x")}, "picture"),
+    ({}, {"init_image": ("a.png", b"x")}, "request"),
+    ({"request": "{not json"}, {"init_image": ("a.png", b"x")}, "request"),
+])
+def test_multipart_mistakes_name_the_part(app, data, files, loc):
+    client, ingress = app
+    before = len(ingress.calls)
+    r = client.post("/v1/generate", data=data, files=files)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", loc]
+    assert len(ingress.calls) == before
+
+
+def test_multipart_request_fields_are_validated_like_json(app):
+    client, _ = app
+    r = client.post("/v1/generate", data={"request": json.dumps({"prompt": "a", "steps": 0})},
+                    files={"init_image": ("a.png", png())})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steps"]
+    r = client.post("/v1/generate", data={"request": json.dumps({"prompt": "a", "strength": 0.5})},
+                    files={"mask_image": ("a.png", png())})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "strength"]  # needs init_image
+
+
+@pytest.mark.parametrize("case", sorted(bad_images()))
+@pytest.mark.parametrize("where", ["init_image", "mask_image", "control.0.image"])
+def test_every_bad_image_is_a_422_naming_its_field_before_the_model(app, case, where):
+    client, ingress = app
+    bad = bad_images()[case]
+    body = {"prompt": "a", "init_image": b64(png())}
+    if where == "control.0.image":
+        body["control"] = [{"model": "pose", "image": bad if isinstance(bad, str) else b64(bad)}]
+    else:
+        body[where] = bad if isinstance(bad, str) else b64(bad)
+    before = len(ingress.calls)
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"][0]
+    assert detail["loc"] == ["body", *(int(p) if p.isdigit() else p for p in where.split("."))]
+    assert where in detail["msg"]
+    assert len(ingress.calls) == before  # refused in the ingress: the model never saw it
+
+
+def test_wrong_size_mask_and_uri_without_allowlist_name_the_field(app):
+    client, _ = app
+    r = client.post("/v1/generate", json={"prompt": "a", "init_image": b64(png(64, 64)),
+                                          "mask_image": b64(half_mask(96, 64))})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mask_image"]
+    assert "same size" in r.json()["detail"][0]["msg"]
+    r = client.post("/v1/generate", json={"prompt": "a", "init_image": "file:///etc/passwd"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "init_image"]
+    assert "image_inputs.uri_allowlist" in r.json()["detail"][0]["msg"]
+
+
+def test_uri_inputs_under_the_allowlist_only(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(png())
+    (tmp_path / "other.png").write_bytes(png())
+    client, ingress = make_client({"image_inputs": {"uri_allowlist": {"prefixes": [f"file://{tmp_path}/in/"]}}})
+    r = client.post("/v1/generate", json={"prompt": "a", "init_image": f"file://{tmp_path}/in/a.png"})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/generate", json={"prompt": "a", "init_image": f"file://{tmp_path}/other.png"})
+    assert r.status_code == 422 and "not under an allowed prefix" in r.json()["detail"][0]["msg"]
+    r = client.post("/v1/generate", json={"prompt": "a", "init_image": f"file://{tmp_path}/in/../other.png"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "init_image"]
+
+
+def test_image_routes_have_the_larger_body_limit(app):
+    client, _ = app
+    big = {"prompt": "a", "init_image": b64(png(256, 256))}  # ~260 KB: over 2048, under 1 MiB
+    assert len(json.dumps(big)) > 100_000
+    assert client.post("/v1/generate", json=big).status_code == 200
+    r = client.post("/v1/images/generations", json={"prompt": "x" * 5000})
+    assert r.status_code == 413 and "security.max_body_bytes" in r.json()["error"]["message"]
+    r = client.post("/v1/generate", json={"prompt": "a", "init_image": "A" * (2 * 1024 * 1024)})
+    assert r.status_code == 413 and "image_inputs.max_body_bytes" in r.json()["detail"]["message"]
+
+
+def test_plain_json_errors_keep_their_shape(app):
+    client, _ = app
+    r = client.post("/v1/generate", content=b"{bad", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["detail"]["code"] == "invalid_json"
+    r = client.post("/v1/generate", content=b'{"prompt": "a"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 422
+    r = client.post("/v1/generate", json={"prompt": "a", "bogus": 1})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "bogus"]
+
+
+def test_takes_images_matches_routes_under_a_prefix():
+    from serving.http.uploads import takes_images
+
+    assert takes_images("POST", "/sd/v1/generate") and takes_images("POST", "/sdapi/v1/img2img")
+    assert not takes_images("GET", "/v1/jobs") and not takes_images("POST", "/v1/images/generations")
