@@ -42,6 +42,7 @@ def strict_config() -> dict:
     return {"app_name": "strict", "route_prefix": "/strict",
             "security": {"api_keys": STRICT_KEYS, "rate_limit": {"requests_per_minute": 30, "burst": 10},
                          "max_body_bytes": 2048, "prompt_blocklist": ["forbidden thing"]},
+            "image_inputs": {"max_body_bytes": 4096},  # the routes that take images
             "models": [{"engine": {"name": "tiny-sd", "device": "cpu",
                                    "limits": {"max_steps": 400, "max_batch_size": 1}},
                         "deployment": {"num_gpus": 0, "num_cpus": 0.5,

@@ -172,3 +172,86 @@ def test_takes_images_matches_routes_under_a_prefix():
 
     assert takes_images("POST", "/sd/v1/generate") and takes_images("POST", "/sdapi/v1/img2img")
     assert not takes_images("GET", "/v1/jobs") and not takes_images("POST", "/v1/images/generations")
+
+
+# ------------------------------------------------------------------------------------------------ OpenAI edits
+
+def _alpha_mask(w: int = 64, h: int = 64) -> bytes:
+    """OpenAI's convention: transparent (alpha 0) right half = edit, opaque left half = keep."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.serving.image_samples import encode
+
+    arr = np.full((h, w, 4), 255, np.uint8)
+    arr[:, w // 2:, 3] = 0
+    return encode(Image.fromarray(arr, "RGBA"))
+
+
+def _mask_of(req):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(req.mask_image)))
+
+
+def test_openai_edit_mask_alpha_becomes_white_repaint(app):
+    client, ingress = app
+    img = png()
+    r = client.post("/v1/images/edits", data={"prompt": "a hat", "n": "2", "size": "64x64", "seed": "7"},
+                    files={"image": ("a.png", img, "image/png"), "mask": ("m.png", _alpha_mask(), "image/png")})
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["b64_json"]
+    req = ingress.calls[-1]
+    assert (req.init_image, req.num_images, req.width, req.seed, req.strength) == (img, 2, 64, 7, 1.0)
+    mask = _mask_of(req)
+    assert mask.shape == (64, 64) and (mask[:, :32] == 0).all() and (mask[:, 32:] == 255).all()
+
+
+def test_openai_edit_without_mask_uses_the_images_transparency_or_none(app):
+    client, ingress = app
+    r = client.post("/v1/images/edits", data={"prompt": "a"}, files={"image[]": ("a.png", _alpha_mask())})
+    assert r.status_code == 200, r.text
+    assert (_mask_of(ingress.calls[-1])[:, 32:] == 255).all()
+    r = client.post("/v1/images/edits", data={"prompt": "a", "strength": "0.4"}, files={"image": ("a.png", png())})
+    assert r.status_code == 200 and ingress.calls[-1].mask_image is None and ingress.calls[-1].strength == 0.4
+
+
+@pytest.mark.parametrize("data,files,param", [
+    ({"prompt": "a"}, {"image": ("a.png", png()), "mask": ("m.png", png())}, "mask"),  # no alpha channel
+    ({"prompt": "a"}, {"image": ("a.png", png()), "mask": ("m.png", _alpha_mask(96, 64))}, "mask"),  # size
+    ({"prompt": "a"}, {"image": ("a.gif", bad_images()["gif"])}, "image"),
+    ({"prompt": "a"}, {"image": ("a.png", bad_images()["truncated"])}, "image"),
+    ({"prompt": "a"}, {"mask": ("m.png", _alpha_mask())}, "image"),  # no image
+    ({"prompt": "a"}, {"image[]": ("a.png", png()), "image": ("b.png", png())}, "image"),  # two images
+    ({"prompt": "a", "n": "two"}, {"image": ("a.png", png())}, "n"),
+    ({"prompt": "a", "size": "65x64"}, {"image": ("a.png", png())}, "size"),
+    ({"prompt": "a", "colour": "red"}, {"image": ("a.png", png())}, "colour"),
+    ({"prompt": "a", "response_format": "url"}, {"image": ("a.png", png())}, "response_format"),
+])
+def test_openai_edit_errors_are_400_naming_the_param(app, data, files, param):
+    client, ingress = app
+    before = len(ingress.calls)
+    r = client.post("/v1/images/edits", data=data, files=files)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert len(ingress.calls) == before
+
+
+def test_unmodified_openai_client_edits(app):
+    """The official client's own multipart encoding (image, image[] for lists, mask, numbers as strings)."""
+    import openai
+
+    client, ingress = app
+    oai = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)
+    img = png()
+    out = oai.images.edit(image=("a.png", img, "image/png"), mask=("m.png", _alpha_mask(), "image/png"),
+                          prompt="a hat", n=1, size="64x64", response_format="b64_json", user="u1")
+    assert out.data[0].b64_json and ingress.calls[-1].init_image == img
+    out = oai.images.edit(image=[("a.png", img, "image/png")], prompt="a hat", extra_body={"seed": 3})
+    assert out.data and ingress.calls[-1].seed == 3
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.images.edit(image=("a.png", img), mask=("m.png", png()), prompt="a hat")
+    assert err.value.body["param"] == "mask"
