@@ -34,6 +34,9 @@ class RecordingIngress(types.SimpleNamespace):
     def check_request(self, req, openai):
         return req.model or self.config.default_model
 
+    async def stream_model(self, name, req, on_progress, on_preview=None):
+        return await self.call_model(name, req, False)
+
     async def call_model(self, name, req, openai):
         self.calls.append(req)
         return GenerationResult(images=[GeneratedImage(data=png(), seed=req.seed or 1, media_type="image/png")],
@@ -255,3 +258,104 @@ def test_unmodified_openai_client_edits(app):
     with pytest.raises(openai.BadRequestError) as err:
         oai.images.edit(image=("a.png", img), mask=("m.png", png()), prompt="a hat")
     assert err.value.body["param"] == "mask"
+
+
+# ------------------------------------------------------------------------------------------------ A1111
+
+def test_a1111_img2img_maps_fields_and_answers_a1111s_shape(app):
+    client, ingress = app
+    img = b64(png())
+    r = client.post("/sdapi/v1/img2img", json={"prompt": "a cat", "init_images": [img], "denoising_strength": 0.4,
+                                               "seed": 5, "sampler_name": "Euler a"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert set(out) == {"images", "parameters", "info"} and len(out["images"]) == 1
+    info = json.loads(out["info"])
+    assert info["denoising_strength"] == 0.4 and info["sampler_name"] == "Euler a"
+    assert out["parameters"]["init_images"] is None  # not echoed unless include_init_images
+    req = ingress.calls[-1]
+    assert (req.init_image, req.strength, req.mask_image, req.seed) == (img, 0.4, None, 5)  # untouched: same str
+
+
+def test_a1111_inpainting_fill_invert_and_blur(app):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    client, ingress = app
+    body = {"prompt": "a", "init_images": [b64(png())], "mask": b64(half_mask()), "mask_blur": 3,
+            "inpainting_fill": 1, "inpainting_mask_invert": 1}
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    req = ingress.calls[-1]
+    mask = np.asarray(Image.open(io.BytesIO(req.mask_image)))
+    assert (mask[:, :32] == 255).all() and (mask[:, 32:] == 0).all() and req.mask_blur == 3  # inverted
+    assert req.init_image == body["init_images"][0]  # inpainting_fill 1 (original): the image as sent
+    assert "inpaint_full_res" in json.loads(r.json()["info"])["sdserve_ignored"]
+    r = client.post("/sdapi/v1/img2img", json={**body, "inpainting_fill": 0, "inpainting_mask_invert": 0})
+    filled = np.asarray(Image.open(io.BytesIO(ingress.calls[-1].init_image)))
+    original = np.asarray(Image.open(io.BytesIO(png())))
+    assert r.status_code == 200 and (filled[:, :32] == original[:, :32]).all()  # kept half untouched
+    assert filled[:, 40:].std(axis=(0, 1)).max() < original[:, 40:].std() / 4  # masked half: blurred surroundings
+
+
+def test_a1111_resize_modes(app):
+    import io
+
+    from PIL import Image
+
+    client, ingress = app
+    for mode in (0, 1):
+        r = client.post("/sdapi/v1/img2img", json={"prompt": "a", "init_images": [b64(png(96, 64))],
+                                                   "width": 64, "height": 64, "resize_mode": mode})
+        assert r.status_code == 200, r.text
+        assert Image.open(io.BytesIO(ingress.calls[-1].init_image)).size == (64, 64)
+
+
+@pytest.mark.parametrize("extra,loc", [
+    ({"inpainting_fill": 2, "mask": "MASK"}, ["body", "inpainting_fill"]),
+    ({"resize_mode": 2, "width": 64, "height": 128}, ["body", "resize_mode"]),
+    ({"init_images": []}, ["body", "init_images"]),
+    ({"denoising_strength": 0}, ["body", "denoising_strength"]),
+    ({"mask_blur_x": 2, "mask_blur_y": 6}, ["body", "mask_blur_y"]),
+    ({"init_images": ["R0lGODlhAQABAAAAACw="]}, ["body", "init_images", 0]),
+    ({"mask": "MASK96"}, ["body", "mask"]),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"module": "openpose", "model": "pose", "image": "IMG"}]}}},
+     ["body", "alwayson_scripts", "controlnet", "args", 0, "module"]),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"module": "none", "model": "pose", "image": "bad!"}]}}},
+     ["body", "alwayson_scripts", "controlnet", "args", 0, "image"]),
+    ({"alwayson_scripts": {"controlnet": {"args": [{"model": "pose", "image": "IMG", "weight": 9}]}}},
+     ["body", "alwayson_scripts", "controlnet", "args", 0, "weight"]),
+])
+def test_a1111_img2img_refusals_name_the_a1111_field(app, extra, loc):
+    client, ingress = app
+    subst = {"MASK": b64(half_mask()), "MASK96": b64(half_mask(96, 64)), "IMG": b64(png())}
+    body = {"prompt": "a", "init_images": [b64(png())], **extra}
+    body = json.loads(json.dumps(body).replace('"MASK96"', json.dumps(subst["MASK96"]))
+                      .replace('"MASK"', json.dumps(subst["MASK"])).replace('"IMG"', json.dumps(subst["IMG"])))
+    before = len(ingress.calls)
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == loc
+    assert len(ingress.calls) == before
+
+
+def test_a1111_controlnet_units_map_onto_control_for_txt2img_and_img2img(app):
+    client, ingress = app
+    pose, edges = b64(png(seed=3)), b64(png(seed=4))
+    units = [{"enabled": True, "module": "none", "model": "tiny-pose [abcd1234]", "weight": 0.7, "image": pose,
+              "guidance_start": 0.1, "guidance_end": 0.9, "pixel_perfect": True, "processor_res": 512},
+             {"enabled": False, "module": "openpose", "model": "x"},  # disabled: skipped, never refused
+             {"module": "canny", "model": "tiny-edges", "input_image": "data:image/png;base64," + edges}]
+    for route, extra in (("txt2img", {}), ("img2img", {"init_images": [b64(png())]})):
+        r = client.post(f"/sdapi/v1/{route}", json={"prompt": "a", **extra,
+                                                     "alwayson_scripts": {"controlnet": {"args": units}}})
+        assert r.status_code == 200, r.text
+        c = ingress.calls[-1].control
+        assert [(x.model, x.preprocess, x.scale, x.start, x.end) for x in c] == [
+            ("tiny-pose", "none", 0.7, 0.1, 0.9), ("tiny-edges", "canny", 1.0, 0.0, 1.0)]
+        assert c[0].image == pose
+        info = json.loads(r.json()["info"])
+        assert "ControlNet 0" in info["extra_generation_params"]
+        assert "alwayson_scripts.controlnet.args.0.pixel_perfect" in info["sdserve_ignored"]
