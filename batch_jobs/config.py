@@ -11,12 +11,17 @@ from typing import Any, Literal
 from pydantic import Field
 
 from core.config import EngineConfig, Strict, load_yaml
+from core.image_fields import ImageInputLimits
 from core.resources import engine_for_actor
 from core.schemas import MAX_SEED, OutputFormat
 
-# Input columns a prompt set may carry: the GenerationRequest fields plus the row's id.
+# Input columns a prompt set may carry: the GenerationRequest fields plus the row's id. The image fields
+# (init_image, mask_image: a URI string, base64 or a binary column; control: a list of structs or a JSON string)
+# are read from any fsspec URI the row names: batch inputs are the job owner's own data.
 REQUEST_COLUMNS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "scheduler", "seed",
-                   "num_images", "output_format", "model")
+                   "num_images", "output_format", "model", "init_image", "strength", "mask_image", "mask_blur",
+                   "control")
+IMAGE_COLUMNS = ("init_image", "mask_image")
 INPUT_COLUMNS = ("id",) + REQUEST_COLUMNS
 
 
@@ -36,6 +41,9 @@ class RowDefaults(Strict):
 class BatchJobConfig(Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="The model every actor loads.")
     defaults: RowDefaults = Field(default_factory=RowDefaults, description="Per-row fallbacks.")
+    image_limits: ImageInputLimits = Field(default_factory=ImageInputLimits, description="Limits on the rows' "
+                                           "input images (init_image, mask_image, control images); a row over "
+                                           "them is an error row naming the field.")
     job_seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of rows without one: "
                           "blake2b(job_seed, id), so the same input gives the same images on every run.")
     concurrency: int = Field(1, ge=1, le=4096, description="Engine actors (the actor pool size).")
