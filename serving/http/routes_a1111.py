@@ -8,6 +8,7 @@ picks) belongs to this ingress replica: with several ingress replicas, each keep
 """
 # No `from __future__ import annotations`: FastAPI must see real annotation objects.
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,8 @@ async def _generate(request: Request, body: A1111Request, plan: Txt2ImgPlan, kin
     state = _state(request)
     name = ingress.check_request(plan.request, openai=False)
     try:
-        await check_request_images(plan.request, ingress.config.image_inputs)
+        plan = dataclasses.replace(plan, request=await check_request_images(plan.request,
+                                                                            ingress.config.image_inputs))
     except GenerationError as err:
         raise _outcome_error(err) from None
     key, gen = state.board.begin(kind)

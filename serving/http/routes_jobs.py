@@ -59,7 +59,7 @@ async def submit_job(request: Request, caller: str = Depends(authorize),
     jobs = _jobs(request)
     ingress = request.app.state.ingress
     name = request.state.model = ingress.check_request(body, openai=False)
-    await checked_images(body, ingress)  # a bad image is refused now, not found by the job later
+    body = await checked_images(body, ingress)  # a bad image is refused now, not found by the job later
     # The model's own limits, before a job id exists: the same 422 naming the field as /v1/generate.
     err = limits_error(next(m.engine for m in ingress.config.models if m.name == name), body)
     if err is not None:

@@ -33,10 +33,11 @@ BODY_DOC = ("The GenerationRequest as JSON (images as base64, data: URLs or allo
             "a part `request` with the JSON, image files in parts init_image, mask_image, control.<i>.image.")
 
 
-async def checked_images(body: GenerationRequest, ingress, openai: bool = False) -> None:
-    """Every image of the request fetched, size-checked and decoded before it is queued: a 4xx naming the field."""
+async def checked_images(body: GenerationRequest, ingress, openai: bool = False) -> GenerationRequest:
+    """Every image of the request fetched (an allowed URI becomes its bytes), size-checked and decoded before it is
+    queued: a 4xx naming the field."""
     try:
-        await check_request_images(body, ingress.config.image_inputs)
+        return await check_request_images(body, ingress.config.image_inputs)
     except GenerationError as err:
         raise generation_error(err, openai) from None
 
@@ -48,7 +49,7 @@ async def generate(request: Request, caller: str = Depends(authorize),
                    body: GenerationRequest = Depends(generation_body)):
     ingress = request.app.state.ingress
     name = request.state.model = ingress.check_request(body, openai=False)
-    await checked_images(body, ingress)
+    body = await checked_images(body, ingress)
     result = await ingress.call_model(name, body, openai=False)
     wants_json = "application/json" in request.headers.get("accept", "")
     if len(result.images) == 1 and not wants_json:

@@ -95,7 +95,7 @@ async def openai_edit(request: Request, caller: str = Depends(authorize)):
     req = openai_edits.to_generation_request(body, image, mask_png)
     name = request.state.model = ingress.check_request(req, openai=True)
     try:
-        await check_request_images(req, ingress.config.image_inputs)
+        req = await check_request_images(req, ingress.config.image_inputs)
     except GenerationError as err:
         raise generation_error(err, openai=True) from None
     if body.user:

@@ -143,6 +143,7 @@ def test_uri_inputs_under_the_allowlist_only(tmp_path):
     client, ingress = make_client({"image_inputs": {"uri_allowlist": {"prefixes": [f"file://{tmp_path}/in/"]}}})
     r = client.post("/v1/generate", json={"prompt": "a", "init_image": f"file://{tmp_path}/in/a.png"})
     assert r.status_code == 200, r.text
+    assert ingress.calls[-1].init_image == png()  # read once in the ingress: the model gets the bytes
     r = client.post("/v1/generate", json={"prompt": "a", "init_image": f"file://{tmp_path}/other.png"})
     assert r.status_code == 422 and "not under an allowed prefix" in r.json()["detail"][0]["msg"]
     r = client.post("/v1/generate", json={"prompt": "a", "init_image": f"file://{tmp_path}/in/../other.png"})
