@@ -292,6 +292,9 @@ def to_generation_request(body: A1111Request, models: list[ModelInfo], default_m
     control, control_ignored = control_units(body.alwayson_scripts)
     overrides = dict(body.override_settings or {})
     checkpoint = overrides.pop("sd_model_checkpoint", None)
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise A1111Error("override_settings.sd_model_checkpoint", "override_settings.sd_model_checkpoint: must be "
+                                                                   "a model name (a string)")
     model = find_model(checkpoint, models, "override_settings.sd_model_checkpoint") if checkpoint else \
         find_model(default_model, models, "sd_model_checkpoint")
     sampler, label, scheduler = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler,

@@ -1,9 +1,9 @@
 """A1111's img2img (`POST /sdapi/v1/img2img`): request schema and translation onto GenerationRequest's image fields.
 
 Mapped: `init_images` (exactly one; base64 or a data: URL), `denoising_strength` -> strength, `mask` (white =
-repaint, A1111's convention and sdserve's) with `inpainting_mask_invert`, `mask_blur` (or mask_blur_x/y when
-equal), `inpainting_fill` 0 (fill: the masked area is filled with its blurred surroundings first, as A1111's
-masking.fill) and 1 (original); `resize_mode` 0 (just resize) and 1 (crop and resize) when width and height are
+repaint, A1111's convention and sdserve's) with `inpainting_mask_invert`, `mask_blur` (or mask_blur_x/y: the
+larger when they differ, reported in `info.sdserve_ignored`), `inpainting_fill` 0 (fill: the masked area is
+filled with its blurred surroundings first, as A1111's masking.fill) and 1 (original); `resize_mode` 0 (just resize) and 1 (crop and resize) when width and height are
 both given and differ from the init image's size. Refused with a 422 naming the field: several init images,
 inpainting_fill 2/3 (latent noise / latent nothing), resize_mode 2/3, a latent_mask, an initial_noise_multiplier
 other than 1. `inpaint_full_res` ("only masked") is accepted and ignored: sdserve inpaints the whole picture at its
@@ -88,10 +88,8 @@ def check_fields(body: Img2ImgRequest) -> int:
         raise A1111Error("resize_mode", "resize_mode: only 0 (just resize) and 1 (crop and resize) are supported")
     if body.mask_blur is not None:
         return body.mask_blur
-    if body.mask_blur_x != body.mask_blur_y:
-        raise A1111Error("mask_blur_y", "mask_blur_y: sdserve blurs the mask evenly; mask_blur_x and mask_blur_y "
-                                        "must be equal (or send mask_blur)")
-    return body.mask_blur_x
+    # sdserve blurs evenly: uneven x/y blur uses the larger (and is reported in sdserve_ignored by prepare_images)
+    return max(body.mask_blur_x, body.mask_blur_y)
 
 
 def _png(img) -> bytes:
@@ -140,6 +138,8 @@ def prepare_images(body: Img2ImgRequest, limits: ImageInputLimits, uris: UriPoli
     if mask_img is not None and body.inpainting_fill == 0:
         image, changed = fill(image, mask_img), True
     ignored = ("inpaint_full_res",) if mask is not None and body.inpaint_full_res else ()
+    if mask is not None and body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:
+        ignored += ("mask_blur_x/mask_blur_y: blurred evenly by the larger",)
     return PreparedImages(_png(image) if changed else body.init_images[0],
                           _png(mask_img) if mask_img is not None else None, ignored)
 

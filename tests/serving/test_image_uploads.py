@@ -319,7 +319,6 @@ def test_a1111_resize_modes(app):
     ({"resize_mode": 2, "width": 64, "height": 128}, ["body", "resize_mode"]),
     ({"init_images": []}, ["body", "init_images"]),
     ({"denoising_strength": 0}, ["body", "denoising_strength"]),
-    ({"mask_blur_x": 2, "mask_blur_y": 6}, ["body", "mask_blur_y"]),
     ({"init_images": ["R0lGODlhAQABAAAAACw="]}, ["body", "init_images", 0]),
     ({"mask": "MASK96"}, ["body", "mask"]),
     ({"alwayson_scripts": {"controlnet": {"args": [{"module": "openpose", "model": "pose", "image": "IMG"}]}}},
