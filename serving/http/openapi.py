@@ -56,6 +56,10 @@ GENERATE = AUTH + ("413", "422", "400", "409", "500", "503", "504")
 ROUTE_ERRORS = {
     ("post", "/v1/generate"): GENERATE,
     ("post", "/v1/images/generations"): AUTH + ("400", "404", "413", "409", "500", "503", "504"),
+    ("post", "/v1/images/edits"): AUTH + ("400", "404", "413", "409", "500", "503", "504"),
+    ("post", "/sdapi/v1/txt2img"): AUTH + ("413", "422", "409", "500", "503", "504"),
+    ("post", "/sdapi/v1/img2img"): AUTH + ("413", "422", "409", "500", "503", "504"),
+    ("post", "/sdapi/v1/options"): AUTH + ("422",),
     ("get", "/v1/models"): AUTH,
     ("post", "/v1/jobs"): AUTH + ("400", "404", "413", "422"),
     ("get", "/v1/jobs/{job_id}"): AUTH + ("404",),
@@ -157,6 +161,11 @@ def describe(schema: dict[str, Any], config: ServingConfig) -> dict[str, Any]:
             _narrow(oa[name], limits[key])
     if "size" in oa:
         _narrow(oa["size"], size_limits(config))
+    from serving.http.openapi_images import describe_a1111, describe_edits, describe_generation_images
+
+    describe_generation_images(schema, config)
+    describe_a1111(schema, config)
+    describe_edits(schema, config, size_limits(config), limits)
     if "response_format" in oa:  # 'url' is in OpenAI's API but always answered 400 here (no result store)
         _narrow(oa["response_format"], {"enum": ["b64_json"], "description_add": " 'url' gets 400 (no result "
                                         "store; use b64_json or POST /v1/jobs)."})

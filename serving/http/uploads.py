@@ -133,14 +133,21 @@ async def generation_body(request: Request) -> GenerationRequest:
         raise _validation(err) from None
 
 
+MULTIPART_PART_SCHEMA = "GenerationRequestPart"  # the `request` part: GenerationRequest (see openapi_images.py)
+
+
 def request_body_doc(schema_ref: str, description: str) -> dict[str, Any]:
-    """openapi_extra of a route parsed by `generation_body`: the same schema as JSON or as multipart."""
+    """openapi_extra of a route parsed by `generation_body`: the same schema as JSON or as multipart.
+
+    The multipart schema states the common case (files init_image and mask_image beside the JSON part); parts
+    control.<i>.image are accepted too (see the description)."""
     ref = {"$ref": f"#/components/schemas/{schema_ref}"}
     binary = {"type": "string", "format": "binary"}
     return {"requestBody": {"required": True, "description": description, "content": {
         "application/json": {"schema": ref},
         "multipart/form-data": {
-            "schema": {"type": "object", "required": ["request"], "properties": {
-                "request": ref, "init_image": binary, "mask_image": binary,
-                **{f"control.{i}.image": binary for i in range(4)}}},
+            "schema": {"type": "object", "required": ["request"], "additionalProperties": False,
+                       "dependentRequired": {"mask_image": ["init_image"]}, "properties": {
+                           "request": {"$ref": f"#/components/schemas/{MULTIPART_PART_SCHEMA}"},
+                           "init_image": binary, "mask_image": binary}},
             "encoding": {"request": {"contentType": "application/json"}}}}}}
