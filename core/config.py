@@ -9,12 +9,16 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from core.image_fields import ImageInputLimits
+from core.strict import Strict  # noqa: F401 - re-exported: most modules import Strict from here
 
 EMBEDDED_PREFIX = "embedded:"
 # Built-in models that need no download. tiny-* are small random-weight pipelines (noise images);
 # sd15/sdxl are the real architectures at full size with random weights (benchmarks).
-EMBEDDED_MODELS = ("tiny-sd", "tiny-sdxl", "sd15", "sdxl")
+EMBEDDED_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "sd15", "sdxl")
+# tiny-sd-inpaint: tiny-sd with a 9-channel inpainting UNet (latents + mask + masked-image latents).
 
 
 def default_cache_dir() -> str:
@@ -27,12 +31,6 @@ Side = Annotated[int, Field(ge=64, le=8192, multiple_of=8)]  # an image width or
 # BALANCED streams this share of the UNet's bytes by default: SDXL's copies then take less time than its resident
 # denoising even when the host paces it fast (copy bound vs NONE: docs/benchmarks.md, "Memory levels")
 BALANCED_SHARE = 0.6
-
-class Strict(BaseModel):
-    """Base for every config/schema model: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
 
 class MemoryLevel(str, Enum):
     NONE = "none"
@@ -168,6 +166,18 @@ class PreviewConfig(Strict):
         return self
 
 
+class CacheConfig(Strict):
+    """Bytes-bounded LRU caches of the engine (core/caches.py); 0 turns one off. Hits and misses are in
+    Engine.info()["caches"] and the metrics."""
+
+    prompt_embeddings_mb: float = Field(64, ge=0, le=65536, description="Text-encoder outputs by (prompt, "
+                                        "negative prompt, CFG on/off): a repeated prompt skips the text encoders.")
+    init_latents_mb: float = Field(256, ge=0, le=65536, description="VAE-encoded init/masked images by content "
+                                   "hash and size: a repeated init image skips the VAE encoder.")
+    control_maps_mb: float = Field(128, ge=0, le=65536, description="Preprocessed ControlNet conditioning maps "
+                                   "(e.g. canny edges) by content hash, size and preprocessor.")
+
+
 class EngineConfig(Strict):
     """Everything one engine (one model) needs. Loadable from YAML; every key checked."""
 
@@ -198,6 +208,11 @@ class EngineConfig(Strict):
                                          "admission policy and the cross-shape starvation bound.")
     previews: PreviewConfig = Field(default_factory=PreviewConfig, description="Live previews of async jobs "
                                     "(method, every_n_steps, TAESD weights).")
+    image_inputs: ImageInputLimits = Field(default_factory=ImageInputLimits, description="Limits on the input "
+                                           "images of a request (init_image, mask_image, control images), checked "
+                                           "before their pixels are decoded.")
+    caches: CacheConfig = Field(default_factory=CacheConfig, description="Prompt-embedding, init-latent and "
+                                "control-map caches (MB each; 0 = off).")
 
     @field_validator("scheduler")
     @classmethod

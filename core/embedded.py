@@ -1,6 +1,6 @@
 """Embedded models: SD-style pipelines built from configs with seeded random weights, no download.
 
-- tiny-sd / tiny-sdxl: a few MB; written once to the cache dir with `save_pretrained` and then loaded through
+- tiny-sd / tiny-sdxl / tiny-sd-inpaint (tiny-sd with a 9-channel inpainting UNet): a few MB; written once to the cache dir with `save_pretrained` and then loaded through
   the same `from_pretrained` path as real checkpoints. They make noise images (random weights).
 - sd15 / sdxl: the real SD1.5 / SDXL architectures at full size with random weights, for benchmarks (speed and
   memory do not depend on weight values). Built in memory, directly on the target device.
@@ -90,11 +90,13 @@ def _build(name: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     tok = build_tokenizer()
-    if name == "tiny-sd":
+    if name in ("tiny-sd", "tiny-sd-inpaint"):
+        # tiny-sd-inpaint: the 9-channel UNet of inpainting checkpoints (latents + mask + masked-image latents)
         unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
                                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                    attention_head_dim=4, norm_num_groups=8)
+                                    attention_head_dim=4, norm_num_groups=8,
+                                    in_channels=9 if name == "tiny-sd-inpaint" else 4)
         return StableDiffusionPipeline(vae=_vae((16, 16, 32, 32), 8, 0.18215, 64, False),
                                        text_encoder=_clip(32, 2, 4, 37, 32, vocab=1000), tokenizer=tok, unet=unet,
                                        scheduler=_scheduler(), safety_checker=None, feature_extractor=None,

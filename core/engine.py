@@ -20,9 +20,10 @@ from typing import Callable, Sequence
 
 from core.config import EngineConfig, MemoryLevel
 from core.denoise_state import Job, ProgressCallback
+from core.caches import EngineCaches
 from core.gpu_stage import Stopwatch, own_cudagraph_trees
-from core.schemas import MEDIA_TYPES, MAX_SEED, GeneratedImage, GenerationError, GenerationRequest, \
-    GenerationResult, Timings
+from core.image_inputs import NO_URIS, UriPolicy
+from core.schemas import MAX_SEED, GenerationError, GenerationRequest, GenerationResult
 from core.step_scheduler import StepScheduler
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Engine:
         self.step_cache = None
         self.compiled = False
         self.scheduler = StepScheduler(self)
+        self.caches = EngineCaches(config.caches)
 
     # ------------------------------------------------------------------ loading
     def load(self) -> "Engine":
@@ -141,7 +143,7 @@ class Engine:
                  str(self.dtype).replace("torch.", ""), self.load_s, self.warmup_s, self.applied)
 
     def family_defaults(self) -> tuple[int, int, int, float]:
-        if self.config.embedded_name in ("tiny-sd", "tiny-sdxl"):
+        if self.config.embedded_name in ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint"):
             return TINY_DEFAULTS
         return FAMILY_DEFAULTS[self.family or "sd15"]
 
@@ -210,15 +212,29 @@ class Engine:
                     raise RuntimeError(f"fp8 calibration at {w}x{h} failed: {out.message}")
 
     # ------------------------------------------------------------------ requests
-    def resolve(self, req: GenerationRequest) -> GenerationRequest:
-        """Fill defaults and enforce this model's limits. Raises GenerationError(kind='validation', field=...)."""
+    def resolve(self, req: GenerationRequest, uris: UriPolicy = NO_URIS) -> GenerationRequest:
+        """Fill defaults and enforce this model's limits. Raises GenerationError(kind='validation', field=...).
+
+        Input images are decoded and checked here (limits: config.image_inputs); `uris`: which image URIs the
+        request may name (HTTP: the ingress's allowlist; batch jobs: ANY_URI; default: none)."""
+        return self.resolve_with_images(req, uris)[0]
+
+    def resolve_with_images(self, req: GenerationRequest, uris: UriPolicy = NO_URIS):
+        """resolve(), and the request's decoded images at its output size (core.img2img.ImageConditioning) or
+        None."""
+        from core import img2img
+
         cfg, lim = self.config, self.config.limits
         if req.model is not None and req.model != cfg.name:
             raise GenerationError(f"unknown model {req.model!r}; this engine serves {cfg.name!r}", "validation", "model")
+        if req.control:
+            raise GenerationError("control: this engine has no ControlNets configured", "validation", "control")
+        size, images = img2img.prepare(req, cfg.image_inputs, uris)
         w, h, steps, guidance = self.family_defaults()
         d = cfg.defaults
         fill = {
-            "width": req.width or d.width or w, "height": req.height or d.height or h,
+            "width": req.width or size.get("width") or d.width or w,
+            "height": req.height or size.get("height") or d.height or h,
             "steps": req.steps or d.steps or steps,
             "guidance_scale": req.guidance_scale if req.guidance_scale is not None else (
                 d.guidance_scale if d.guidance_scale is not None else guidance),
@@ -240,20 +256,25 @@ class Engine:
         for field, ok, why in checks:
             if not ok:
                 raise GenerationError(f"{field}: {why} for model {cfg.name}", "validation", field)
-        return req.model_copy(update=fill)
+        if images is not None:
+            fill["strength"] = size["strength"]
+        req = req.model_copy(update=fill)
+        if images is not None:
+            img2img.fit(images, req)
+        return req, images
 
     def generate(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
-                 queue_s: Sequence[float] | None = None) -> list[Outcome]:
+                 queue_s: Sequence[float] | None = None, uris: UriPolicy = NO_URIS) -> list[Outcome]:
         """One outcome per request, in order: a GenerationResult, or a GenerationError for that request alone.
         The requests are submitted together (so they start together) and share UNet calls with whatever else
         the scheduler is running."""
         if not self._ready:
             self.load()
-        return self._run(requests, step_callback, queue_s)
+        return self._run(requests, step_callback, queue_s, uris=uris)
 
     async def generate_async(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                              cancel: threading.Event | None = None, timeout_s: float | None = None,
-                             queue_s: float = 0.0) -> Outcome:
+                             queue_s: float = 0.0, uris: UriPolicy = NO_URIS) -> Outcome:
         """One request; never raises for a request's own failure (returns the GenerationError).
 
         on_progress(step, total, latents) runs on the GPU thread after each UNet call that advanced the request
@@ -262,7 +283,7 @@ class Engine:
         its images leave the batch (the others' are unchanged) and the replica is free for other work."""
         if not self._ready:
             await asyncio.to_thread(self.load)
-        job = self.submit(request, on_progress, cancel, timeout_s, queue_s)
+        job = self.submit(request, on_progress, cancel, timeout_s, queue_s, uris=uris)
         try:
             return await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
@@ -271,12 +292,12 @@ class Engine:
 
     def submit(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                cancel: threading.Event | None = None, timeout_s: float | None = None, queue_s: float = 0.0,
-               encode: bool = True) -> Job:
+               encode: bool = True, uris: UriPolicy = NO_URIS) -> Job:
         """Queue one request without waiting: returns its Job (`.future`: a concurrent Future of the outcome,
         already set for a request that fails validation; `.cancel`: set it to stop the request)."""
         if not self._ready:
             self.load()
-        job = self._job(request, 0, on_progress, cancel, timeout_s, queue_s, encode)
+        job = self._job(request, 0, on_progress, cancel, timeout_s, queue_s, encode, uris)
         if isinstance(job, GenerationError):
             failed = Job(request, cancel=cancel or threading.Event())
             failed.fail(job)
@@ -284,25 +305,27 @@ class Engine:
         self.scheduler.submit([job])
         return job
 
-    def _job(self, request, index: int, on_progress, cancel, timeout_s, queue_s: float, encode: bool):
+    def _job(self, request, index: int, on_progress, cancel, timeout_s, queue_s: float, encode: bool,
+             uris: UriPolicy = NO_URIS):
         try:
-            req = self.resolve(request)
+            req, images = self.resolve_with_images(request, uris)
             self.check_capacity(req)
         except GenerationError as err:
             return err
         job = Job(req, index, on_progress, cancel or threading.Event(), extra_queue_s=queue_s, encode=encode)
+        job.images = images
         if timeout_s is not None:
             job.deadline = job.submitted + timeout_s
         return job
 
     def _run(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
-             queue_s: Sequence[float] | None = None, encode: bool = True) -> list:
+             queue_s: Sequence[float] | None = None, encode: bool = True, uris: UriPolicy = NO_URIS) -> list:
         jobs = []
         for i, request in enumerate(requests):
             progress = None
             if step_callback is not None:
                 progress = (lambda i: lambda step, total, _latents: step_callback([i], step, total))(i)
-            jobs.append(self._job(request, i, progress, None, None, queue_s[i] if queue_s else 0.0, encode))
+            jobs.append(self._job(request, i, progress, None, None, queue_s[i] if queue_s else 0.0, encode, uris))
         self.scheduler.submit([j for j in jobs if isinstance(j, Job)])
         return [j.future.result() if isinstance(j, Job) else j for j in jobs]
 
@@ -314,32 +337,11 @@ class Engine:
             if job.images_left == 0:
                 job.settle(None)  # warm-up: no result to build
             return
-        fut = self._encoder.submit(self._encode, pixels, job.request, sample.seed)
-        job.encodes.append((sample.image_index, sample.seed, fut))
-        fut.add_done_callback(lambda _f: self._maybe_complete(job))
+        from core.results import encode_result_image, maybe_complete
 
-    def _maybe_complete(self, job: Job) -> None:
-        """On an encoder thread: once every image of the job is encoded, build its result."""
-        if job.finished or len(job.encodes) < job.request.num_images or not all(f.done() for *_, f in job.encodes):
-            return
-        req, images, encode_s = job.request, [], 0.0
-        for index, seed, fut in sorted(job.encodes, key=lambda t: t[0]):
-            try:
-                data, enc_s = fut.result()
-            except Exception as err:  # noqa: BLE001 - a failed encode fails its own request only
-                job.fail(self.internal_error(err))
-                return
-            images.append(GeneratedImage(data=data, seed=seed, media_type=MEDIA_TYPES[req.output_format]))
-            encode_s += enc_s
-        admitted = job.admitted or job.submitted
-        timings = Timings(queue_s=admitted - job.submitted + job.extra_queue_s,
-                          denoise_s=max(0.0, job.denoise_end - admitted), decode_s=job.decode_s, encode_s=encode_s,
-                          total_s=time.perf_counter() - job.submitted)
-        job.settle(GenerationResult(
-            images=images, width=req.width, height=req.height, steps=req.steps, guidance_scale=req.guidance_scale,
-            scheduler=req.scheduler, model=req.model, output_format=req.output_format, batch_size=max(1, job.batch),
-            timings=timings, peak_vram_bytes=job.peak,
-            note="; ".join(n for n in (self.note, job.prompt_note) if n) or None))
+        fut = self._encoder.submit(encode_result_image, self, pixels, job, sample.seed)
+        job.encodes.append((sample.image_index, sample.seed, fut))
+        fut.add_done_callback(lambda _f: maybe_complete(self, job))
 
     def max_batch_for(self, width: int, height: int) -> int:
         """Images per pipeline call at this size: limits.max_batch_size, capped by the VRAM budget's estimate
@@ -376,17 +378,6 @@ class Engine:
 
         return decode_latents(self.pipe.vae, latents, force_tiling)  # on the GPU thread: never concurrent
 
-    def _encode(self, pixels, req: GenerationRequest, seed: int) -> tuple[bytes, float]:
-        from core.encoding import encode_image
-
-        t0 = time.perf_counter()
-        params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
-                  "scheduler": req.scheduler, "guidance_scale": req.guidance_scale, "seed": seed,
-                  "width": req.width, "height": req.height, "model": req.model}
-        if self.note:
-            params["note"] = self.note
-        return encode_image(pixels, req.output_format, params), time.perf_counter() - t0
-
     # ------------------------------------------------------------------ health / info
     def check_health(self) -> None:
         if not self._ready:
@@ -399,7 +390,8 @@ class Engine:
                 "device": getattr(self, "device", None), "dtype": str(getattr(self, "dtype", "")).replace("torch.", ""),
                 "optimizations": self.applied, "vram_budget_bytes": self.budget, "note": self.note,
                 "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times,
-                "warmup_times": self.warmup_times, "scheduling": self.scheduling_stats()}
+                "warmup_times": self.warmup_times, "scheduling": self.scheduling_stats(),
+                "caches": self.caches.stats()}
 
     def scheduling_stats(self) -> dict:
         """The step scheduler's counters: admission policy, UNet calls, images per call, recompiles while

@@ -11,13 +11,17 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from core.config import Strict
+from core.image_fields import ImageInputFields
 
 MAX_SEED = 2**32 - 1  # A1111/ComfyUI use 32-bit seeds; also exact in JSON and Parquet int64.
 OutputFormat = Literal["png", "jpeg", "webp"]
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-class GenerationRequest(Strict):
+class GenerationRequest(ImageInputFields):
+    """One generation: text-to-image, or with the image fields (ImageInputFields) img2img, inpainting and
+    ControlNet."""
+
     prompt: str = Field(..., min_length=1, max_length=10_000, description="What to draw (non-empty).")
     negative_prompt: str | None = Field(None, max_length=10_000, description="What to avoid; model default "
                                         "when absent.")
@@ -83,7 +87,10 @@ class GenerationResult(Strict):
     images: list[GeneratedImage] = Field(..., min_length=1, description="One entry per requested image.")
     width: int = Field(..., description="Width in pixels.")
     height: int = Field(..., description="Height in pixels.")
-    steps: int = Field(..., description="Denoising steps used.")
+    steps: int = Field(..., description="Denoising steps requested (the schedule's length).")
+    steps_run: int | None = Field(None, description="img2img/inpainting: denoising steps actually run, "
+                                  "int(steps x strength) (the schedule's last ones); absent for text-to-image, "
+                                  "which runs all `steps`.")
     guidance_scale: float = Field(..., description="CFG scale used.")
     scheduler: str = Field(..., description="Scheduler used.")
     model: str = Field(..., description="Model that made the images.")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.denoise_state import DenoiseSample
+from core.img2img import after_step, unet_input
 
 
 @dataclass
@@ -76,7 +77,8 @@ def denoise_step(engine, samples: list[DenoiseSample], inputs: CallInputs, padde
     import torch
 
     n = len(samples)
-    scaled = [s.scheduler.scale_model_input(s.latents, s.scheduler.timesteps[s.step]) for s in samples]
+    scaled = [unet_input(s, s.scheduler.scale_model_input(s.latents, s.scheduler.timesteps[s.step]))
+              for s in samples]
     cfg = inputs.cfg
     latent_in = _cat(scaled + [scaled[i] for i in cfg])
     t_in = torch.stack([s.timesteps[s.step] for s in samples] + [samples[i].timesteps[samples[i].step] for i in cfg])
@@ -112,3 +114,4 @@ def denoise_step(engine, samples: list[DenoiseSample], inputs: CallInputs, padde
             t = s.scheduler.timesteps[s.step]
             s.latents = s.scheduler.step(noise[i:i + 1], t, s.latents, **s.step_kwargs, return_dict=False)[0]
             s.step += 1
+            after_step(s)  # inpainting with a 4-channel UNet: blend the kept area back
