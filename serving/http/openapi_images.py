@@ -41,6 +41,19 @@ def controlnet_names(config) -> list[str]:
     return names
 
 
+def img2img_steps(config) -> dict[str, Any]:
+    """An img2img request runs int(steps x strength) >= 1 steps (the engine refuses fewer). Stated as a subset JSON
+    Schema can say: steps >= n and strength >= 1/n (rounded up), n = min(4, every model's max and default steps)."""
+    import math
+
+    n = max(1, min(min(m.engine.limits.max_steps, m.engine.defaults.steps or 4, 4) for m in config.models))
+    return {"properties": {"steps": {"anyOf": [{"type": "integer", "minimum": n}, {"type": "null"}]},
+                           "strength": {"anyOf": [{"type": "number", "minimum": math.ceil(100 / n) / 100},
+                                                  {"type": "null"}]}},
+            "description": f"With init_image: int(steps x strength) >= 1 denoising step (stated as steps >= {n}, "
+                           f"strength >= {math.ceil(100 / n) / 100})."}
+
+
 def _image(description: str, nullable: bool, fmt: str = IMAGE_FORMAT) -> dict[str, Any]:
     one = {"type": "string", "format": fmt}
     return {"anyOf": [one, {"type": "null"}], "description": description} if nullable else \
@@ -69,6 +82,7 @@ def describe_generation_images(schema: dict[str, Any], config) -> None:
     for name in ("init_image", "mask_image"):
         props[name] = _image(props[name].get("description", ""), True)
     req["dependentRequired"] = {"strength": ["init_image"], "mask_image": ["init_image"]}
+    req["dependentSchemas"] = {"init_image": img2img_steps(config)}
     # The multipart `request` part as stated: its images come as the init_image / mask_image files.
     part = copy.deepcopy(req)
     for name in ("init_image", "mask_image", "strength"):
@@ -161,8 +175,9 @@ def describe_a1111(schema: dict[str, Any], config) -> None:
             _set(props, "mask", _image("Inpainting mask (white = repaint), the init image's size.", True))
             _set(props, "inpainting_fill", {"enum": [0, 1]})
             _set(props, "resize_mode", {"enum": [0, 1]})
-            _narrow_number(props["denoising_strength"], exclusiveMinimum=0)
-            props["denoising_strength"].pop("minimum", None)
+            rule = img2img_steps(config)["properties"]  # int(steps x denoising_strength) >= 1
+            _narrow_number(props["denoising_strength"], minimum=rule["strength"]["anyOf"][0]["minimum"])
+            _narrow_number(props["steps"], minimum=rule["steps"]["anyOf"][0]["minimum"])
     options = schema.get("paths", {}).get("/sdapi/v1/options", {}).get("post", {})
     if options:
         options["requestBody"]["content"]["application/json"]["schema"] = {
@@ -193,6 +208,12 @@ def describe_edits(schema: dict[str, Any], config, size_limits: dict[str, Any], 
                            props[name].get("description", "")}
         else:
             _narrow_number(props[name], **limit)
+    rule = img2img_steps(config)["properties"]  # an edit is img2img: int(steps x strength) >= 1
+    _narrow_number(props["steps"], minimum=rule["steps"]["anyOf"][0]["minimum"])
+    _narrow_number(props["strength"], minimum=rule["strength"]["anyOf"][0]["minimum"])
+    props["strength"] = {k: v for k, v in props["strength"].items()}
+    for sub in props["strength"].get("anyOf", []):
+        sub.pop("exclusiveMinimum", None)
     size = dict(size_limits)
     props["size"] = {"anyOf": [{"type": "string", **{k: v for k, v in size.items() if k != "description_add"}},
                                {"type": "null"}], "description": "'WxH' or 'auto' (the image's size)." +

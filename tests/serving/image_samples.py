@@ -47,6 +47,13 @@ def half_mask(w: int = 64, h: int = 64) -> bytes:
     return encode(Image.fromarray(arr, "L"))
 
 
+def alpha_mask(w: int = 64, h: int = 64) -> bytes:
+    """OpenAI's mask convention: transparent (alpha 0) right half = edit, opaque left half = keep."""
+    arr = np.full((h, w, 4), 255, np.uint8)
+    arr[:, w // 2:, 3] = 0
+    return encode(Image.fromarray(arr, "RGBA"))
+
+
 def bad_images() -> dict[str, bytes | str]:
     """Each bad-image case of issue 19, as what a client would send in init_image."""
     good = png()

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from core.schemas import GeneratedImage, GenerationResult
 from serving.config import ServingConfig
-from tests.serving.image_samples import b64, bad_images, half_mask, png
+from tests.serving.image_samples import alpha_mask, b64, bad_images, half_mask, png
 
 pytestmark = []
 
@@ -180,16 +180,7 @@ def test_takes_images_matches_routes_under_a_prefix():
 
 # ------------------------------------------------------------------------------------------------ OpenAI edits
 
-def _alpha_mask(w: int = 64, h: int = 64) -> bytes:
-    """OpenAI's convention: transparent (alpha 0) right half = edit, opaque left half = keep."""
-    import numpy as np
-    from PIL import Image
-
-    from tests.serving.image_samples import encode
-
-    arr = np.full((h, w, 4), 255, np.uint8)
-    arr[:, w // 2:, 3] = 0
-    return encode(Image.fromarray(arr, "RGBA"))
+_alpha_mask = alpha_mask  # OpenAI's convention: transparent right half = edit
 
 
 def _mask_of(req):

@@ -96,6 +96,15 @@ def test_schemathesis_finds_no_contract_violation(contract_url):
     from hypothesis import HealthCheck, given, settings
     from schemathesis import checks as registry  # checks are looked up by name in schemathesis 4
 
+    from hypothesis import strategies as st
+
+    from serving.http.openapi_images import ALPHA_MASK_FORMAT, IMAGE_FORMAT
+    from tests.serving.image_samples import alpha_mask, b64, png
+
+    # The document's image fields name their format (an encoded image, base64 or as a file part): one valid
+    # image of a size every model accepts; the edits mask is a PNG with transparency of the same size.
+    schemathesis.openapi.format(IMAGE_FORMAT, st.just(b64(png(64, 64))))
+    schemathesis.openapi.format(ALPHA_MASK_FORMAT, st.just(b64(alpha_mask(64, 64))))
     schema = schemathesis.openapi.from_url(f"{contract_url}/openapi.json")
     checks = [getattr(registry, name) for name in ("not_a_server_error", "status_code_conformance",
                                                    "content_type_conformance", "response_schema_conformance",
@@ -104,11 +113,6 @@ def test_schemathesis_finds_no_contract_violation(contract_url):
     ran = 0
     for result in schema.get_all_operations():
         operation = result.ok()
-        if "/sdapi/" in operation.path:
-            # The A1111 routes document A1111's own request model (which accepts any value and an empty prompt);
-            # sdserve refuses some of those values with a 422 naming the field. Stating them in the document is
-            # open work (issue 19); until then they are not held to positive-data acceptance here.
-            continue
 
         @settings(max_examples=6, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
