@@ -61,6 +61,7 @@ ROUTE_ERRORS = {
     ("post", "/sdapi/v1/img2img"): AUTH + ("413", "422", "409", "500", "503", "504"),
     ("post", "/sdapi/v1/options"): AUTH + ("422",),
     ("get", "/v1/models"): AUTH,
+    ("get", "/v1/controlnets"): AUTH,
     ("post", "/v1/jobs"): AUTH + ("400", "404", "413", "422"),
     ("get", "/v1/jobs/{job_id}"): AUTH + ("404",),
     ("get", "/v1/jobs/{job_id}/result"): AUTH + ("404", "409", "410"),

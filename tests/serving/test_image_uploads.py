@@ -350,3 +350,11 @@ def test_a1111_controlnet_units_map_onto_control_for_txt2img_and_img2img(app):
         info = json.loads(r.json()["info"])
         assert "ControlNet 0" in info["extra_generation_params"]
         assert "alwayson_scripts.controlnet.args.0.pixel_perfect" in info["sdserve_ignored"]
+
+
+def test_controlnet_listings_without_controlnets(app):
+    client, _ = app
+    assert client.get("/v1/controlnets").json() == {"object": "list", "data": []}
+    assert client.get("/controlnet/model_list").json() == {"model_list": []}
+    assert client.get("/controlnet/module_list").json()["module_list"] == ["none", "canny"]
+    assert client.get("/controlnet/version").json()["version"] >= 1

@@ -137,3 +137,25 @@ def test_openai_size_and_response_format_are_stated():
     assert "auto" in size["enum"] and "96x96" in size["enum"] and "104x96" not in size["enum"]
     fmt = next(s for s in props["response_format"].get("anyOf", [props["response_format"]]) if s.get("enum"))
     assert fmt["enum"] == ["b64_json"]
+
+
+def test_image_inputs_and_a1111_refusals_are_stated():
+    doc = offline_openapi(contract_config())
+    comps = doc["components"]["schemas"]
+    gen = comps["GenerationRequest"]
+    assert gen["dependentRequired"] == {"strength": ["init_image"], "mask_image": ["init_image"]}
+    assert gen["properties"]["init_image"]["anyOf"][0]["format"] == "sdserve-image"
+    assert gen["properties"]["control"]["maxItems"] == 0  # no ControlNet configured in this deployment
+    body = doc["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "multipart/form-data"}
+    assert body["multipart/form-data"]["schema"]["properties"]["request"]["$ref"].endswith("GenerationRequestPart")
+    t2i, i2i = comps["Txt2ImgRequest"]["properties"], comps["Img2ImgRequest"]
+    assert t2i["enable_hr"]["enum"] == [False] and "Karras" not in t2i["scheduler"]["enum"]
+    assert "Euler a" in t2i["sampler_name"]["enum"] and t2i["alwayson_scripts"]["maxProperties"] == 0
+    assert {"prompt", "init_images"} <= set(i2i["required"])
+    assert i2i["properties"]["inpainting_fill"]["enum"] == [0, 1]
+    for path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"):
+        assert {"401", "413", "422"} <= set(doc["paths"][path]["post"]["responses"])
+    edits = doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert edits["properties"]["n"]["type"] == "integer" and edits["required"] == ["image", "prompt"]
+    assert "image_inputs.max_body_bytes" in doc["paths"]["/v1/generate"]["post"]["responses"]["413"]["description"]
