@@ -19,6 +19,8 @@ EMBEDDED_PREFIX = "embedded:"
 # sd15/sdxl are the real architectures at full size with random weights (benchmarks).
 EMBEDDED_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "sd15", "sdxl")
 # tiny-sd-inpaint: tiny-sd with a 9-channel inpainting UNet (latents + mask + masked-image latents).
+# Embedded ControlNets (random weights) matching tiny-sd / tiny-sdxl.
+EMBEDDED_CONTROLNETS = ("tiny-sd-controlnet", "tiny-sdxl-controlnet")
 
 
 def default_cache_dir() -> str:
@@ -178,6 +180,28 @@ class CacheConfig(Strict):
                                    "(e.g. canny edges) by content hash, size and preprocessor.")
 
 
+class ControlNetConfig(Strict):
+    """One ControlNet a model serves (requests name it in control[i].model); loaded once per replica."""
+
+    name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$",
+                      description="Name requests use (control[i].model) and GET /v1/controlnets lists.")
+    source: str = Field(..., min_length=1, max_length=4096, description=(
+        "'embedded:tiny-sd-controlnet|tiny-sdxl-controlnet' (random weights, tests), a hub id ('org/name'), a "
+        "local diffusers ControlNet folder (config.json + safetensors), or a single .safetensors file."))
+    single_file_config: str | None = Field(None, max_length=4096, description="For a single .safetensors: a "
+                                           "local folder or hub id holding the ControlNet's config.json (needed "
+                                           "offline).")
+    revision: str | None = Field(None, max_length=256, description="Hub revision.")
+
+    @field_validator("source")
+    @classmethod
+    def _known_embedded(cls, value: str) -> str:
+        if value.startswith(EMBEDDED_PREFIX) and value[len(EMBEDDED_PREFIX):] not in EMBEDDED_CONTROLNETS:
+            raise ValueError(f"unknown embedded ControlNet {value!r}; valid: "
+                             + ", ".join(EMBEDDED_PREFIX + m for m in EMBEDDED_CONTROLNETS))
+        return value
+
+
 class EngineConfig(Strict):
     """Everything one engine (one model) needs. Loadable from YAML; every key checked."""
 
@@ -213,6 +237,18 @@ class EngineConfig(Strict):
                                            "before their pixels are decoded.")
     caches: CacheConfig = Field(default_factory=CacheConfig, description="Prompt-embedding, init-latent and "
                                 "control-map caches (MB each; 0 = off).")
+    controlnets: list[ControlNetConfig] = Field(default_factory=list, max_length=16, description="ControlNets "
+                                                "this model serves, e.g. [{name: pose, source: org/controlnet}]; "
+                                                "of the model's family (SD1.5/2.x or SDXL).")
+
+    @field_validator("controlnets")
+    @classmethod
+    def _unique_controlnet_names(cls, value: list[ControlNetConfig]) -> list[ControlNetConfig]:
+        names = [c.name for c in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"ControlNet names must be unique: {', '.join(dupes)} repeated")
+        return value
 
     @field_validator("scheduler")
     @classmethod

@@ -58,6 +58,7 @@ class Job:
     admitted: float | None = None
     conditioning: TextConditioning | None = None
     images: Any = None  # core.img2img.ImageConditioning of an img2img/inpainting request (set at resolve)
+    controls: list = field(default_factory=list)  # core.controlnet.ControlSpec per control[i] (set at resolve)
     prompt_note: str | None = None  # the prompt is longer than the text encoder reads (set with conditioning)
     images_left: int = 0  # samples not yet decoded
     denoise_end: float = 0.0
@@ -121,6 +122,7 @@ class DenoiseSample:
     step: int = 0  # index into timesteps of the next UNet call (heun/kdpm2: two per denoising step)
     first_step: int = 0  # img2img: where the sample entered its schedule (t_start x order); 0 for text-to-image
     image: Any = None  # core.img2img.ImageSample: img2img/inpainting state (and a 9-channel UNet's extra input)
+    controls: list = field(default_factory=list)  # core.controlnet.ControlUnit per ControlNet conditioning
     step_kwargs: dict = field(default_factory=dict)
     deep: Any = None  # step cache: this sample's rows of the cached deep feature ([cond(, uncond)])
     last_run: float = 0.0
@@ -250,4 +252,8 @@ def start_sample(sample: DenoiseSample, pipe, family: str, base_scheduler_config
         start(sample, pipe, engine, shape, device, dtype)
     else:
         sample.latents = initial_latents(sample.generator, shape, device, dtype, sched.init_noise_sigma)
+    if sample.job.controls:
+        from core.controlnet import start
+
+        start(sample, sample.job.controls, device, dtype)
     sample.last_run = time.perf_counter()

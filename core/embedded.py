@@ -157,3 +157,49 @@ def ensure_saved(name: str, cache_dir: str, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_controlnet(name: str, seed: int = 0):
+    """Embedded ControlNet `name` (tiny-sd-controlnet / tiny-sdxl-controlnet): diffusers' ControlNetModel.from_unet
+    of the matching tiny UNet (same config), then every zero-initialised projection (the zero convs, the
+    conditioning embedding's last conv) drawn at random from `seed`: a trained ControlNet's residuals are not
+    zero, and with zeros a ControlNet would change nothing."""
+    import torch
+    from diffusers import ControlNetModel
+
+    base = {"tiny-sd-controlnet": "tiny-sd", "tiny-sdxl-controlnet": "tiny-sdxl"}[name]
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(_build(base).unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.2)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.05)
+        # The conditioning embedding: variance-preserving weights and no biases, so the control image (not the
+        # biases) is what its output carries through its 8 layers.
+        for conv in net.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                fan_in = conv.weight[0].numel()
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                conv.bias.zero_()
+    return net
+
+
+def ensure_controlnet_saved(name: str, cache_dir: str, seed: int = 0) -> Path:
+    """Write embedded ControlNet `name` to the cache once (atomically) and return its folder."""
+    target = Path(cache_dir) / "embedded" / f"{name}-seed{seed}-{FORMAT_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("building embedded ControlNet %s (random weights) in %s", name, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build_controlnet(name, seed).save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is identical
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ from core.denoise_state import Job, ProgressCallback
 from core.caches import EngineCaches
 from core.gpu_stage import Stopwatch, own_cudagraph_trees
 from core.image_inputs import NO_URIS, UriPolicy
-from core.schemas import MAX_SEED, GenerationError, GenerationRequest, GenerationResult
+from core.schemas import GenerationError, GenerationRequest, GenerationResult
 from core.step_scheduler import StepScheduler
 
 log = logging.getLogger(__name__)
@@ -68,6 +67,7 @@ class Engine:
         self.compiled = False
         self.scheduler = StepScheduler(self)
         self.caches = EngineCaches(config.caches)
+        self.controlnets: dict = {}  # name -> diffusers ControlNetModel (config.controlnets, loaded with the model)
 
     # ------------------------------------------------------------------ loading
     def load(self) -> "Engine":
@@ -95,6 +95,14 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         self.base_scheduler_config = pipe.scheduler.config
         self.footprint = memory.footprint_of(pipe)
+        if cfg.controlnets:  # resident on the device at every memory level; counted in the footprint
+            from core.controlnet import load_controlnets
+
+            self.controlnets = load_controlnets(self, pipe)
+            self.footprint = memory.ModelFootprint(self.footprint.unet, self.footprint.text_encoders,
+                                                   self.footprint.vae, sum(map(memory.module_bytes,
+                                                                               self.controlnets.values())))
+            mark("controlnets")
         self.budget = memory.enforce_budget(cfg.memory, self.device)
         if self.level == MemoryLevel.AUTO:
             w, h, *_ = self.family_defaults()
@@ -220,48 +228,11 @@ class Engine:
         return self.resolve_with_images(req, uris)[0]
 
     def resolve_with_images(self, req: GenerationRequest, uris: UriPolicy = NO_URIS):
-        """resolve(), and the request's decoded images at its output size (core.img2img.ImageConditioning) or
-        None."""
-        from core import img2img
+        """resolve(), the request's init/mask images at its output size (core.img2img.ImageConditioning, or
+        None) and its control maps (a core.controlnet.ControlSpec per control[i])."""
+        from core.resolve import resolve_request
 
-        cfg, lim = self.config, self.config.limits
-        if req.model is not None and req.model != cfg.name:
-            raise GenerationError(f"unknown model {req.model!r}; this engine serves {cfg.name!r}", "validation", "model")
-        if req.control:
-            raise GenerationError("control: this engine has no ControlNets configured", "validation", "control")
-        size, images = img2img.prepare(req, cfg.image_inputs, uris)
-        w, h, steps, guidance = self.family_defaults()
-        d = cfg.defaults
-        fill = {
-            "width": req.width or size.get("width") or d.width or w,
-            "height": req.height or size.get("height") or d.height or h,
-            "steps": req.steps or d.steps or steps,
-            "guidance_scale": req.guidance_scale if req.guidance_scale is not None else (
-                d.guidance_scale if d.guidance_scale is not None else guidance),
-            "scheduler": req.scheduler or cfg.scheduler,
-            "negative_prompt": req.negative_prompt if req.negative_prompt is not None else d.negative_prompt,
-            "seed": req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1),
-            "model": cfg.name,
-        }
-        checks = [
-            ("prompt", len(req.prompt) <= lim.max_prompt_chars, f"at most {lim.max_prompt_chars} characters"),
-            ("width", fill["width"] <= lim.max_width, f"must be <= {lim.max_width}"),
-            ("height", fill["height"] <= lim.max_height, f"must be <= {lim.max_height}"),
-            ("width", fill["width"] * fill["height"] <= lim.max_pixels,
-             f"width x height = {fill['width'] * fill['height']} exceeds max_pixels {lim.max_pixels}"),
-            ("steps", fill["steps"] <= lim.max_steps, f"must be <= {lim.max_steps}"),
-            ("num_images", req.num_images <= lim.max_images_per_request,
-             f"must be <= {lim.max_images_per_request}"),
-        ]
-        for field, ok, why in checks:
-            if not ok:
-                raise GenerationError(f"{field}: {why} for model {cfg.name}", "validation", field)
-        if images is not None:
-            fill["strength"] = size["strength"]
-        req = req.model_copy(update=fill)
-        if images is not None:
-            img2img.fit(images, req)
-        return req, images
+        return resolve_request(self, req, uris)
 
     def generate(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
                  queue_s: Sequence[float] | None = None, uris: UriPolicy = NO_URIS) -> list[Outcome]:
@@ -308,12 +279,12 @@ class Engine:
     def _job(self, request, index: int, on_progress, cancel, timeout_s, queue_s: float, encode: bool,
              uris: UriPolicy = NO_URIS):
         try:
-            req, images = self.resolve_with_images(request, uris)
+            req, images, controls = self.resolve_with_images(request, uris)
             self.check_capacity(req)
         except GenerationError as err:
             return err
         job = Job(req, index, on_progress, cancel or threading.Event(), extra_queue_s=queue_s, encode=encode)
-        job.images = images
+        job.images, job.controls = images, controls
         if timeout_s is not None:
             job.deadline = job.submitted + timeout_s
         return job
@@ -392,6 +363,13 @@ class Engine:
                 "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times,
                 "warmup_times": self.warmup_times, "scheduling": self.scheduling_stats(),
                 "caches": self.caches.stats()}
+
+    def list_controlnets(self) -> list[dict]:
+        """The ControlNets this model serves (GET /v1/controlnets): [{name, family, source}]; family is the
+        model's (checked at load), None before loading."""
+        from core.controlnet import describe
+
+        return describe(self)
 
     def scheduling_stats(self) -> dict:
         """The step scheduler's counters: admission policy, UNet calls, images per call, recompiles while

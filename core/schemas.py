@@ -18,9 +18,8 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-class GenerationRequest(ImageInputFields):
-    """One generation: text-to-image, or with the image fields (ImageInputFields) img2img, inpainting and
-    ControlNet."""
+class TextToImageFields(Strict):
+    """The text-to-image fields of GenerationRequest (listed first in its schema, CLI flags and docs)."""
 
     prompt: str = Field(..., min_length=1, max_length=10_000, description="What to draw (non-empty).")
     negative_prompt: str | None = Field(None, max_length=10_000, description="What to avoid; model default "
@@ -66,6 +65,16 @@ class GenerationRequest(ImageInputFields):
         from core.schedulers import check_scheduler_name
 
         return check_scheduler_name(value)
+
+
+class GenerationRequest(ImageInputFields, TextToImageFields):
+    """One generation: text-to-image, or with the image fields (core.image_fields.ImageInputFields) img2img,
+    inpainting and ControlNet. (Bases in this order: pydantic lists TextToImageFields' fields first.)"""
+
+    @field_validator("strength", "mask_blur", mode="before")
+    @classmethod
+    def _strict_image_number(cls, value: Any) -> Any:
+        return TextToImageFields._strict_number(value)  # as for the numbers above: true is not 1, "5" not 5
 
 
 class Timings(Strict):

@@ -134,7 +134,7 @@ def test_bad_inputs_name_their_field(engine, req, init_png, mask_png):
              (dict(init_image=init_png, strength=0.1, steps=4), "strength"),
              (dict(init_image=b"not an image"), "init_image"),
              (dict(init_image="file:///etc/hosts"), "init_image"),
-             (dict(control=[{"model": "pose", "image": init_png}]), "control")]
+             (dict(control=[{"model": "pose", "image": init_png}]), "control.0.model")]  # none configured
     for fields, field in cases:
         err = engine.generate([req(**fields)])[0]
         assert isinstance(err, GenerationError) and err.kind == "validation" and err.field == field, (fields, err)
@@ -186,3 +186,23 @@ def test_equals_diffusers_img2img_and_inpaint_pipelines(engine, req, ok, decode,
                                engine, **kw)
     area = ~kept_area(mask_png, 0) if inpaint else np.ones(ours.shape[:2], bool)
     assert np.abs(ours[area] - theirs[area]).max() <= MAX_DIFF
+
+
+def test_progress_counts_the_steps_an_img2img_request_runs(engine, req, ok, init_png):
+    seen = []
+    out = ok(engine.generate([req(seed=60, steps=4, init_image=init_png, strength=0.5)],
+                             step_callback=lambda _ids, done, total: seen.append((done, total)))[0])
+    assert out.steps_run == 2 and seen == [(1, 2), (2, 2)]
+
+
+def test_image_fields_follow_the_text_fields_and_take_numbers_only(init_png):
+    from pydantic import ValidationError
+
+    from core.schemas import GenerationRequest
+
+    names = list(GenerationRequest.model_fields)
+    assert names[0] == "prompt" and names.index("init_image") > names.index("model")
+    for bad in ({"strength": True}, {"strength": "0.5"}, {"mask_blur": "3"}):
+        with pytest.raises(ValidationError) as info:
+            GenerationRequest(prompt="x", init_image=init_png, **bad)
+        assert info.value.errors()[0]["loc"] == (next(iter(bad)),)
