@@ -92,3 +92,24 @@ def test_a1111_img2img_live_matches_the_native_route(client):
     assert base64.b64decode(out["images"][0]) == native.content
     info = json.loads(out["info"])
     assert (info["width"], info["height"], info["denoising_strength"]) == (96, 64, 0.5)
+
+
+def test_controlnets_are_listed_from_the_deployment_and_steer_the_image(client):
+    listed = client.get("/v1/controlnets").json()["data"]
+    assert [(c["id"], c["model"], c["family"]) for c in listed] == [("tiny-pose", "tiny-b", "sd15")]
+    assert client.get("/controlnet/model_list").json() == {"model_list": ["tiny-pose"]}
+    pose = b64(png(64, 64, seed=5))
+    plain = {"prompt": "a dancer", "steps": 4, "seed": 2, "model": "tiny-b"}
+    without = client.post("/v1/generate", json=plain)
+    steered = client.post("/v1/generate", data={"request": json.dumps({**plain, "control": [
+        {"model": "tiny-pose", "scale": 2.0}]})}, files={"control.0.image": ("pose.png", png(64, 64, seed=5))})
+    assert without.status_code == steered.status_code == 200, steered.text
+    assert steered.content != without.content
+    r = client.post("/v1/generate", json={**plain, "control": [{"model": "nope", "image": pose}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", "control"]
+    a1111 = client.post("/sdapi/v1/txt2img", json={
+        "prompt": "a dancer", "steps": 4, "seed": 2, "override_settings": {"sd_model_checkpoint": "tiny-b"},
+        "alwayson_scripts": {"controlnet": {"args": [{"image": pose, "model": "tiny-pose [0000]", "weight": 2.0,
+                                                      "module": "none"}]}}})
+    assert a1111.status_code == 200, a1111.text
+    assert "ControlNet 0" in json.loads(a1111.json()["info"])["extra_generation_params"]

@@ -23,7 +23,8 @@ def contract_config() -> dict:
     return {"app_name": "contract", "route_prefix": "/contract", "security": {"api_keys": [KEY]},
             "jobs": {"backend": "local", "concurrency": 1},
             "models": [{"engine": {"name": "tiny-c", "device": "cpu", "limits": LIMITS,
-                                   "optimization": {"warmup_steps": 0}},
+                                   "optimization": {"warmup_steps": 0},
+                                   "controlnets": [{"name": "tiny-cn", "source": "embedded:tiny-sd-controlnet"}]},
                         "deployment": {"num_gpus": 0, "num_cpus": 0.5}}]}
 
 
@@ -145,13 +146,17 @@ def test_image_inputs_and_a1111_refusals_are_stated():
     gen = comps["GenerationRequest"]
     assert gen["dependentRequired"] == {"strength": ["init_image"], "mask_image": ["init_image"]}
     assert gen["properties"]["init_image"]["anyOf"][0]["format"] == "sdserve-image"
-    assert gen["properties"]["control"]["maxItems"] == 0  # no ControlNet configured in this deployment
+    assert comps["ControlInput"]["properties"]["model"]["enum"] == ["tiny-cn"]  # the configured ControlNets
+    no_cn = offline_openapi({**contract_config(), "models": [{"engine": {"name": "tiny-c"}}]})
+    assert no_cn["components"]["schemas"]["GenerationRequest"]["properties"]["control"]["maxItems"] == 0
     body = doc["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}
     assert body["multipart/form-data"]["schema"]["properties"]["request"]["$ref"].endswith("GenerationRequestPart")
     t2i, i2i = comps["Txt2ImgRequest"]["properties"], comps["Img2ImgRequest"]
     assert t2i["enable_hr"]["enum"] == [False] and "Karras" not in t2i["scheduler"]["enum"]
-    assert "Euler a" in t2i["sampler_name"]["enum"] and t2i["alwayson_scripts"]["maxProperties"] == 0
+    assert "Euler a" in t2i["sampler_name"]["enum"]
+    unit = t2i["alwayson_scripts"]["properties"]["controlnet"]["properties"]["args"]["items"]
+    assert unit["properties"]["model"]["enum"] == ["tiny-cn"] and unit["properties"]["module"]["enum"] == ["none", "canny"]
     assert {"prompt", "init_images"} <= set(i2i["required"])
     assert i2i["properties"]["inpainting_fill"]["enum"] == [0, 1]
     for path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"):
