@@ -128,7 +128,13 @@ async def generation_body(request: Request) -> GenerationRequest:
         raw = await request.body()
         if not raw:
             raise _invalid((), "Field required", "missing")
-        return GenerationRequest.model_validate_json(raw)
+        try:
+            data = json.loads(raw)
+        except ValueError as err:  # FastAPI's own json_invalid error (its handler says where: "at character 15")
+            pos = getattr(err, "pos", 0)
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body", pos), "msg": "JSON decode error",
+                                           "input": {}, "ctx": {"error": getattr(err, "msg", str(err))}}]) from None
+        return GenerationRequest.model_validate(data)
     except ValidationError as err:
         raise _validation(err) from None
 
