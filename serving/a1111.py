@@ -20,16 +20,10 @@ from pydantic import ConfigDict, Field
 from core.config import Strict
 from core.schedulers import SCHEDULERS
 from core.schemas import MAX_SEED, GenerationRequest, GenerationResult
+from serving.a1111_controlnet import a1111_control_field, control_units
+from serving.a1111_errors import A1111Error  # noqa: F401 - re-exported: routes and tests import it from here
 
 VERSION = "sdserve-a1111-compat"
-
-
-class A1111Error(Exception):
-    """A request A1111 semantics refuse: rendered as FastAPI's {"detail": [{loc, msg, type}]} with `status`."""
-
-    def __init__(self, field: str | None, message: str, status: int = 422):
-        super().__init__(message)
-        self.field, self.message, self.status = field, message, status
 
 
 # ------------------------------------------------------------------------------------------------ samplers
@@ -284,8 +278,6 @@ def to_generation_request(body: A1111Request, models: list[ModelInfo], default_m
     """
     from pydantic import ValidationError
 
-    from serving.a1111_controlnet import control_units
-
     for name, is_off in _REFUSED.items():
         if name in type(body).model_fields and not is_off(getattr(body, name)):
             raise A1111Error(name, f"{name}: {_REFUSED_WHY[name]} is not supported by sdserve")
@@ -334,8 +326,6 @@ A1111_FIELD = {"guidance_scale": "cfg_scale", "num_images": "batch_size", "sched
 
 def a1111_field(ours: str | None) -> str | None:
     """Our field name (dotted for nested ones: control.0.scale) as the A1111 request names it."""
-    from serving.a1111_controlnet import a1111_control_field
-
     if ours is None:
         return None
     return a1111_control_field(ours) or A1111_FIELD.get(ours, ours)

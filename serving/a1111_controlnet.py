@@ -8,11 +8,13 @@ skipped). Refused with a 422 naming the unit's field: other preprocessors, a uni
 Balanced. Tuning keys with no effect here (pixel_perfect, processor_res, threshold_a/b, resize_mode, lowvram...)
 are accepted and listed in `info.sdserve_ignored`.
 
-Pure: no FastAPI, no Ray. Errors are serving.a1111.A1111Error (imported late: that module imports this one).
+Pure: no FastAPI, no Ray. Errors are serving.a1111_errors.A1111Error.
 """
 from __future__ import annotations
 
 from typing import Any
+
+from serving.a1111_errors import A1111Error
 
 PREFIX = "alwayson_scripts.controlnet.args"
 SCRIPT_NAMES = ("controlnet", "ControlNet")
@@ -28,9 +30,7 @@ INERT_DEFAULTS: dict[str, Any] = {"resize_mode": "Crop and Resize", "low_vram": 
 BALANCED = (0, "Balanced", None)
 
 
-def _error(field: str, message: str):
-    from serving.a1111 import A1111Error
-
+def _error(field: str, message: str) -> A1111Error:
     return A1111Error(field, f"{field}: {message}")
 
 
