@@ -3,8 +3,8 @@ serving/http/openapi.py's `describe`).
 
 - Image fields (init_image, mask_image, control[].image, A1111's init_images/mask, the edits route's files) carry
   the format IMAGE_FORMAT: an encoded PNG/JPEG/WebP image (base64, a data: URL, or a URI under
-  image_inputs.uri_allowlist) of IMAGE_SIZE_NOTE. A schema fuzzer registers a strategy for it (the contract test
-  does); `strength` and `mask_image` require `init_image` (dependentRequired).
+  image_inputs.uri_allowlist) within image_inputs.limits. A schema fuzzer registers a strategy for it (the
+  contract test does); `strength` and `mask_image` require `init_image` (dependentRequired).
 - ControlNet model names are an enum of the configured ControlNets (no ControlNet configured: `control` is empty).
 - A1111 refusals are stated: the fields sdserve refuses when turned on accept only their off values, samplers and
   schedulers are enums, sizes/steps/images/prompt lengths follow the models' limits; a 422 remains for what JSON
@@ -13,8 +13,6 @@ serving/http/openapi.py's `describe`).
 from __future__ import annotations
 
 from typing import Any
-
-from core.schedulers import SCHEDULERS  # noqa: F401 - keeps the import order of openapi.py (light)
 
 IMAGE_FORMAT = "sdserve-image"
 # Multipart image parts: a file, or a text part holding what a JSON field would (base64, data: URL, allowed URI).
@@ -146,8 +144,8 @@ def describe_a1111(schema: dict[str, Any], config) -> None:
         required = _comp(schema, comp).setdefault("required", [])
         if "prompt" not in required:  # A1111's default "" is refused: a prompt is needed
             required.append("prompt")
-        _narrow_number(props["negative_prompt"], maxLength=min(x.max_prompt_chars for x in lim))
-        _narrow_number(props["prompt"], maxLength=min(x.max_prompt_chars for x in lim))
+        for text in ("prompt", "negative_prompt"):  # the smallest limit: override_settings may pick any model
+            _narrow_number(props[text], maxLength=min(x.max_prompt_chars for x in lim))
         for side, key in (("width", "max_width"), ("height", "max_height")):
             _narrow_number(props[side], maximum=min(getattr(x, key) for x in lim))
         _narrow_number(props["steps"], maximum=min(x.max_steps for x in lim))
