@@ -83,6 +83,8 @@ class AotForward:
     def __call__(self, sample, *args, **kwargs):
         shape = tuple(sample.shape)
         fn = self.fns.get(shape)
+        if kwargs.get("down_block_additional_residuals") is not None:  # ControlNet: not what was compiled
+            return self.eager(sample, *args, **kwargs)
         if fn is None:
             if not self.compiling:
                 return self.eager(sample, *args, **kwargs)

@@ -254,7 +254,11 @@ class Engine:
         its images leave the batch (the others' are unchanged) and the replica is free for other work."""
         if not self._ready:
             await asyncio.to_thread(self.load)
-        job = self.submit(request, on_progress, cancel, timeout_s, queue_s, uris=uris)
+        args = (request, on_progress, cancel, timeout_s, queue_s)
+        if request.init_image is not None or request.control:  # decoding images must not block the event loop
+            job = await asyncio.to_thread(self.submit, *args, uris=uris)
+        else:
+            job = self.submit(*args, uris=uris)
         try:
             return await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
@@ -362,7 +366,7 @@ class Engine:
                 "optimizations": self.applied, "vram_budget_bytes": self.budget, "note": self.note,
                 "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times,
                 "warmup_times": self.warmup_times, "scheduling": self.scheduling_stats(),
-                "caches": self.caches.stats()}
+                "caches": self.caches.stats(), "controlnets": self.list_controlnets()}
 
     def list_controlnets(self) -> list[dict]:
         """The ControlNets this model serves (GET /v1/controlnets): [{name, family, source}]; family is the

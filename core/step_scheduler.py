@@ -269,7 +269,9 @@ class StepScheduler:
         eng = self.engine
         inputs = self._inputs[(key, phase)] = build_inputs(samples, self.device, self._inputs.get((key, phase)))
         rows = padded(eng, unet_rows(samples), row_buckets(eng))
-        with eng.monitor.track(), shape_context(eng, "unet", key[1], key[2], rows):
+        # ControlNet residuals change the compiled UNet's inputs: their calls run eagerly (never recompile)
+        part = "unet-control" if eng.controlnets and any(s.controls for s in samples) else "unet"
+        with eng.monitor.track(), shape_context(eng, part, key[1], key[2], rows):
             denoise_step(eng, samples, inputs, rows, phase)
         self._after_call(key, samples)
 

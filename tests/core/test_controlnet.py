@@ -174,3 +174,29 @@ def test_controlnet_configs_are_checked(make_config):
         make_config(controlnets=[{"name": "x", "source": "embedded:nope"}])
     with pytest.raises(ModelLoadError, match="sdxl"):
         Engine(make_config(controlnets=[{"name": "xl", "source": "embedded:tiny-sdxl-controlnet"}])).load()
+
+
+def test_compiled_unet_runs_controlnet_calls_eagerly_without_recompiling(make_config, req, ok, control_png, caplog):
+    """A compiled engine (CPU torch.compile, backend "eager"; as in test_step_scheduler_compile.py): ControlNet
+    calls run eagerly (residuals are inputs the warmed graphs do not take) and img2img calls use the warmed graph:
+    no new graph while serving."""
+    import logging
+
+    from core.engine import Engine
+    from core.step_scheduler import unique_graphs
+
+    eng = Engine(make_config(limits={"max_batch_size": 2}, controlnets=NETS[:1])).load()
+    eng.pipe.unet.compile(backend="eager", fullgraph=True, dynamic=False)
+    eng.compiled = True
+    eng.config.optimization.warmup_steps = 2
+    eng.config.optimization.warmup_shapes = [(64, 64, 2)]
+    eng.warmup()
+    eng.scheduler.mark_warm()
+    graphs = unique_graphs()
+    mixed = [req(seed=1, steps=2, control=control(control_png)), req(seed=2, steps=3, init_image=control_png),
+             req(seed=3, steps=2)]
+    with caplog.at_level(logging.WARNING, logger="core.step_scheduler"):
+        outs = [ok(o) for o in eng.generate(mixed)]
+    assert max(o.batch_size for o in outs) == 2
+    assert unique_graphs() == graphs and eng.info()["scheduling"]["recompiles"] == 0
+    assert "new graph" not in caplog.text

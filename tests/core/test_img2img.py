@@ -206,3 +206,26 @@ def test_image_fields_follow_the_text_fields_and_take_numbers_only(init_png):
         with pytest.raises(ValidationError) as info:
             GenerationRequest(prompt="x", init_image=init_png, **bad)
         assert info.value.errors()[0]["loc"] == (next(iter(bad)),)
+
+
+def test_generate_async_decodes_images_off_the_event_loop(engine, req, ok, decode, init_png, mask_png, monkeypatch):
+    import asyncio
+    import threading
+
+    import core.img2img as img2img
+
+    threads, original = [], img2img.decode_request_images
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(img2img, "decode_request_images", spy)
+    r = req(seed=70, steps=2, init_image=init_png, mask_image=mask_png)
+
+    async def main():
+        return await engine.generate_async(r), threading.current_thread()
+
+    out, loop_thread = asyncio.run(main())
+    assert threads and threads[0] is not loop_thread
+    assert np.array_equal(pixels(decode, ok(out)), pixels(decode, ok(engine.generate([r])[0])))
