@@ -11,7 +11,6 @@ from typing import Any, Literal
 from pydantic import Field
 
 from core.config import EngineConfig, Strict, load_yaml
-from core.image_fields import ImageInputLimits
 from core.resources import engine_for_actor
 from core.schemas import MAX_SEED, OutputFormat
 
@@ -41,9 +40,6 @@ class RowDefaults(Strict):
 class BatchJobConfig(Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="The model every actor loads.")
     defaults: RowDefaults = Field(default_factory=RowDefaults, description="Per-row fallbacks.")
-    image_limits: ImageInputLimits = Field(default_factory=ImageInputLimits, description="Limits on the rows' "
-                                           "input images (init_image, mask_image, control images); a row over "
-                                           "them is an error row naming the field.")
     job_seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of rows without one: "
                           "blake2b(job_seed, id), so the same input gives the same images on every run.")
     concurrency: int = Field(1, ge=1, le=4096, description="Engine actors (the actor pool size).")

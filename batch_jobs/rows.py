@@ -75,8 +75,8 @@ def load_row_images(req: GenerationRequest, limits: ImageInputLimits) -> Generat
 
 def to_request(row: dict[str, Any], defaults: RowDefaults, job_seed: int,
                image_limits: ImageInputLimits | None = None) -> GenerationRequest:
-    """Validate one row with the shared schema, images read and checked. Raises GenerationError(kind='validation',
-    field=...)."""
+    """Validate one row with the shared schema, images read and checked (image_limits: the engine's
+    `image_inputs`). Raises GenerationError(kind='validation', field=...)."""
     fields = {k: row[k] for k in REQUEST_COLUMNS if row.get(k) is not None}
     if "control" in fields:
         fields["control"] = _control_column(fields["control"])
