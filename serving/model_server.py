@@ -112,6 +112,10 @@ class ModelServer:
                 "max_batch_size": self.config.limits.max_batch_size,
                 "replica": serve.get_replica_context().replica_id.unique_id, "pid": _pid(), **_vram_stats()}
 
+    async def controlnets(self) -> list[dict]:
+        """The ControlNets this replica's engine loaded: [{name, family, source}] (GET /v1/controlnets)."""
+        return self.engine.list_controlnets()
+
     def check_health(self) -> None:
         # Raising makes Serve restart this replica (e.g. after a CUDA error left the context unusable).
         self.engine.check_health()
