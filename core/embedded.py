@@ -141,18 +141,25 @@ def _build(name: str):
 
 def ensure_saved(name: str, cache_dir: str, seed: int = 0) -> Path:
     """Write embedded model `name` to the cache once (atomically: replicas may race) and return its folder."""
+    return _save_once(name, cache_dir, seed, "model_index.json", f"model {name} ({NOISE_NOTE})",
+                      lambda: build_pipeline(name, seed))
+
+
+def _save_once(name: str, cache_dir: str, seed: int, marker: str, what: str, build) -> Path:
+    """`build()` saved with save_pretrained under the cache's embedded/ folder unless already there (its `marker`
+    file exists): written to a temporary folder and renamed into place, so racing processes never see half."""
     target = Path(cache_dir) / "embedded" / f"{name}-seed{seed}-{FORMAT_VERSION}"
-    if (target / "model_index.json").exists():
+    if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.warning("building embedded model %s (%s) in %s", name, NOISE_NOTE, target)
+    log.warning("building embedded %s in %s", what, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        build_pipeline(name, seed).save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is identical
-            if not (target / "model_index.json").exists():
+            if not (target / marker).exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,19 +194,5 @@ def build_controlnet(name: str, seed: int = 0):
 
 def ensure_controlnet_saved(name: str, cache_dir: str, seed: int = 0) -> Path:
     """Write embedded ControlNet `name` to the cache once (atomically) and return its folder."""
-    target = Path(cache_dir) / "embedded" / f"{name}-seed{seed}-{FORMAT_VERSION}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.warning("building embedded ControlNet %s (random weights) in %s", name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        build_controlnet(name, seed).save_pretrained(tmp, safe_serialization=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race; its copy is identical
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _save_once(name, cache_dir, seed, "config.json", f"ControlNet {name} (random weights)",
+                      lambda: build_controlnet(name, seed))

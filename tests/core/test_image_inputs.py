@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from core.image_fields import ControlInput, ImageInputFields, ImageInputLimits, 
 from core.image_inputs import ANY_URI, NO_URIS, UriPolicy, classify_source, decode_image, decode_request_images, \
     openai_mask_to_repaint, output_size, repaint_mask
 from core.schemas import GenerationError
+from tests.serving.image_samples import png_header_only
 
 LIMITS = ImageInputLimits()
 
@@ -28,16 +27,6 @@ def noise(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
     chans = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
     arr = np.random.default_rng(seed).integers(0, 256, (h, w, chans), dtype=np.uint8)
     return Image.fromarray(arr[..., 0] if chans == 1 else arr, mode)
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose IHDR claims width x height, with one tiny IDAT: a header that costs nothing to send."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + \
-        chunk(b"IEND", b"")
 
 
 def refused(source, field="init_image", limits=LIMITS, uris=NO_URIS, **kw) -> GenerationError:
