@@ -64,6 +64,7 @@ class Engine:
         self.load_times: dict[str, float] = {}  # per load stage
         self.aot_forwards: list = []  # core/aot_forward.py forwards, when compile_artifacts=aot
         self.step_cache = None
+        self.lora = None  # core/lora_runtime.LoraRuntime when the config has a LoRA library
         self.compiled = False
         self.scheduler = StepScheduler(self)
 
@@ -240,6 +241,11 @@ class Engine:
         for field, ok, why in checks:
             if not ok:
                 raise GenerationError(f"{field}: {why} for model {cfg.name}", "validation", field)
+        if self.lora is not None:
+            fill.update(self.lora.resolve(req))  # <lora:...> tags out of the prompt, names and families checked
+        elif req.loras or "<lora:" in req.prompt.lower():
+            raise GenerationError(f"loras: model {cfg.name} has no LoRA library (engine config `loras.uri`)",
+                                  "validation", "loras")
         return req.model_copy(update=fill)
 
     def generate(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
@@ -281,8 +287,17 @@ class Engine:
             failed = Job(request, cancel=cancel or threading.Event())
             failed.fail(job)
             return failed
-        self.scheduler.submit([job])
+        self._schedule([job])
         return job
+
+    def _schedule(self, jobs: list[Job]) -> None:
+        """Hand jobs to the step scheduler together; a job with LoRAs once its adapters are in the host cache
+        (loaded off the GPU thread: core/lora_runtime.py)."""
+        plain = [j for j in jobs if self.lora is None or not j.request.loras]
+        self.scheduler.submit(plain)
+        for job in jobs:
+            if self.lora is not None and job.request.loras:
+                self.lora.submit(job, lambda job=job: self.scheduler.submit([job]))
 
     def _job(self, request, index: int, on_progress, cancel, timeout_s, queue_s: float, encode: bool):
         try:
@@ -303,7 +318,7 @@ class Engine:
             if step_callback is not None:
                 progress = (lambda i: lambda step, total, _latents: step_callback([i], step, total))(i)
             jobs.append(self._job(request, i, progress, None, None, queue_s[i] if queue_s else 0.0, encode))
-        self.scheduler.submit([j for j in jobs if isinstance(j, Job)])
+        self._schedule([j for j in jobs if isinstance(j, Job)])
         return [j.future.result() if isinstance(j, Job) else j for j in jobs]
 
     def finish_image(self, sample, pixels) -> None:
@@ -399,7 +414,15 @@ class Engine:
                 "device": getattr(self, "device", None), "dtype": str(getattr(self, "dtype", "")).replace("torch.", ""),
                 "optimizations": self.applied, "vram_budget_bytes": self.budget, "note": self.note,
                 "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times,
-                "warmup_times": self.warmup_times, "scheduling": self.scheduling_stats()}
+                "warmup_times": self.warmup_times, "scheduling": self.scheduling_stats(),
+                "loras": self.lora.stats() if self.lora is not None else None}
+
+    def loras(self) -> list[dict]:
+        """The LoRA library (rescanned): name, family, rank, size_bytes, layout, trigger_words, components and
+        whether it is in the host cache; [] without a library."""
+        if not self._ready:
+            self.load()
+        return self.lora.entries() if self.lora is not None else []
 
     def scheduling_stats(self) -> dict:
         """The step scheduler's counters: admission policy, UNet calls, images per call, recompiles while

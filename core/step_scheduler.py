@@ -161,7 +161,11 @@ class StepScheduler:
             try:
                 if job.conditioning is None:
                     job.admitted = time.perf_counter()
-                    job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device)
+                    if eng.lora is None:
+                        job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device)
+                    else:  # with the job's text-encoder LoRAs
+                        with eng.lora.text_encoding(job):
+                            job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device)
                     # Here, on the GPU thread: a fast tokenizer is not thread-safe (each call sets its padding and
                     # truncation on the shared backend), so it is only ever called from this thread.
                     job.prompt_note = prompt_note(eng.pipe, job.request, eng.config.name)
@@ -222,6 +226,8 @@ class StepScheduler:
             key, phase, members = max(starved, key=waited)
         else:
             key, phase, members = min(sets, key=lambda it: (work(it), min(s.job.submitted for s in it[2])))
+        if self.engine.lora is not None:  # at most gpu_slots distinct adapter sets per call
+            members = self.engine.lora.limit_sets(members)
         cap = self.cap(key)
         if len(members) > cap:
             members = sorted(members, key=lambda s: s.remaining)[:cap]
@@ -261,6 +267,8 @@ class StepScheduler:
         eng = self.engine
         inputs = self._inputs[(key, phase)] = build_inputs(samples, self.device, self._inputs.get((key, phase)))
         rows = padded(eng, unet_rows(samples), row_buckets(eng))
+        if eng.lora is not None:
+            eng.lora.prepare_call(samples, rows)  # each sample's adapter set -> its rows' slot
         with eng.monitor.track(), shape_context(eng, "unet", key[1], key[2], rows):
             denoise_step(eng, samples, inputs, rows, phase)
         self._after_call(key, samples)
