@@ -78,6 +78,9 @@ class HostLoraCache:
                 if fut is None:
                     fut = self._pending[info.name] = self._pool.submit(self._load, info)
             futures.append(fut)
+        with self._lock:  # a smaller budget (or hits only) still trims, keeping the most recent
+            if self._lru:
+                self._evict_over_budget(keep=next(reversed(self._lru)))
         return _gather(futures)
 
     def _load(self, info: LoraInfo) -> LoadedLora:
