@@ -56,6 +56,7 @@ ROUTE_ERRORS = {
     ("post", "/v1/generate"): GENERATE,
     ("post", "/v1/images/generations"): AUTH + ("400", "404", "413", "409", "500", "503", "504"),
     ("get", "/v1/models"): AUTH,
+    ("get", "/v1/loras"): AUTH + ("422",),
     ("post", "/v1/jobs"): AUTH + ("400", "404", "413", "422"),
     ("get", "/v1/jobs/{job_id}"): AUTH + ("404",),
     ("get", "/v1/jobs/{job_id}/result"): AUTH + ("404", "409", "410"),
