@@ -206,7 +206,8 @@ class LoraConfig(Strict):
         out = expand_env(value)
         if not out:
             raise ValueError("loras.uri is empty after expanding environment variables")
-        return out
+        # a local folder is made absolute here: Ray workers need not share the CLI's working directory
+        return out if "://" in out else os.path.abspath(os.path.expanduser(out))
 
 
 class EngineConfig(Strict):

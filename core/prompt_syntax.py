@@ -29,6 +29,7 @@ def extract_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     stripped = LORA_TAG.sub(take, prompt)
     if not found:
         return prompt, []
+    stripped = re.sub(r"\s*,(\s*,)+", ",", stripped)  # "a, <lora:x>, b" -> "a, b"
     return re.sub(r"\s{2,}", " ", stripped).strip(" ,"), found
 
 

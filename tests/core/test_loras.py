@@ -270,3 +270,26 @@ def test_conv_loras_per_sample_with_all_targets(make_config, reference, tmp_path
     assert np.abs(image(together[0]) - merged_image(reference, loras, [("locon", 1.2)],
                                                                 with_lora.model_copy(update={"loras": []}))).max() <= TOL
     assert np.abs(image(together[1]) - image(reference.generate([without])[0])).max() <= TOL
+
+
+def test_prompt_tags_parse_like_a1111():
+    from core.prompt_syntax import extract_loras, merge_loras
+
+    assert extract_loras("a <lora:x:0.8> fox, <LORA:y>, <lora:z:0.5:0.2>") == (
+        "a fox", [("x", 0.8), ("y", 1.0), ("z", 0.5)])
+    assert extract_loras("red, <lora:x>, fox")[0] == "red, fox"
+    assert extract_loras("no tags <here>") == ("no tags <here>", [])
+    with pytest.raises(ValueError, match="number"):
+        extract_loras("<lora:x:abc>")
+    assert merge_loras([("x", 0.5)], [("x", 0.25), ("y", -1.0)]) == [("x", 0.75), ("y", -1.0)]
+
+
+def test_lora_folder_from_the_environment(monkeypatch, tmp_path):
+    from core.config import LoraConfig
+
+    monkeypatch.setenv("SDSERVE_LORA_DIR", str(tmp_path))
+    assert LoraConfig(uri="${SDSERVE_LORA_DIR:-./loras}").uri == str(tmp_path)
+    monkeypatch.delenv("SDSERVE_LORA_DIR")
+    monkeypatch.chdir(tmp_path)
+    assert LoraConfig(uri="${SDSERVE_LORA_DIR:-./loras}").uri == str(tmp_path / "loras")
+    assert LoraConfig(uri="s3://bucket/loras").uri == "s3://bucket/loras"
