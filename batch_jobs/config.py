@@ -16,7 +16,7 @@ from core.schemas import MAX_SEED, OutputFormat
 
 # Input columns a prompt set may carry: the GenerationRequest fields plus the row's id.
 REQUEST_COLUMNS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "scheduler", "seed",
-                   "num_images", "output_format", "model")
+                   "num_images", "output_format", "model", "loras")  # loras: list<struct<name, weight>>
 INPUT_COLUMNS = ("id",) + REQUEST_COLUMNS
 
 

@@ -293,3 +293,17 @@ def test_lora_folder_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert LoraConfig(uri="${SDSERVE_LORA_DIR:-./loras}").uri == str(tmp_path / "loras")
     assert LoraConfig(uri="s3://bucket/loras").uri == "s3://bucket/loras"
+
+
+def test_same_field_in_parquet_rows_and_the_openai_extension():
+    from batch_jobs.config import RowDefaults
+    from batch_jobs.rows import to_request
+    from serving.openai_api import OpenAIImageRequest, to_generation_request
+
+    row = {"id": 1, "prompt": "a fox", "loras": [{"name": "style", "weight": 0.5}]}
+    assert to_request(row, RowDefaults(), 0).loras[0].weight == 0.5
+    with pytest.raises(GenerationError) as err:
+        to_request(dict(row, loras=[{"name": "style", "weight": 9.0}]), RowDefaults(), 0)
+    assert err.value.field == "loras" and "loras.0.weight" in err.value.message
+    body = OpenAIImageRequest(prompt="a fox", loras=[{"name": "style", "weight": -1}])
+    assert to_generation_request(body).loras[0].name == "style"
