@@ -46,12 +46,12 @@ async def generate(body: GenerationRequest, request: Request, caller: str = Depe
 async def list_loras(request: Request, model: str | None = Query(None, max_length=128, description="Only this "
                                                                   "model's LoRAs."),
                      caller: str = Depends(authorize)):
-    from serving.http.errors import ApiError, validation_detail
+    from serving.http.errors import ApiError
 
     ingress = request.app.state.ingress
     names = [model] if model is not None else list(ingress.models)
     if model is not None and model not in ingress.models:
-        raise ApiError(422, validation_detail("model", f"unknown model {model!r}; known models: "
-                                                       + ", ".join(ingress.models)))
+        raise ApiError(404, {"message": f"unknown model {model!r}; known models: " + ", ".join(ingress.models),
+                             "field": "model", "code": "model_not_found"})
     listed = await asyncio.gather(*(ingress.models[n].loras.remote() for n in names))
     return {"loras": [dict(entry, model=n) for n, entries in zip(names, listed) for entry in entries]}

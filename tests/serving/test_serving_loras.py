@@ -55,7 +55,7 @@ def test_lora_lists_over_http(lora_app):
         assert sorted(e["name"] for e in a1111) == ["ink", "oil", "pencil"]
         bad = c.post("/v1/generate", json={"prompt": "a fox", "steps": 1, "loras": [{"name": "nope"}]})
         assert bad.status_code == 422 and "ink, oil, pencil" in bad.text
-        assert c.get("/v1/loras", params={"model": "other"}).status_code == 422
+        assert c.get("/v1/loras", params={"model": "other"}).status_code == 404
 
 
 def test_requests_for_a_lora_go_to_the_replica_that_loaded_it(lora_app):
