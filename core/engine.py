@@ -268,7 +268,11 @@ class Engine:
         its images leave the batch (the others' are unchanged) and the replica is free for other work."""
         if not self._ready:
             await asyncio.to_thread(self.load)
-        job = self.submit(request, on_progress, cancel, timeout_s, queue_s)
+        if self.lora is not None and (request.loras or "<lora:" in request.prompt.lower()):
+            # resolving LoRA names may rescan the library (a remote URI: network calls): off the event loop
+            job = await asyncio.to_thread(self.submit, request, on_progress, cancel, timeout_s, queue_s)
+        else:
+            job = self.submit(request, on_progress, cancel, timeout_s, queue_s)
         try:
             return await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:

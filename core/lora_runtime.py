@@ -52,6 +52,9 @@ class LoraRuntime:
         self.text = TextEncoderLoras(pipe, layers, engine.device, engine.dtype)
         self._adapters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Job -> (set key, adapters)
         self.library.scan()
+        if engine.level.value != "none" and cuda:
+            log.warning("LoRA slots are meant for memory level none (level %s offloads the layers they hook)",
+                        engine.level.value)
         log.info("LoRA library %s: %d file(s); %d UNet layers x %d slots of rank %d (%.1f MB)", cfg.uri,
                  len(self.library.names()), len(targets), cfg.gpu_slots, cfg.max_rank,
                  self.slots.slot_bytes / 2**20)
