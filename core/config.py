@@ -240,6 +240,11 @@ class EngineConfig(Strict):
                                          "admission policy and the cross-shape starvation bound.")
     previews: PreviewConfig = Field(default_factory=PreviewConfig, description="Live previews of async jobs "
                                     "(method, every_n_steps, TAESD weights).")
+    prompt_weighting: bool = Field(False, description="A1111 prompt emphasis ((word), (word:1.3), [word]) and "
+                                   "prompts beyond 77 tokens, encoded with compel (core/prompt_weighting.py). Opt-in: "
+                                   "changes images (every prompt is padded to prompt_chunks chunks).")
+    prompt_chunks: int = Field(3, ge=1, le=8, description="prompt_weighting: 77-token chunks every prompt is encoded "
+                               "to (longer prompts are cut there), one length for all so requests share UNet calls.")
     loras: LoraConfig | None = Field(None, description="LoRA library and adapter caches, e.g. {uri: ./loras}; "
                                      "null = requests cannot use LoRAs.")
 

@@ -65,6 +65,7 @@ class Engine:
         self.aot_forwards: list = []  # core/aot_forward.py forwards, when compile_artifacts=aot
         self.step_cache = None
         self.lora = None  # core/lora_runtime.LoraRuntime when the config has a LoRA library
+        self.prompt_encoder = None  # core/prompt_weighting.WeightedPromptEncoder with prompt_weighting on
         self.compiled = False
         self.scheduler = StepScheduler(self)
 
@@ -118,6 +119,11 @@ class Engine:
         if self.streamers:
             self.applied["streamed_gib"] = round(sum(s.streamed_bytes for s in self.streamers) / memory.GiB, 2)
         self.pipe = pipe
+        if cfg.prompt_weighting:
+            from core.prompt_weighting import WeightedPromptEncoder
+
+            self.prompt_encoder = WeightedPromptEncoder(pipe, self.family, cfg.prompt_chunks, self.device)
+            self.applied["prompt_weighting"] = cfg.prompt_chunks
         from core.fastpath import install_fastpath
 
         self.applied.update(install_fastpath(self))  # 8. fp8 / step caching / compile

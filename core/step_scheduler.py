@@ -28,12 +28,13 @@ what still fails gets an `oom` error. Any other exception fails only the request
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
 from typing import Callable, Hashable
 
-from core.denoise_state import DenoiseSample, Job, encode_text, samples_of, start_sample
+from core.denoise_state import DenoiseSample, Job, encode_text, samples_of, start_sample, uses_cfg
 from core.prompt_length import prompt_note
 from core.schemas import GenerationError
 
@@ -161,14 +162,16 @@ class StepScheduler:
             try:
                 if job.conditioning is None:
                     job.admitted = time.perf_counter()
-                    if eng.lora is None:
-                        job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device)
-                    else:  # with the job's text-encoder LoRAs
-                        with eng.lora.text_encoding(job):
+                    # with the job's text-encoder LoRAs, if any
+                    with eng.lora.text_encoding(job) if eng.lora is not None else contextlib.nullcontext():
+                        if eng.prompt_encoder is not None:  # opt-in weighting + long prompts (compel)
+                            job.conditioning, job.prompt_note = eng.prompt_encoder.encode(
+                                job.request, self.device, uses_cfg(eng.pipe, job.request.guidance_scale))
+                        else:
                             job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device)
-                    # Here, on the GPU thread: a fast tokenizer is not thread-safe (each call sets its padding and
-                    # truncation on the shared backend), so it is only ever called from this thread.
-                    job.prompt_note = prompt_note(eng.pipe, job.request, eng.config.name)
+                            # Here, on the GPU thread: a fast tokenizer is not thread-safe (each call sets its
+                            # padding and truncation on the shared backend), so it is only ever called from here.
+                            job.prompt_note = prompt_note(eng.pipe, job.request, eng.config.name)
                 start_sample(s, eng.pipe, eng.family, eng.base_scheduler_config, self.device,
                              job.conditioning.cond.dtype)
                 if not job.calls_total:
