@@ -85,13 +85,13 @@ def components_of(keys: list[str], layout: str) -> list[str]:
 
 def family_of(header: dict, keys: list[str], layout: str) -> str:
     meta = header.get("__metadata__") or {}
-    hint = " ".join(str(meta.get(k, "")) for k in ("ss_base_model_version", "modelspec.architecture",
-                                                   "ss_sd_model_name")).lower()
-    if "xl" in hint:
+    base = str(meta.get("ss_base_model_version", "")).lower()  # kohya: sd_v1, sd_v2_768_v, sdxl_base_v1-0
+    arch = str(meta.get("modelspec.architecture", "")).lower()  # stable-diffusion-xl-v1-base/lora, ...
+    if "xl" in base or "stable-diffusion-xl" in arch:
         return "sdxl"
-    if "v2" in hint or "sd_2" in hint or "v2-" in hint or "stable-diffusion-v2" in hint:
+    if base.startswith("sd_v2") or str(meta.get("ss_v2", "")).lower() == "true" or "stable-diffusion-v2" in arch:
         return "sd21"
-    if "v1" in hint or "sd_1" in hint:
+    if base.startswith("sd_v1") or "stable-diffusion-v1" in arch:
         return "sd15"
     if any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in keys) or (
             layout == "kohya" and any(k.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks"))

@@ -307,3 +307,21 @@ def test_same_field_in_parquet_rows_and_the_openai_extension():
     assert err.value.field == "loras" and "loras.0.weight" in err.value.message
     body = OpenAIImageRequest(prompt="a fox", loras=[{"name": "style", "weight": -1}])
     assert to_generation_request(body).loras[0].name == "style"
+
+
+@pytest.mark.parametrize("meta, keys, want", [
+    ({"ss_base_model_version": "sdxl_base_v1-0"}, {}, "sdxl"),
+    ({"modelspec.architecture": "stable-diffusion-v1/lora"}, {}, "sd15"),
+    ({"ss_base_model_version": "sd_v2_768_v"}, {}, "sd21"),
+    ({"ss_sd_model_name": "dreamshaper_v2_xl_fake"}, {}, "unknown"),  # a checkpoint's name says nothing
+    ({}, {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": [4, 1280]}, "sdxl"),
+    ({}, {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight": [4, 768]},
+     "sd15"),
+    ({}, {"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": [8, 2048]}, "sdxl"),
+])
+def test_base_family_from_metadata_keys_or_shapes(meta, keys, want):
+    from core.lora_library import family_of, layout_of
+
+    header = {"__metadata__": meta, **{k: {"shape": v} for k, v in keys.items()}}
+    names = list(keys) or ["lora_unet_x.lora_down.weight"]
+    assert family_of(header, names, layout_of(names)) == want
