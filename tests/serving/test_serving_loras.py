@@ -3,6 +3,8 @@ two replicas: requests for a LoRA go to the replica that loaded it (each LoRA is
 and a new LoRA goes to the replica holding the fewest adapter sets (serving/lora_routing.py)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.core import lora_files as lf
@@ -43,6 +45,21 @@ def replica_reports(handle, tries: int = 40) -> dict[str, dict]:
     return seen
 
 
+def wait_until_routed(handle, set_id: str, timeout_s: float = 60) -> None:
+    """Until this handle's router has heard (controller long poll) which replica reports `set_id`. Ray internals:
+    when they move, there is nothing to wait for and the test asserts on whatever routing happened."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            table = handle._router._asyncio_router.request_router._multiplexed_model_id_to_replica_ids
+        except AttributeError:
+            return
+        if table.get(set_id):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the router never learned where {set_id!r} is held")
+
+
 def test_lora_lists_over_http(lora_app):
     import httpx
 
@@ -56,6 +73,8 @@ def test_lora_lists_over_http(lora_app):
         bad = c.post("/v1/generate", json={"prompt": "a fox", "steps": 1, "loras": [{"name": "nope"}]})
         assert bad.status_code == 422 and "ink, oil, pencil" in bad.text
         assert c.get("/v1/loras", params={"model": "other"}).status_code == 404
+        a1111 = c.post("/sdapi/v1/txt2img", json={"prompt": "a fox <lora:nope:0.7>", "steps": 1})
+        assert a1111.status_code == 422 and a1111.json()["detail"][0]["loc"] == ["body", "prompt"]
 
 
 def test_requests_for_a_lora_go_to_the_replica_that_loaded_it(lora_app):
@@ -70,8 +89,10 @@ def test_requests_for_a_lora_go_to_the_replica_that_loaded_it(lora_app):
     ink = [GenerationRequest(prompt="a fox", steps=1, seed=i, loras=[{"name": "ink", "weight": 0.5 + i / 10}])
            for i in range(6)]
     assert adapter_set_id(ink[0]) == "ink"
-    for req in ink:  # one after the other: each is routed by what the replicas report by then
+    for i, req in enumerate(ink):  # one after the other: each is routed by what the replicas report by then
         handle.options(multiplexed_model_id=adapter_set_id(req)).generate.remote(req).result(timeout_s=120)
+        if i == 0:  # the first one went anywhere; its replica's report reaches routers through the controller
+            wait_until_routed(handle, "ink")
     with httpx.Client(base_url=lora_app, timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
         for i in range(3):  # HTTP: the ingress derives the id from the body (here from the prompt's tag)
             r = c.post("/v1/generate", json={"prompt": f"a fox <lora:ink:0.{i + 3}>", "steps": 1, "seed": i})
