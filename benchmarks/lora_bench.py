@@ -128,6 +128,7 @@ def run(model: str, width: int, height: int, steps: int, rank: int, rounds: int,
             seconds = timed(requests)
         return len(requests) / seconds
 
+    lora.cache.fetch([lora.library.get(n) for n in names]).result()  # all 8 in the host cache: they start together
     mixed_reqs = [req(i, [names[i]]) for i in range(8)]
     shared_reqs = [req(i, [names[0]]) for i in range(8)]
     modes: dict[str, list[float]] = {"mixed": [], "grouped": [], "sequential": [], "shared": []}

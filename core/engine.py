@@ -301,13 +301,18 @@ class Engine:
         return job
 
     def _schedule(self, jobs: list[Job]) -> None:
-        """Hand jobs to the step scheduler together; a job with LoRAs once its adapters are in the host cache
-        (loaded off the GPU thread: core/lora_runtime.py)."""
-        plain = [j for j in jobs if self.lora is None or not j.request.loras]
-        self.scheduler.submit(plain)
+        """Hand jobs to the step scheduler together (so they start together); a job whose LoRAs are not in the
+        host cache yet follows alone once they are (loaded off the GPU thread: core/lora_runtime.py)."""
+        if self.lora is None:
+            self.scheduler.submit(jobs)
+            return
+        waits = {id(j): self.lora.prepare(j) for j in jobs if j.request.loras}
+        ready = [j for j in jobs if id(j) not in waits or (waits[id(j)].done() and waits[id(j)].result())]
+        self.scheduler.submit(ready)
         for job in jobs:
-            if self.lora is not None and job.request.loras:
-                self.lora.submit(job, lambda job=job: self.scheduler.submit([job]))
+            wait = waits.get(id(job))
+            if wait is not None and not wait.done():
+                wait.add_done_callback(lambda fut, job=job: fut.result() and self.scheduler.submit([job]))
 
     def _job(self, request, index: int, on_progress, cancel, timeout_s, queue_s: float, encode: bool):
         try:

@@ -2,8 +2,8 @@
 
 Flow of a request with LoRAs: `resolve` takes `<lora:name:weight>` tags out of the prompt, merges them with the
 `loras` field and checks names (unknown -> validation error on `loras.N.name` listing what exists), base family and
-total rank; `submit` hands the job to the step scheduler only once its adapters are in the host cache (loading runs
-on the cache's loader thread, so other requests keep denoising); in the scheduler, the job's text is encoded with
+total rank; `prepare` tells the engine when the job's adapters are in the host cache, and only then does the job go
+to the step scheduler (loading runs on the cache's loader thread, so other requests keep denoising); in the scheduler, the job's text is encoded with
 its text-encoder LoRAs (`text_encoding`), a call holds at most `gpu_slots` distinct adapter sets (`limit_sets`),
 and `prepare_call` fills the slots and the row -> slot index before each UNet call (core/lora_apply.py).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable
+from concurrent.futures import Future
 
 from core.lora_library import LoraLibrary
 from core.prompt_syntax import extract_loras, merge_loras
@@ -100,23 +100,23 @@ class LoraRuntime:
                                   f"loras.max_rank {self.cfg.max_rank}", "validation", "loras")
         return {"prompt": prompt, "loras": refs}
 
-    def submit(self, job, submit: Callable[[], None]) -> None:
-        """Call `submit` (hand the job to the step scheduler) once the job's adapters are in the host cache;
-        a LoRA that fails to load fails the job (validation: it does not fit this model)."""
+    def prepare(self, job) -> Future:
+        """A Future done once the job's adapters are in the host cache (at once when they already are), True when
+        the job may run; False when it failed (a LoRA gone or not fitting this model: the job carries the
+        error). Loading runs on the cache's loader thread."""
+        done: Future = Future()
         refs = [r for r in job.request.loras if r.weight != 0]
-        if not refs:
-            submit()
-            return
         infos = []
         for r in refs:
             info = self.library.get(r.name)
             if info is None:  # deleted since resolve
                 job.fail(GenerationError(f"loras: LoRA {r.name!r} is gone from the library", "validation",
                                          "loras"))
-                return
+                done.set_result(False)
+                return done
             infos.append(info)
 
-        def loaded(fut) -> None:
+        def loaded(fut: Future) -> None:
             err = fut.exception()
             if err is not None:
                 from core.lora_convert import LoraMismatch
@@ -124,13 +124,16 @@ class LoraRuntime:
                 kind = "validation" if isinstance(err, LoraMismatch) else "internal"
                 job.fail(GenerationError(f"loras: cannot apply to model {self.engine.config.name}: {err}", kind,
                                          "loras"))
+                done.set_result(False)
                 return
             adapters = list(zip(fut.result(), [r.weight for r in refs]))
-            key = tuple(sorted((a.name, a.mtime, w) for a, w in adapters))
-            self._adapters[job] = (key, adapters)
-            submit()
+            if adapters:
+                key = tuple(sorted((a.name, a.mtime, w) for a, w in adapters))
+                self._adapters[job] = (key, adapters)
+            done.set_result(True)
 
         self.cache.fetch(infos).add_done_callback(loaded)
+        return done
 
     # ------------------------------------------------------------------ the step scheduler (GPU thread)
     def key_of(self, job) -> tuple:

@@ -265,6 +265,7 @@ def test_conv_loras_per_sample_with_all_targets(make_config, reference, tmp_path
     lf.save_kohya(tmp_path / "locon.safetensors", parts, alpha=2)
     loras = {"locon": (parts, 0.5)}
     with_lora, without = req(seed=1, loras=[{"name": "locon", "weight": 1.2}]), req(seed=2)
+    _ok(eng.generate([with_lora])[0])  # loads it: requests whose LoRAs are resident start together
     together = eng.generate([with_lora, without])
     assert [_ok(o).batch_size for o in together] == [2, 2]
     want = merged_image(reference, loras, [("locon", 1.2)], with_lora.model_copy(update={"loras": []}))
