@@ -23,7 +23,8 @@ ARG TORCH_INDEX_URL=
 # Optional build-time weight pre-fetch (a Hugging Face hub id); empty: no weights in the image.
 ARG MODEL_ID=
 ARG MODEL_REVISION=
-# fsspec filesystems for batch jobs over object storage (s3://, gs://); not in pyproject's dependencies yet.
+# fsspec filesystems for batch jobs and the compile-artifact store over object storage (s3://, gs://); not in
+# pyproject's dependencies yet.
 ARG EXTRA_PIP="s3fs gcsfs"
 
 ENV SDSERVE_CACHE_DIR=/models \

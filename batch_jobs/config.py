@@ -14,9 +14,13 @@ from core.config import EngineConfig, Strict, load_yaml
 from core.resources import engine_for_actor
 from core.schemas import MAX_SEED, OutputFormat
 
-# Input columns a prompt set may carry: the GenerationRequest fields plus the row's id.
+# Input columns a prompt set may carry: the GenerationRequest fields plus the row's id. The image fields
+# (init_image, mask_image: a URI string, base64 or a binary column; control: a list of structs or a JSON string)
+# are read from any fsspec URI the row names: batch inputs are the job owner's own data.
 REQUEST_COLUMNS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "scheduler", "seed",
-                   "num_images", "output_format", "model", "loras")  # loras: list<struct<name, weight>>
+                   "num_images", "output_format", "model", "init_image", "strength", "mask_image", "mask_blur",
+                   "control", "loras")  # loras: list<struct<name, weight>>
+IMAGE_COLUMNS = ("init_image", "mask_image")
 INPUT_COLUMNS = ("id",) + REQUEST_COLUMNS
 
 

@@ -27,7 +27,7 @@ class GenerateImages:
         requests, positions, out_rows = [], [], {}
         for pos, row in enumerate(rows):
             try:
-                requests.append(to_request(row, self.job.defaults, self.job.job_seed))
+                requests.append(to_request(row, self.job.defaults, self.job.job_seed, self.job.engine.image_inputs))
                 positions.append(pos)
             except GenerationError as err:
                 out_rows[pos] = [error_row(row, err)]

@@ -13,8 +13,9 @@ from typing import Any, Iterable
 import pyarrow as pa
 from pydantic import ValidationError
 
-from batch_jobs.config import REQUEST_COLUMNS, RowDefaults
+from batch_jobs.config import IMAGE_COLUMNS, REQUEST_COLUMNS, RowDefaults
 from core.config import format_validation_error
+from core.image_fields import ImageInputLimits
 from core.schemas import MAX_SEED, ErrorKind, GenerationError, GenerationRequest, GenerationResult
 
 # Columns of an image row (data parts / manifest) in order; `image` is dropped from a files-mode manifest.
@@ -38,23 +39,84 @@ def derived_seed(job_seed: int, row_id: Any) -> int:
     return int.from_bytes(digest, "big") % (MAX_SEED + 1)
 
 
-def to_request(row: dict[str, Any], defaults: RowDefaults, job_seed: int) -> GenerationRequest:
-    """Validate one row with the shared schema. Raises GenerationError(kind='validation', field=...)."""
+def _control_column(value: Any) -> Any:
+    """`control` as a list of dicts: a JSON string is parsed; a list of structs loses its null members (so the
+    schema's defaults apply to what a row's struct leaves empty)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as err:
+            raise GenerationError(f"control: not valid JSON: {err}", ErrorKind.VALIDATION, "control") from None
+    if isinstance(value, list):
+        return [{k: v for k, v in c.items() if v is not None} if isinstance(c, dict) else c for c in value]
+    return value
+
+
+def load_row_images(req: GenerationRequest, limits: ImageInputLimits) -> GenerationRequest:
+    """Read every image a row names (any fsspec URI: UriPolicy(allow_all=True)) and check it, so a missing file or
+    a bad image is this row's error naming the field; URIs are replaced by their bytes (the engine reads none)."""
+    from core.image_inputs import ANY_URI, classify_source, decode_request_images, load_bytes
+
+    def loaded(source, field):
+        if isinstance(source, str) and classify_source(source) == "uri":
+            return load_bytes(source, field, limits, ANY_URI)
+        return source
+
+    update: dict[str, Any] = {k: loaded(getattr(req, k), k) for k in IMAGE_COLUMNS if getattr(req, k) is not None}
+    if req.control:
+        update["control"] = [c.model_copy(update={"image": loaded(c.image, f"control.{i}.image")})
+                             for i, c in enumerate(req.control)]
+    if not update:
+        return req
+    req = req.model_copy(update=update)
+    decode_request_images(req.init_image, req.mask_image, [c.image for c in req.control], limits, ANY_URI)
+    return req
+
+
+def to_request(row: dict[str, Any], defaults: RowDefaults, job_seed: int,
+               image_limits: ImageInputLimits | None = None) -> GenerationRequest:
+    """Validate one row with the shared schema, images read and checked (image_limits: the engine's
+    `image_inputs`). Raises GenerationError(kind='validation', field=...)."""
     fields = {k: row[k] for k in REQUEST_COLUMNS if row.get(k) is not None}
+    if "control" in fields:
+        fields["control"] = _control_column(fields["control"])
     for key, value in defaults.model_dump(exclude_none=True).items():
         fields.setdefault(key, value)
     if fields.get("seed") is None:
         fields["seed"] = derived_seed(job_seed, row["id"])
     try:
-        return GenerationRequest(**fields)
+        req = GenerationRequest(**fields)
     except ValidationError as err:
         first = err.errors()[0].get("loc", ()) if err.errors() else ()
-        raise GenerationError(format_validation_error(err), ErrorKind.VALIDATION,
-                              str(first[0]) if first else None) from None
+        raise GenerationError(format_validation_error(err), ErrorKind.VALIDATION, _field_of(first)) from None
+    return load_row_images(req, image_limits or ImageInputLimits())
+
+
+def _field_of(loc: tuple) -> str | None:
+    """The request field an error's loc names: "control.0.scale" inside control, else its first part (a union's
+    loc ends in the member type, e.g. ("init_image", "str"), which is no field)."""
+    if not loc:
+        return None
+    if loc[0] == "control" and len(loc) >= 3:
+        return ".".join(str(p) for p in loc[:3])
+    return str(loc[0])
+
+
+def _brief(value: Any) -> Any:
+    """An input value as the error row's `input` JSON shows it: binary images by size, not by content."""
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, str) and len(value) > 1024:
+        return value[:200] + f"... <{len(value)} chars>"
+    if isinstance(value, list):
+        return [_brief(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _brief(v) for k, v in value.items()}
+    return value
 
 
 def _input_json(row: dict[str, Any]) -> str:
-    return json.dumps({k: v for k, v in row.items() if k != "id"}, default=str, sort_keys=True)
+    return json.dumps({k: _brief(v) for k, v in row.items() if k != "id"}, default=str, sort_keys=True)
 
 
 def image_rows(row: dict[str, Any], req: GenerationRequest, result: GenerationResult,

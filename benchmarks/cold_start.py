@@ -1,14 +1,19 @@
-"""Cold start vs warm-cache start of a compiled replica (issue 6: "ready in <= 20 s for SDXL against a warm cache").
+"""Ready time of a compiled replica: from nothing, from the local caches, from the shared compile-artifact store.
 
-    python -m benchmarks.cold_start --family sdxl --out $OUT
+    python -m benchmarks.cold_start --family sdxl --out $OUT                       # store: a folder under /tmp
+    python -m benchmarks.cold_start --family sd15 --store s3://bucket/sdserve-cache/ --out $OUT
 
 The model is saved once as a diffusers folder (random weights, fp16) so every start loads it with the real
-`from_pretrained` path. Then fresh processes start an Engine at sdserve's best settings:
-  1. cold:  empty cache dir -> compiles and writes the compile cache;
-  2. warm:  same cache dir  -> what a replica on a machine sharing the cache dir sees;
-  3. warm again, with only the mega-cache file (Inductor's local dir wiped) -> a new machine with the cache volume
-     holding just cache_dir/compile (when --mega-only).
-Each child reports process-start-to-ready time, load / warm-up split, compile-cache counters and one timed call.
+`from_pretrained` path. Then fresh processes start an Engine at sdserve's best settings, one per phase:
+  none:   new cache_dir, new Inductor and Triton cache dirs, the store not read (compile_artifacts.read false):
+          compiles everything, then uploads its artifacts to the store (what the first replica of a cluster does);
+  local:  the same cache_dir and Inductor/Triton dirs as `none`, the store not read: a replica restarting on the
+          node that compiled (Inductor's and Triton's own local caches);
+  store:  another new cache_dir and new empty Inductor/Triton dirs (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR),
+          the store read: a replica on a fresh node starting from the shared store (torch.compiler's portable
+          cache artifacts, core/compile_cache.py).
+Each child reports process-start-to-ready time, load / warm-up split, the artifact lookup, compile-cache counters,
+Dynamo/Inductor phase times and one timed call. One JSON record: OUT/cold-start-FAMILY[-bBATCH].json.
 """
 from __future__ import annotations
 
@@ -18,11 +23,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 BEST = {"attention": "sdpa", "sdpa_backend": "cudnn", "fuse_qkv": True, "channels_last": True,
         "compile": "reduce-overhead", "compile_vae": True, "warmup_steps": 2}
 SIZES = {"sdxl": (1024, 1024, 30), "sd15": (512, 512, 50), "tiny-sd": (64, 64, 4)}
+PHASES = ("none", "local", "store")
 
 
 def save_model(family: str, folder: str) -> float:
@@ -48,11 +55,13 @@ def child(args) -> dict:
     from core.schemas import GenerationRequest
 
     w, h, steps = SIZES[args.family]
-    opt = {**BEST, "warmup_shapes": [(w, h, args.batch)], "batch_buckets": [args.batch]}
+    opt = {**BEST, "warmup_shapes": [(w, h, args.batch)], "batch_buckets": [args.batch],
+           # none uploads (the first replica's job, inside its ready time); local and store only read or not at all
+           "compile_artifacts": {"store": args.store, "read": args.phase == "store", "write": args.phase == "none"}}
     if args.eager:
         opt["compile"] = "none"
-    if args.aot:
-        opt["compile_artifacts"] = "aot"
+    if args.device == "cpu":
+        opt["compile"] = "none" if args.eager else "default"  # no CUDA graphs on CPU
     cfg = EngineConfig(name=args.family, source=args.folder, cache_dir=args.cache_dir, scheduler="euler",
                        dtype="fp16" if args.device != "cpu" else "fp32", device=args.device, optimization=opt,
                        limits={"max_batch_size": args.batch, "max_steps": 150})
@@ -78,31 +87,30 @@ def child(args) -> dict:
     out = engine.generate(req)
     latency = time.perf_counter() - t1
     info = engine.info()
-    try:
-        from torch._dynamo.utils import compile_times
+    try:  # seconds per Dynamo/Inductor phase (fx_codegen_and_compile: Inductor lowering, absent on cache hits)
+        from torch._dynamo.utils import compilation_time_metrics
 
-        phases = compile_times(repr="str", aggregate=True)
+        phases = {k: round(sum(v), 2) for k, v in compilation_time_metrics.items() if sum(v) >= 0.05}
     except Exception as err:  # noqa: BLE001 - private API, diagnostic only
         phases = repr(err)
+    opts = info["optimizations"]
     return {"phase": args.phase, "family": args.family, "batch": args.batch, "ready_s": round(ready - t_proc, 2),
             "imports_s": round(t0 - t_proc, 2), "engine_load_s": info["load_s"], "load_times": info["load_times"],
-            "warmup_s": info["warmup_s"],
-            "warmup_times": info["warmup_times"], "compile_cache_hit": info["optimizations"].get("compile_cache_hit"),
-            "counters": counters(), "latency_s": round(latency, 4),
-            "ok": all(hasattr(o, "images") for o in out), "compile_times": phases, "load_profile": profile,
-            "python_start_to_import_s": round(t_import - t_proc, 2)}
+            "warmup_s": info["warmup_s"], "warmup_times": info["warmup_times"],
+            "compile_cache_hit": opts.get("compile_cache_hit"), "artifacts": opts.get("compile_artifacts"),
+            "artifacts_saved": opts.get("compile_artifacts_saved"), "counters": counters(),
+            "latency_s": round(latency, 4), "ok": all(hasattr(o, "images") for o in out), "compile_times": phases,
+            "load_profile": profile, "python_start_to_import_s": round(t_import - t_proc, 2)}
 
 
-def run_child(args, phase: str) -> dict:
-    env = dict(os.environ, SDSERVE_T0=repr(time.time()))
-    cache_dir = args.cache_dir
-    if phase.endswith("-pc"):  # Dynamo's experimental "caching precompile": the cache also holds traced bytecode
-        env["TORCH_CACHING_PRECOMPILE"] = "1"
-        cache_dir += "-pc"
+def run_child(args, phase: str, cache_dir: str) -> dict:
+    """One fresh process; its Inductor and Triton caches live in cache_dir (a new one is a fresh node)."""
+    env = dict(os.environ, SDSERVE_T0=repr(time.time()), TORCHINDUCTOR_CACHE_DIR=os.path.join(cache_dir, "inductor"),
+               TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"))
     cmd = [sys.executable, "-m", "benchmarks.cold_start", "--child", "--phase", phase, "--family", args.family,
-           "--folder", args.folder, "--cache-dir", cache_dir, "--batch", str(args.batch), "--device",
-           args.device] + (["--eager"] if args.eager else []) + (["--profile-load"] if args.profile_load else []) \
-        + (["--aot"] if args.aot else [])
+           "--folder", args.folder, "--cache-dir", cache_dir, "--store", args.store, "--batch", str(args.batch),
+           "--device", args.device] + (["--eager"] if args.eager else []) \
+        + (["--profile-load"] if args.profile_load else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -116,32 +124,39 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--folder", default=None, help="where the random-weight model is saved (default under /tmp)")
-    p.add_argument("--cache-dir", default="/tmp/sdserve-coldstart-cache")
-    p.add_argument("--phases", default="cold,warm", help="cold,warm[,mega-only][,cold-pc,warm-pc]: -pc runs use "
-                   "TORCH_CACHING_PRECOMPILE=1 and their own cache dir")
-    p.add_argument("--eager", action="store_true", help="no compile (CPU smoke test)")
+    p.add_argument("--workdir", default=None, help="the phases' cache dirs (default: a new folder under /tmp)")
+    p.add_argument("--store", default=None, help="compile-artifact store, an fsspec URI or folder (default: "
+                   "WORKDIR/store)")
+    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated, in order: " + ", ".join(PHASES))
+    p.add_argument("--eager", action="store_true", help="no compile (CPU smoke test of the harness)")
     p.add_argument("--profile-load", action="store_true", help="cProfile the engine load (top 60, cumulative)")
-    p.add_argument("--aot", action="store_true", help="optimization.compile_artifacts=aot (no Dynamo at warm starts)")
     p.add_argument("--out", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--phase", default="", help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.folder = args.folder or f"/tmp/sdserve-coldstart-{args.family}"
     if args.child:
         print(json.dumps(child(args)), flush=True)
         return 0
-    report = {"family": args.family, "batch": args.batch, "settings": BEST, "save_model_s": save_model(
-        args.family, args.folder), "runs": []}
-    for phase in args.phases.split(","):
-        if phase in ("cold", "cold-pc"):
-            shutil.rmtree(args.cache_dir + phase[4:], ignore_errors=True)
-        if phase == "mega-only":
-            shutil.rmtree(os.path.join(args.cache_dir, "inductor"), ignore_errors=True)
-        report["runs"].append(run_child(args, phase))
-        print(json.dumps(report["runs"][-1]), flush=True)
+    phases = args.phases.split(",")
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        p.error(f"unknown phases {sorted(unknown)}; valid: {', '.join(PHASES)}")
+    workdir = args.workdir or tempfile.mkdtemp(prefix="sdserve-coldstart-")
+    args.store = args.store or os.path.join(workdir, "store")
+    report = {"family": args.family, "batch": args.batch, "settings": BEST, "store": args.store,
+              "save_model_s": save_model(args.family, args.folder), "runs": []}
+    node = os.path.join(workdir, "node-a")  # none and local share it; store gets a fresh one
+    for phase in phases:
+        if phase == "none":
+            shutil.rmtree(node, ignore_errors=True)
+        cache_dir = node if phase != "store" else tempfile.mkdtemp(prefix="node-", dir=workdir)
+        report["runs"].append(run_child(args, phase, cache_dir))
+        print(json.dumps({k: v for k, v in report["runs"][-1].items() if k != "load_profile"}), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"cold-start-{args.family}.json")
+        path = os.path.join(args.out, f"cold-start-{args.family}{'' if args.batch == 1 else f'-b{args.batch}'}.json")
         with open(path, "w") as fh:
             json.dump(report, fh, indent=1)
     return 0 if all("error" not in r for r in report["runs"]) else 1

@@ -5,16 +5,23 @@ Importing this module must stay cheap: no torch, no diffusers, no Ray.
 from __future__ import annotations
 
 import os
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from core.image_fields import ImageInputLimits
+from core.strict import Strict  # noqa: F401 - re-exported: most modules import Strict from here
 
 EMBEDDED_PREFIX = "embedded:"
 # Built-in models that need no download. tiny-* are small random-weight pipelines (noise images);
 # sd15/sdxl are the real architectures at full size with random weights (benchmarks).
-EMBEDDED_MODELS = ("tiny-sd", "tiny-sdxl", "sd15", "sdxl")
+EMBEDDED_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "sd15", "sdxl")
+# tiny-sd-inpaint: tiny-sd with a 9-channel inpainting UNet (latents + mask + masked-image latents).
+# Embedded ControlNets (random weights) matching tiny-sd / tiny-sdxl.
+EMBEDDED_CONTROLNETS = ("tiny-sd-controlnet", "tiny-sdxl-controlnet")
 
 
 def default_cache_dir() -> str:
@@ -27,12 +34,6 @@ Side = Annotated[int, Field(ge=64, le=8192, multiple_of=8)]  # an image width or
 # BALANCED streams this share of the UNet's bytes by default: SDXL's copies then take less time than its resident
 # denoising even when the host paces it fast (copy bound vs NONE: docs/benchmarks.md, "Memory levels")
 BALANCED_SHARE = 0.6
-
-class Strict(BaseModel):
-    """Base for every config/schema model: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
 
 class MemoryLevel(str, Enum):
     NONE = "none"
@@ -52,6 +53,38 @@ class StepCacheConfig(Strict):
                                   "(the image's layout forms there).")
 
 
+class CompileArtifactsConfig(Strict):
+    """torch.compile's portable cache artifacts (torch.compiler.save_cache_artifacts / load_cache_artifacts: the
+    FX graph, AOTAutograd, Triton and autotuning caches in one blob) in a store shared by replicas, keyed by GPU,
+    torch/CUDA/Python versions, model identity, optimization settings and warm-up shapes (core/compile_cache.py).
+    A replica with compile on loads its key's artifacts before warm-up (the warm-up then compiles from cache);
+    on a miss it compiles and, with write on, uploads them. `sdserve precompile CONFIG` fills the store ahead."""
+
+    store: str | None = Field(None, min_length=1, max_length=4096, description="An fsspec URI or a local "
+                              "folder: s3://bucket/prefix/, gs://..., file:///mnt/nfs/sdserve-cache/, "
+                              "/shared/cache. Remote schemes need their fsspec package (s3fs, gcsfs) where the "
+                              "replicas run. null: cache_dir/compile on this machine.")
+    read: bool = Field(True, description="Look the key up at start and load the artifacts before warm-up.")
+    write: bool = Field(True, description="After a warm-up that compiled (a miss), upload the artifacts (atomic: "
+                        "temporary name, then a rename or single put; concurrent writers: the last one wins). "
+                        "false: only `sdserve precompile` writes (read-only replicas).")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="Longest wait for one store read or write; past "
+                             "it the replica warns and compiles normally (a store never fails a replica).")
+
+    @field_validator("store")
+    @classmethod
+    def _known_protocol(cls, value: str | None) -> str | None:
+        match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value or "")
+        if match:
+            from fsspec.registry import known_implementations, registry
+
+            protocols = {p for name in (*known_implementations, *registry) for p in name.split("::")}
+            if match.group(1) not in protocols:
+                raise ValueError(f"{match.group(1)!r} is not an fsspec protocol (e.g. s3://, gs://, file://, or a "
+                                 "local folder)")
+        return value
+
+
 class OptimizationConfig(Strict):
     """Speed settings, applied at load in the fixed order documented in core/optimizations.py."""
 
@@ -66,10 +99,10 @@ class OptimizationConfig(Strict):
     compile: Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "none", description="torch.compile mode for the UNet (and the VAE decoder when compile_vae).")
     compile_vae: bool = Field(True, description="Also compile the VAE decoder when compile is not 'none'.")
-    compile_artifacts: Literal["cache", "aot"] = Field(
-        "cache", description="How compiled code is reused across processes: cache (Inductor/AOTAutograd caches; "
-        "Dynamo still re-traces at every start) or aot (experimental: torch.compile().aot_compile() functions per "
-        "warmed shape saved in cache_dir/aot, loaded without tracing; not with step_cache).")
+    compile_artifacts: CompileArtifactsConfig = Field(
+        default_factory=CompileArtifactsConfig, description="Where compiled code is shared between "
+        "replicas and hosts: torch's portable cache artifacts (core/compile_cache.py), e.g. {store: "
+        "'s3://bucket/sdserve-cache/'}. Default: cache_dir/compile on this machine.")
     fp8: bool | Literal["dynamic", "static"] = Field(
         False, description="FP8 (float8 e4m3) matmuls for the UNet's transformer linears on sm_89+: true/dynamic "
         "(per-row scales computed every call) or static (activation scales calibrated once at load). Opt-in: "
@@ -86,6 +119,42 @@ class OptimizationConfig(Strict):
     warmup_steps: int = Field(2, ge=0, le=50, description="Denoising steps per warm-up call (0 = no warm-up).")
     step_cache: StepCacheConfig | None = Field(None, description="Opt-in DeepCache-style step caching, e.g. "
                                                "{interval: 3}; null = off. Changes images (quality/speed trade).")
+    capture_step: bool = Field(False, description="Prototype: the UNet, the CFG combine and the Euler step in one "
+                               "compiled function (one CUDA graph per step with reduce-overhead) for groups using "
+                               "the euler scheduler; other schedulers and step_cache take the usual path "
+                               "(core/captured_step.py).")
+
+    @field_validator("compile_artifacts", mode="before")
+    @classmethod
+    def _old_compile_artifacts(cls, value: Any) -> Any:
+        if value == "cache":  # the old default, unchanged in meaning: artifacts in cache_dir on this machine
+            return {}
+        if value == "aot":
+            raise ValueError("'aot' was removed (its aot_compile functions failed to pickle Dynamo's guards on "
+                             "torch 2.11 CUDA); use optimization.compile_artifacts: {store: <fsspec URI or "
+                             "folder>} (torch's portable cache artifacts), or leave the key out")
+        return value
+
+
+# `preset:` per model: named bundles of optimization fields (docs/presets-and-cold-start.md). Fields written under
+# `optimization:` override the preset's; the preset overrides the field defaults.
+EXACT = {"attention": "sdpa", "sdpa_backend": "cudnn", "fuse_qkv": True, "channels_last": True,
+         "compile": "reduce-overhead", "compile_vae": True}
+PRESETS: dict[str, dict[str, Any]] = {
+    "exact": EXACT,  # the lossless best: images as fp16 eager's, within fp16 noise
+    "fast": {**EXACT, "fp8": "static"},  # + FP8 transformer linears (sm_89+; ignored elsewhere): near-lossless
+    "fastest": {**EXACT, "fp8": "static", "step_cache": {"interval": 3, "first_full_steps": 1}},  # + step caching
+}
+
+
+def apply_preset(data: Any) -> Any:
+    """EngineConfig input with `preset` expanded under the explicitly written optimization fields."""
+    if not isinstance(data, dict) or data.get("preset") is None or data["preset"] not in PRESETS:
+        return data  # no preset, or an unknown one (the field's own validation names it)
+    explicit = data.get("optimization") or {}
+    if isinstance(explicit, BaseModel):
+        explicit = explicit.model_dump(exclude_unset=True)
+    return {**data, "optimization": {**PRESETS[data["preset"]], **explicit}}
 
 
 class MemoryConfig(Strict):
@@ -210,6 +279,40 @@ class LoraConfig(Strict):
         return out if "://" in out else os.path.abspath(os.path.expanduser(out))
 
 
+class CacheConfig(Strict):
+    """Bytes-bounded LRU caches of the engine (core/caches.py); 0 turns one off. Hits and misses are in
+    Engine.info()["caches"] and the metrics."""
+
+    prompt_embeddings_mb: float = Field(64, ge=0, le=65536, description="Text-encoder outputs by (prompt, "
+                                        "negative prompt, CFG on/off): a repeated prompt skips the text encoders.")
+    init_latents_mb: float = Field(256, ge=0, le=65536, description="VAE-encoded init/masked images by content "
+                                   "hash and size: a repeated init image skips the VAE encoder.")
+    control_maps_mb: float = Field(128, ge=0, le=65536, description="Preprocessed ControlNet conditioning maps "
+                                   "(e.g. canny edges) by content hash, size and preprocessor.")
+
+
+class ControlNetConfig(Strict):
+    """One ControlNet a model serves (requests name it in control[i].model); loaded once per replica."""
+
+    name: str = Field(..., min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$",
+                      description="Name requests use (control[i].model) and GET /v1/controlnets lists.")
+    source: str = Field(..., min_length=1, max_length=4096, description=(
+        "'embedded:tiny-sd-controlnet|tiny-sdxl-controlnet' (random weights, tests), a hub id ('org/name'), a "
+        "local diffusers ControlNet folder (config.json + safetensors), or a single .safetensors file."))
+    single_file_config: str | None = Field(None, max_length=4096, description="For a single .safetensors: a "
+                                           "local folder or hub id holding the ControlNet's config.json (needed "
+                                           "offline).")
+    revision: str | None = Field(None, max_length=256, description="Hub revision.")
+
+    @field_validator("source")
+    @classmethod
+    def _known_embedded(cls, value: str) -> str:
+        if value.startswith(EMBEDDED_PREFIX) and value[len(EMBEDDED_PREFIX):] not in EMBEDDED_CONTROLNETS:
+            raise ValueError(f"unknown embedded ControlNet {value!r}; valid: "
+                             + ", ".join(EMBEDDED_PREFIX + m for m in EMBEDDED_CONTROLNETS))
+        return value
+
+
 class EngineConfig(Strict):
     """Everything one engine (one model) needs. Loadable from YAML; every key checked."""
 
@@ -232,7 +335,13 @@ class EngineConfig(Strict):
     cache_dir: str = Field(default_factory=default_cache_dir, description="Where embedded models, hub "
                            "downloads and compile caches live (shared by replicas).")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for building embedded random weights.")
-    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig, description="Speed settings.")
+    preset: Literal["exact", "fast", "fastest"] | None = Field(
+        None, description="Optimization preset: exact (compile with CUDA graphs, fused QKV, cuDNN SDPA, "
+        "channels_last: same images as fp16 eager within fp16 noise) | fast (exact + static FP8 transformer "
+        "linears on sm_89+: near-lossless) | fastest (fast + step caching every 3rd step: images change). Fields "
+        "set under optimization override the preset's. null: the optimization fields alone.")
+    optimization: OptimizationConfig = Field(default_factory=OptimizationConfig, description="Speed settings "
+                                             "(over the preset's, when one is set).")
     memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Memory level and VRAM budget.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
     defaults: RequestDefaults = Field(default_factory=RequestDefaults, description="Request defaults.")
@@ -240,6 +349,14 @@ class EngineConfig(Strict):
                                          "admission policy and the cross-shape starvation bound.")
     previews: PreviewConfig = Field(default_factory=PreviewConfig, description="Live previews of async jobs "
                                     "(method, every_n_steps, TAESD weights).")
+    image_inputs: ImageInputLimits = Field(default_factory=ImageInputLimits, description="Limits on the input "
+                                           "images of a request (init_image, mask_image, control images), checked "
+                                           "before their pixels are decoded.")
+    caches: CacheConfig = Field(default_factory=CacheConfig, description="Prompt-embedding, init-latent and "
+                                "control-map caches (MB each; 0 = off).")
+    controlnets: list[ControlNetConfig] = Field(default_factory=list, max_length=16, description="ControlNets "
+                                                "this model serves, e.g. [{name: pose, source: org/controlnet}]; "
+                                                "of the model's family (SD1.5/2.x or SDXL).")
     prompt_weighting: bool = Field(False, description="A1111 prompt emphasis ((word), (word:1.3), [word]) and "
                                    "prompts beyond 77 tokens, encoded with compel (core/prompt_weighting.py). Opt-in: "
                                    "changes images (every prompt is padded to prompt_chunks chunks).")
@@ -247,6 +364,20 @@ class EngineConfig(Strict):
                                "to (longer prompts are cut there), one length for all so requests share UNet calls.")
     loras: LoraConfig | None = Field(None, description="LoRA library and adapter caches, e.g. {uri: ./loras}; "
                                      "null = requests cannot use LoRAs.")
+
+    @field_validator("controlnets")
+    @classmethod
+    def _unique_controlnet_names(cls, value: list[ControlNetConfig]) -> list[ControlNetConfig]:
+        names = [c.name for c in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"ControlNet names must be unique: {', '.join(dupes)} repeated")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        return apply_preset(data)
 
     @field_validator("scheduler")
     @classmethod

@@ -57,6 +57,8 @@ class Job:
     # filled by the scheduler
     admitted: float | None = None
     conditioning: TextConditioning | None = None
+    images: Any = None  # core.img2img.ImageConditioning of an img2img/inpainting request (set at resolve)
+    controls: list = field(default_factory=list)  # core.controlnet.ControlSpec per control[i] (set at resolve)
     prompt_note: str | None = None  # the prompt is longer than the text encoder reads (set with conditioning)
     images_left: int = 0  # samples not yet decoded
     denoise_end: float = 0.0
@@ -117,7 +119,10 @@ class DenoiseSample:
     generator: Any = None
     timesteps: Any = None  # float32 copy of scheduler.timesteps (the UNet's per-sample timestep input)
     latents: Any = None  # [1, C, h, w]
-    step: int = 0  # UNet calls done (heun/kdpm2: two per denoising step, as their timesteps list them)
+    step: int = 0  # index into timesteps of the next UNet call (heun/kdpm2: two per denoising step)
+    first_step: int = 0  # img2img: where the sample entered its schedule (t_start x order); 0 for text-to-image
+    image: Any = None  # core.img2img.ImageSample: img2img/inpainting state (and a 9-channel UNet's extra input)
+    controls: list = field(default_factory=list)  # core.controlnet.ControlUnit per ControlNet conditioning
     step_kwargs: dict = field(default_factory=dict)
     deep: Any = None  # step cache: this sample's rows of the cached deep feature ([cond(, uncond)])
     last_run: float = 0.0
@@ -133,6 +138,11 @@ class DenoiseSample:
     @property
     def total(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def calls(self) -> int:
+        """UNet calls this sample has to make in all (img2img: the schedule's last ones)."""
+        return self.total - self.first_step
 
     @property
     def remaining(self) -> int:
@@ -153,26 +163,38 @@ def uses_cfg(pipe, guidance: float) -> bool:
     return guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
 
 
-def encode_text(pipe, family: str, req: GenerationRequest, device) -> TextConditioning:
-    """The request's text conditioning, as the pipeline's __call__ prepares it (batch of one prompt)."""
+def encode_text(pipe, family: str, req: GenerationRequest, device, cache=None) -> TextConditioning:
+    """The request's text conditioning, as the pipeline's __call__ prepares it (batch of one prompt).
+
+    cache: a core.caches.LRUCache of the text encoders' outputs by (prompt, negative prompt, CFG on/off); the
+    per-request parts (SDXL's size time ids, a guidance embedding) are computed here every time."""
     import torch
 
     cfg = uses_cfg(pipe, req.guidance_scale)
     negative = req.negative_prompt or ""
+    key = (req.prompt, negative, cfg)
+    encoded = cache.get(key) if cache is not None else None
     with torch.no_grad():
+        if encoded is None:
+            if family == "sdxl":
+                encoded = pipe.encode_prompt(prompt=req.prompt, device=device, num_images_per_prompt=1,
+                                             do_classifier_free_guidance=cfg, negative_prompt=negative)
+            else:
+                encoded = pipe.encode_prompt(req.prompt, device, 1, cfg, negative)
+            encoded = tuple(t.to(device) if (t is not None and i % 2 == 0) or cfg else None
+                            for i, t in enumerate(encoded))  # the negative parts only with CFG
+            if cache is not None:
+                cache.put(key, encoded)
         if family == "sdxl":
-            pe, npe, pooled, npooled = pipe.encode_prompt(prompt=req.prompt, device=device,
-                                                          num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-                                                          negative_prompt=negative)
+            pe, npe, pooled, npooled = encoded
             te2 = getattr(pipe, "text_encoder_2", None)
             proj = int(pooled.shape[-1]) if te2 is None else te2.config.projection_dim
             time_ids = pipe._get_add_time_ids((req.height, req.width), (0, 0), (req.height, req.width),
                                               dtype=pe.dtype, text_encoder_projection_dim=proj).to(device)
-            out = TextConditioning(pe.to(device), npe.to(device) if cfg else None, pooled.to(device),
-                                   npooled.to(device) if cfg else None, time_ids)
+            out = TextConditioning(pe, npe, pooled, npooled, time_ids)
         else:
-            pe, npe = pipe.encode_prompt(req.prompt, device, 1, cfg, negative)
-            out = TextConditioning(pe, npe if cfg else None)
+            pe, npe = encoded
+            out = TextConditioning(pe, npe)
         proj_dim = pipe.unet.config.time_cond_proj_dim
         if proj_dim is not None:
             w = torch.tensor([req.guidance_scale - 1.0])
@@ -204,8 +226,10 @@ def initial_latents(generator, shape: tuple, device, dtype, init_noise_sigma):
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * init_noise_sigma
 
 
-def start_sample(sample: DenoiseSample, pipe, family: str, base_scheduler_config, device, dtype) -> None:
-    """Scheduler, timesteps, generator and initial latents of one image (the job's text is encoded first)."""
+def start_sample(sample: DenoiseSample, pipe, family: str, base_scheduler_config, device, dtype,
+                 engine=None) -> None:
+    """Scheduler, timesteps, generator and initial latents of one image (the job's text is encoded first, its
+    init image too: core/img2img.py starts img2img/inpainting samples and those of 9-channel UNets)."""
     import torch
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
@@ -221,6 +245,15 @@ def start_sample(sample: DenoiseSample, pipe, family: str, base_scheduler_config
     sample.generator = torch.Generator("cpu").manual_seed(sample.seed)
     sample.step_kwargs = step_kwargs(sched, sample.generator)
     vsf = pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, req.height // vsf, req.width // vsf)
-    sample.latents = initial_latents(sample.generator, shape, device, dtype, sched.init_noise_sigma)
+    shape = (1, pipe.vae.config.latent_channels, req.height // vsf, req.width // vsf)
+    if sample.job.images is not None or pipe.unet.config.in_channels != shape[1]:
+        from core.img2img import start
+
+        start(sample, pipe, engine, shape, device, dtype)
+    else:
+        sample.latents = initial_latents(sample.generator, shape, device, dtype, sched.init_noise_sigma)
+    if sample.job.controls:
+        from core.controlnet import start
+
+        start(sample, sample.job.controls, device, dtype)
     sample.last_run = time.perf_counter()

@@ -1,6 +1,6 @@
 """Embedded models: SD-style pipelines built from configs with seeded random weights, no download.
 
-- tiny-sd / tiny-sdxl: a few MB; written once to the cache dir with `save_pretrained` and then loaded through
+- tiny-sd / tiny-sdxl / tiny-sd-inpaint (tiny-sd with a 9-channel inpainting UNet): a few MB; written once to the cache dir with `save_pretrained` and then loaded through
   the same `from_pretrained` path as real checkpoints. They make noise images (random weights).
 - sd15 / sdxl: the real SD1.5 / SDXL architectures at full size with random weights, for benchmarks (speed and
   memory do not depend on weight values). Built in memory, directly on the target device.
@@ -90,11 +90,13 @@ def _build(name: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     tok = build_tokenizer()
-    if name == "tiny-sd":
+    if name in ("tiny-sd", "tiny-sd-inpaint"):
+        # tiny-sd-inpaint: the 9-channel UNet of inpainting checkpoints (latents + mask + masked-image latents)
         unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8,
                                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
-                                    attention_head_dim=4, norm_num_groups=8)
+                                    attention_head_dim=4, norm_num_groups=8,
+                                    in_channels=9 if name == "tiny-sd-inpaint" else 4)
         return StableDiffusionPipeline(vae=_vae((16, 16, 32, 32), 8, 0.18215, 64, False),
                                        text_encoder=_clip(32, 2, 4, 37, 32, vocab=1000), tokenizer=tok, unet=unet,
                                        scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
@@ -151,6 +153,52 @@ def ensure_saved(name: str, cache_dir: str, seed: int = 0) -> Path:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is identical
             if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_controlnet(name: str, seed: int = 0):
+    """Embedded ControlNet `name` (tiny-sd-controlnet / tiny-sdxl-controlnet): diffusers' ControlNetModel.from_unet
+    of the matching tiny UNet (same config), then every zero-initialised projection (the zero convs, the
+    conditioning embedding's last conv) drawn at random from `seed`: a trained ControlNet's residuals are not
+    zero, and with zeros a ControlNet would change nothing."""
+    import torch
+    from diffusers import ControlNetModel
+
+    base = {"tiny-sd-controlnet": "tiny-sd", "tiny-sdxl-controlnet": "tiny-sdxl"}[name]
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(_build(base).unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block):
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.2)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.05)
+        # The conditioning embedding: variance-preserving weights and no biases, so the control image (not the
+        # biases) is what its output carries through its 8 layers.
+        for conv in net.controlnet_cond_embedding.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                fan_in = conv.weight[0].numel()
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+                conv.bias.zero_()
+    return net
+
+
+def ensure_controlnet_saved(name: str, cache_dir: str, seed: int = 0) -> Path:
+    """Write embedded ControlNet `name` to the cache once (atomically) and return its folder."""
+    target = Path(cache_dir) / "embedded" / f"{name}-seed{seed}-{FORMAT_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.warning("building embedded ControlNet %s (random weights) in %s", name, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build_controlnet(name, seed).save_pretrained(tmp, safe_serialization=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is identical
+            if not (target / "config.json").exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

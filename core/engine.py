@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +19,10 @@ from typing import Callable, Sequence
 
 from core.config import EngineConfig, MemoryLevel
 from core.denoise_state import Job, ProgressCallback
+from core.caches import EngineCaches
 from core.gpu_stage import Stopwatch, own_cudagraph_trees
-from core.schemas import MEDIA_TYPES, MAX_SEED, GeneratedImage, GenerationError, GenerationRequest, \
-    GenerationResult, Timings
+from core.image_inputs import NO_URIS, UriPolicy
+from core.schemas import GenerationError, GenerationRequest, GenerationResult
 from core.step_scheduler import StepScheduler
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,13 @@ class Engine:
         self.load_s = self.warmup_s = 0.0
         self.warmup_times: dict[str, float] = {}  # per warm-up shape: where a slow start goes
         self.load_times: dict[str, float] = {}  # per load stage
-        self.aot_forwards: list = []  # core/aot_forward.py forwards, when compile_artifacts=aot
         self.step_cache = None
         self.lora = None  # core/lora_runtime.LoraRuntime when the config has a LoRA library
         self.prompt_encoder = None  # core/prompt_weighting.WeightedPromptEncoder with prompt_weighting on
         self.compiled = False
         self.scheduler = StepScheduler(self)
+        self.caches = EngineCaches(config.caches)
+        self.controlnets: dict = {}  # name -> diffusers ControlNetModel (config.controlnets, loaded with the model)
 
     # ------------------------------------------------------------------ loading
     def load(self) -> "Engine":
@@ -95,6 +96,14 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         self.base_scheduler_config = pipe.scheduler.config
         self.footprint = memory.footprint_of(pipe)
+        if cfg.controlnets:  # resident on the device at every memory level; counted in the footprint
+            from core.controlnet import load_controlnets
+
+            self.controlnets = load_controlnets(self, pipe)
+            self.footprint = memory.ModelFootprint(self.footprint.unet, self.footprint.text_encoders,
+                                                   self.footprint.vae, sum(map(memory.module_bytes,
+                                                                               self.controlnets.values())))
+            mark("controlnets")
         self.budget = memory.enforce_budget(cfg.memory, self.device)
         if self.level == MemoryLevel.AUTO:
             w, h, *_ = self.family_defaults()
@@ -128,27 +137,27 @@ class Engine:
 
         self.applied.update(install_fastpath(self))  # 8. fp8 / step caching / compile
         mark("fastpath")
+        if self.compiled:  # the store's compile artifacts into the local caches, before the warm-up compiles
+            from core import compile_cache
+
+            loaded = compile_cache.load(self)
+            self.applied.update(compile_cache_hit=loaded["hit"], compile_artifacts=loaded)
+            mark("compile_artifacts")  # the store's read + load_cache_artifacts: part of a fresh node's start
         self.monitor = memory.MemoryMonitor(self.device)
         if cfg.is_noise_model:
             self.note = NOISE_NOTE
         self.load_s = time.perf_counter() - t0
         self.warmup()
         self.scheduler.mark_warm()
-        if self.compiled:
+        if self.compiled:  # counters; artifacts uploaded to the store when the warm-up compiled
             from core import compile_cache
 
-            self.applied["compile_counters"] = compile_cache.counters()
-            if self.aot_forwards:
-                from core import aot_forward
-
-                self.applied.update(aot_forward.report(self.aot_forwards))
-            if not self.applied.get("compile_cache_hit"):
-                compile_cache.save(self)
+            self.applied.update(compile_cache.after_warmup(self))
         log.info("model %s (%s) ready on %s %s in %.1fs (+%.1fs warm-up): %s", cfg.name, self.family, self.device,
                  str(self.dtype).replace("torch.", ""), self.load_s, self.warmup_s, self.applied)
 
     def family_defaults(self) -> tuple[int, int, int, float]:
-        if self.config.embedded_name in ("tiny-sd", "tiny-sdxl"):
+        if self.config.embedded_name in ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint"):
             return TINY_DEFAULTS
         return FAMILY_DEFAULTS[self.family or "sd15"]
 
@@ -172,8 +181,6 @@ class Engine:
 
         t0 = time.perf_counter()
         self._warming = True  # compiled: every batch bucket up to b is compiled (and recorded) now, not mid-serving
-        for forward in self.aot_forwards:
-            forward.compiling = True  # warmed shapes load (or compile and save) their AOT functions
         try:
             for w, h, b in self.warmup_shapes():
                 sizes = [m for m in image_buckets(self) if m <= b] if self.compiled else [b]
@@ -187,8 +194,6 @@ class Engine:
                         self.warmup_times[name] = round(time.perf_counter() - t, 2)
         finally:
             self._warming = False
-            for forward in self.aot_forwards:
-                forward.compiling = False
         self.warmup_s = time.perf_counter() - t0
 
     def _warm(self, w: int, h: int, n: int, steps: int, guidance: float | None) -> None:
@@ -217,55 +222,32 @@ class Engine:
                     raise RuntimeError(f"fp8 calibration at {w}x{h} failed: {out.message}")
 
     # ------------------------------------------------------------------ requests
-    def resolve(self, req: GenerationRequest) -> GenerationRequest:
-        """Fill defaults and enforce this model's limits. Raises GenerationError(kind='validation', field=...)."""
-        cfg, lim = self.config, self.config.limits
-        if req.model is not None and req.model != cfg.name:
-            raise GenerationError(f"unknown model {req.model!r}; this engine serves {cfg.name!r}", "validation", "model")
-        w, h, steps, guidance = self.family_defaults()
-        d = cfg.defaults
-        fill = {
-            "width": req.width or d.width or w, "height": req.height or d.height or h,
-            "steps": req.steps or d.steps or steps,
-            "guidance_scale": req.guidance_scale if req.guidance_scale is not None else (
-                d.guidance_scale if d.guidance_scale is not None else guidance),
-            "scheduler": req.scheduler or cfg.scheduler,
-            "negative_prompt": req.negative_prompt if req.negative_prompt is not None else d.negative_prompt,
-            "seed": req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1),
-            "model": cfg.name,
-        }
-        checks = [
-            ("prompt", len(req.prompt) <= lim.max_prompt_chars, f"at most {lim.max_prompt_chars} characters"),
-            ("width", fill["width"] <= lim.max_width, f"must be <= {lim.max_width}"),
-            ("height", fill["height"] <= lim.max_height, f"must be <= {lim.max_height}"),
-            ("width", fill["width"] * fill["height"] <= lim.max_pixels,
-             f"width x height = {fill['width'] * fill['height']} exceeds max_pixels {lim.max_pixels}"),
-            ("steps", fill["steps"] <= lim.max_steps, f"must be <= {lim.max_steps}"),
-            ("num_images", req.num_images <= lim.max_images_per_request,
-             f"must be <= {lim.max_images_per_request}"),
-        ]
-        for field, ok, why in checks:
-            if not ok:
-                raise GenerationError(f"{field}: {why} for model {cfg.name}", "validation", field)
-        if self.lora is not None:
-            fill.update(self.lora.resolve(req))  # <lora:...> tags out of the prompt, names and families checked
-        elif req.loras or "<lora:" in req.prompt.lower():
-            raise GenerationError(f"loras: model {cfg.name} has no LoRA library (engine config `loras.uri`)",
-                                  "validation", "loras")
-        return req.model_copy(update=fill)
+    def resolve(self, req: GenerationRequest, uris: UriPolicy = NO_URIS) -> GenerationRequest:
+        """Fill defaults and enforce this model's limits. Raises GenerationError(kind='validation', field=...).
+
+        Input images are decoded and checked here (limits: config.image_inputs); `uris`: which image URIs the
+        request may name (HTTP: the ingress's allowlist; batch jobs: ANY_URI; default: none)."""
+        return self.resolve_with_images(req, uris)[0]
+
+    def resolve_with_images(self, req: GenerationRequest, uris: UriPolicy = NO_URIS):
+        """resolve(), the request's init/mask images at its output size (core.img2img.ImageConditioning, or
+        None) and its control maps (a core.controlnet.ControlSpec per control[i])."""
+        from core.resolve import resolve_request
+
+        return resolve_request(self, req, uris)
 
     def generate(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
-                 queue_s: Sequence[float] | None = None) -> list[Outcome]:
+                 queue_s: Sequence[float] | None = None, uris: UriPolicy = NO_URIS) -> list[Outcome]:
         """One outcome per request, in order: a GenerationResult, or a GenerationError for that request alone.
         The requests are submitted together (so they start together) and share UNet calls with whatever else
         the scheduler is running."""
         if not self._ready:
             self.load()
-        return self._run(requests, step_callback, queue_s)
+        return self._run(requests, step_callback, queue_s, uris=uris)
 
     async def generate_async(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                              cancel: threading.Event | None = None, timeout_s: float | None = None,
-                             queue_s: float = 0.0) -> Outcome:
+                             queue_s: float = 0.0, uris: UriPolicy = NO_URIS) -> Outcome:
         """One request; never raises for a request's own failure (returns the GenerationError).
 
         on_progress(step, total, latents) runs on the GPU thread after each UNet call that advanced the request
@@ -274,11 +256,13 @@ class Engine:
         its images leave the batch (the others' are unchanged) and the replica is free for other work."""
         if not self._ready:
             await asyncio.to_thread(self.load)
-        if self.lora is not None and (request.loras or "<lora:" in request.prompt.lower()):
-            # resolving LoRA names may rescan the library (a remote URI: network calls): off the event loop
-            job = await asyncio.to_thread(self.submit, request, on_progress, cancel, timeout_s, queue_s)
+        args = (request, on_progress, cancel, timeout_s, queue_s)
+        # decoding images, or resolving LoRA names (a library rescan may hit a remote URI), must not block the loop
+        if request.init_image is not None or request.control or (
+                self.lora is not None and (request.loras or "<lora:" in request.prompt.lower())):
+            job = await asyncio.to_thread(self.submit, *args, uris=uris)
         else:
-            job = self.submit(request, on_progress, cancel, timeout_s, queue_s)
+            job = self.submit(*args, uris=uris)
         try:
             return await asyncio.wrap_future(job.future)
         except asyncio.CancelledError:
@@ -287,12 +271,12 @@ class Engine:
 
     def submit(self, request: GenerationRequest, on_progress: ProgressCallback | None = None,
                cancel: threading.Event | None = None, timeout_s: float | None = None, queue_s: float = 0.0,
-               encode: bool = True) -> Job:
+               encode: bool = True, uris: UriPolicy = NO_URIS) -> Job:
         """Queue one request without waiting: returns its Job (`.future`: a concurrent Future of the outcome,
         already set for a request that fails validation; `.cancel`: set it to stop the request)."""
         if not self._ready:
             self.load()
-        job = self._job(request, 0, on_progress, cancel, timeout_s, queue_s, encode)
+        job = self._job(request, 0, on_progress, cancel, timeout_s, queue_s, encode, uris)
         if isinstance(job, GenerationError):
             failed = Job(request, cancel=cancel or threading.Event())
             failed.fail(job)
@@ -314,25 +298,27 @@ class Engine:
             if wait is not None and not wait.done():
                 wait.add_done_callback(lambda fut, job=job: fut.result() and self.scheduler.submit([job]))
 
-    def _job(self, request, index: int, on_progress, cancel, timeout_s, queue_s: float, encode: bool):
+    def _job(self, request, index: int, on_progress, cancel, timeout_s, queue_s: float, encode: bool,
+             uris: UriPolicy = NO_URIS):
         try:
-            req = self.resolve(request)
+            req, images, controls = self.resolve_with_images(request, uris)
             self.check_capacity(req)
         except GenerationError as err:
             return err
         job = Job(req, index, on_progress, cancel or threading.Event(), extra_queue_s=queue_s, encode=encode)
+        job.images, job.controls = images, controls
         if timeout_s is not None:
             job.deadline = job.submitted + timeout_s
         return job
 
     def _run(self, requests: Sequence[GenerationRequest], step_callback: StepCallback | None = None,
-             queue_s: Sequence[float] | None = None, encode: bool = True) -> list:
+             queue_s: Sequence[float] | None = None, encode: bool = True, uris: UriPolicy = NO_URIS) -> list:
         jobs = []
         for i, request in enumerate(requests):
             progress = None
             if step_callback is not None:
                 progress = (lambda i: lambda step, total, _latents: step_callback([i], step, total))(i)
-            jobs.append(self._job(request, i, progress, None, None, queue_s[i] if queue_s else 0.0, encode))
+            jobs.append(self._job(request, i, progress, None, None, queue_s[i] if queue_s else 0.0, encode, uris))
         self._schedule([j for j in jobs if isinstance(j, Job)])
         return [j.future.result() if isinstance(j, Job) else j for j in jobs]
 
@@ -344,32 +330,11 @@ class Engine:
             if job.images_left == 0:
                 job.settle(None)  # warm-up: no result to build
             return
-        fut = self._encoder.submit(self._encode, pixels, job.request, sample.seed)
-        job.encodes.append((sample.image_index, sample.seed, fut))
-        fut.add_done_callback(lambda _f: self._maybe_complete(job))
+        from core.results import encode_result_image, maybe_complete
 
-    def _maybe_complete(self, job: Job) -> None:
-        """On an encoder thread: once every image of the job is encoded, build its result."""
-        if job.finished or len(job.encodes) < job.request.num_images or not all(f.done() for *_, f in job.encodes):
-            return
-        req, images, encode_s = job.request, [], 0.0
-        for index, seed, fut in sorted(job.encodes, key=lambda t: t[0]):
-            try:
-                data, enc_s = fut.result()
-            except Exception as err:  # noqa: BLE001 - a failed encode fails its own request only
-                job.fail(self.internal_error(err))
-                return
-            images.append(GeneratedImage(data=data, seed=seed, media_type=MEDIA_TYPES[req.output_format]))
-            encode_s += enc_s
-        admitted = job.admitted or job.submitted
-        timings = Timings(queue_s=admitted - job.submitted + job.extra_queue_s,
-                          denoise_s=max(0.0, job.denoise_end - admitted), decode_s=job.decode_s, encode_s=encode_s,
-                          total_s=time.perf_counter() - job.submitted)
-        job.settle(GenerationResult(
-            images=images, width=req.width, height=req.height, steps=req.steps, guidance_scale=req.guidance_scale,
-            scheduler=req.scheduler, model=req.model, output_format=req.output_format, batch_size=max(1, job.batch),
-            timings=timings, peak_vram_bytes=job.peak,
-            note="; ".join(n for n in (self.note, job.prompt_note) if n) or None))
+        fut = self._encoder.submit(encode_result_image, self, pixels, job, sample.seed)
+        job.encodes.append((sample.image_index, sample.seed, fut))
+        fut.add_done_callback(lambda _f: maybe_complete(self, job))
 
     def max_batch_for(self, width: int, height: int) -> int:
         """Images per pipeline call at this size: limits.max_batch_size, capped by the VRAM budget's estimate
@@ -406,17 +371,6 @@ class Engine:
 
         return decode_latents(self.pipe.vae, latents, force_tiling)  # on the GPU thread: never concurrent
 
-    def _encode(self, pixels, req: GenerationRequest, seed: int) -> tuple[bytes, float]:
-        from core.encoding import encode_image
-
-        t0 = time.perf_counter()
-        params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
-                  "scheduler": req.scheduler, "guidance_scale": req.guidance_scale, "seed": seed,
-                  "width": req.width, "height": req.height, "model": req.model}
-        if self.note:
-            params["note"] = self.note
-        return encode_image(pixels, req.output_format, params), time.perf_counter() - t0
-
     # ------------------------------------------------------------------ health / info
     def check_health(self) -> None:
         if not self._ready:
@@ -430,7 +384,15 @@ class Engine:
                 "optimizations": self.applied, "vram_budget_bytes": self.budget, "note": self.note,
                 "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times,
                 "warmup_times": self.warmup_times, "scheduling": self.scheduling_stats(),
+                "caches": self.caches.stats(), "controlnets": self.list_controlnets(),
                 "loras": self.lora.stats() if self.lora is not None else None}
+
+    def list_controlnets(self) -> list[dict]:
+        """The ControlNets this model serves (GET /v1/controlnets): [{name, family, source}]; family is the
+        model's (checked at load), None before loading."""
+        from core.controlnet import describe
+
+        return describe(self)
 
     def loras(self) -> list[dict]:
         """The LoRA library (rescanned): name, family, rank, size_bytes, layout, trigger_words, components and

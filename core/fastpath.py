@@ -41,15 +41,11 @@ def install_fastpath(engine) -> dict:
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
     engine.step_cache = install_step_cache(engine, applied)
-    if engine.compiled:
-        from core import compile_cache
+    from core import captured_step
 
-        applied["compile_cache_hit"] = compile_cache.load(engine)
-        if applied.get("compile_artifacts") == "aot":
-            from core import aot_forward
-
-            engine.aot_forwards = aot_forward.install(engine.pipe, opt.compile, engine.config.cache_dir,
-                                                      compile_cache.cache_key(engine), opt.compile_vae)
+    engine.captured_step = captured_step.install(engine)
+    if engine.captured_step is not None:
+        applied["capture_step"] = True
     engine.warmed: set[tuple[str, int, int, int]] = set()
     return applied
 

@@ -3,9 +3,8 @@ join GenerationRequest.
 
 Pure pydantic: importing this module imports neither PIL nor torch. The decoding lives in core/image_inputs.py.
 
-The request fields are NOT part of GenerationRequest yet, on purpose: the engine must consume them first, or a
-request carrying an init image would silently get text-to-image. To add them, make GenerationRequest inherit
-`ImageInputFields` (its validators come along) and decode with `core.image_inputs.decode_request_images`.
+GenerationRequest inherits `ImageInputFields` (its validators come along); the engine decodes them with
+`core.image_inputs.decode_request_images` when it resolves a request (core/img2img.py).
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Field, PlainSerializer, ValidationInfo, field_validator, model_validator
 
-from core.config import Strict
+from core.strict import Strict
 
 # An encoded image as a request carries it: a str (base64, a data: URL or an fsspec URI such as s3://b/k.png; which
 # one is told by its shape, see core.image_inputs.classify_source) or raw bytes (multipart uploads, Parquet binary

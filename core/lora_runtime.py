@@ -140,6 +140,11 @@ class LoraRuntime:
         got = self._adapters.get(job)
         return got[0] if got else ()
 
+    def text_adapters(self, job) -> bool:
+        """Whether the job's LoRAs change the text encoders (then its embeddings are its own, never cached)."""
+        got = self._adapters.get(job)
+        return bool(got) and any(c != "unet" for lora, _ in got[1] for c in lora.components)
+
     def text_encoding(self, job):
         got = self._adapters.get(job)
         return self.text.active(got[1] if got else [])

@@ -52,10 +52,11 @@ class ModelFootprint:
     unet: int
     text_encoders: int
     vae: int
+    controlnets: int = 0  # always resident (core/controlnet.py places them on the device at every level)
 
     @property
     def total(self) -> int:
-        return self.unet + self.text_encoders + self.vae
+        return self.unet + self.text_encoders + self.vae + self.controlnets
 
 
 def footprint_of(pipe) -> ModelFootprint:
@@ -88,7 +89,7 @@ def estimate_peak_bytes(fp: ModelFootprint, family: str, level: MemoryLevel, wid
     decode = 0.75 * per_img * batch
     share = level_share(level, streamed_share)
     slots = STREAM_SLOT_GIB * GiB * stream_slots(family, level, share, lookahead)
-    resident = (fp.unet * max(1 - share, RESIDENT_WHEN_STREAMING.get(family, 0.18)) + fp.vae
+    resident = (fp.unet * max(1 - share, RESIDENT_WHEN_STREAMING.get(family, 0.18)) + fp.vae + fp.controlnets
                 + TEXT_ENCODER_RESIDENT * fp.text_encoders + slots)
     if level == MemoryLevel.ULTRA:  # 512² tiles, one image at a time
         decode = min(decode / batch, TILED_DECODE_GIB * GiB)

@@ -110,13 +110,6 @@ def apply_compile(pipe, opt: OptimizationConfig, level: MemoryLevel, cache_dir: 
     torch._inductor.config.conv_1x1_as_mm = True
     torch._inductor.config.epilogue_fusion = False
     applied = {"compile": opt.compile}
-    if opt.compile_artifacts == "aot" and opt.step_cache is None:
-        applied["compile_artifacts"] = "aot"  # core/aot_forward.py installs the forwards (needs the cache key)
-        if opt.compile_vae:
-            applied["compile_vae"] = True
-        return applied
-    if opt.compile_artifacts == "aot":
-        log.warning("compile_artifacts=aot does not combine with step_cache: using the compile caches")
     # dynamic=False: one static graph per batch bucket. Automatic dynamic shapes would turn the second bucket
     # into a batch-symbolic graph: slower kernels, and cache keys that vary with warm-up order.
     pipe.unet.compile(mode=opt.compile, fullgraph=True, dynamic=False)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from core.config import Strict
+from core.image_fields import ImageInputFields
 
 MAX_SEED = 2**32 - 1  # A1111/ComfyUI use 32-bit seeds; also exact in JSON and Parquet int64.
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -35,7 +36,9 @@ class LoraRef(Strict):
         return value
 
 
-class GenerationRequest(Strict):
+class TextToImageFields(Strict):
+    """The text-to-image fields of GenerationRequest (listed first in its schema, CLI flags and docs)."""
+
     prompt: str = Field(..., min_length=1, max_length=10_000, description="What to draw (non-empty).")
     negative_prompt: str | None = Field(None, max_length=10_000, description="What to avoid; model default "
                                         "when absent.")
@@ -85,6 +88,16 @@ class GenerationRequest(Strict):
         return check_scheduler_name(value)
 
 
+class GenerationRequest(ImageInputFields, TextToImageFields):
+    """One generation: text-to-image, or with the image fields (core.image_fields.ImageInputFields) img2img,
+    inpainting and ControlNet. (Bases in this order: pydantic lists TextToImageFields' fields first.)"""
+
+    @field_validator("strength", "mask_blur", mode="before")
+    @classmethod
+    def _strict_image_number(cls, value: Any) -> Any:
+        return TextToImageFields._strict_number(value)  # as for the numbers above: true is not 1, "5" not 5
+
+
 class Timings(Strict):
     queue_s: float = Field(0.0, ge=0, description="Waiting before the engine started this request.")
     denoise_s: float = Field(0.0, ge=0, description="Text encoding + denoising, from admission to the last step "
@@ -104,7 +117,10 @@ class GenerationResult(Strict):
     images: list[GeneratedImage] = Field(..., min_length=1, description="One entry per requested image.")
     width: int = Field(..., description="Width in pixels.")
     height: int = Field(..., description="Height in pixels.")
-    steps: int = Field(..., description="Denoising steps used.")
+    steps: int = Field(..., description="Denoising steps requested (the schedule's length).")
+    steps_run: int | None = Field(None, description="img2img/inpainting: denoising steps actually run, "
+                                  "int(steps x strength) (the schedule's last ones); absent for text-to-image, "
+                                  "which runs all `steps`.")
     guidance_scale: float = Field(..., description="CFG scale used.")
     scheduler: str = Field(..., description="Scheduler used.")
     model: str = Field(..., description="Model that made the images.")

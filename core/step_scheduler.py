@@ -35,6 +35,7 @@ import time
 from typing import Callable, Hashable
 
 from core.denoise_state import DenoiseSample, Job, encode_text, samples_of, start_sample, uses_cfg
+from core.img2img import encode_images
 from core.prompt_length import prompt_note
 from core.schemas import GenerationError
 
@@ -155,6 +156,12 @@ class StepScheduler:
 
     def _prepare(self, admitted: list[DenoiseSample]) -> None:
         eng = self.engine
+        with_images = {id(s.job): s.job for s in admitted if s.job.images is not None and not s.job.finished}
+        if with_images:  # init images of every admitted request: one VAE encoder call per size (or cache hits)
+            try:
+                encode_images(eng, [j.images for j in with_images.values()], self.device)
+            except Exception as err:  # noqa: BLE001 - fails these requests only
+                self._fail([s for s in admitted if id(s.job) in with_images], self._error(err, 0, 0, 1))
         for s in admitted:
             job = s.job
             if job.finished:
@@ -162,20 +169,23 @@ class StepScheduler:
             try:
                 if job.conditioning is None:
                     job.admitted = time.perf_counter()
-                    # with the job's text-encoder LoRAs, if any
+                    # with the job's text-encoder LoRAs, if any (their embeddings skip the prompt cache)
                     with eng.lora.text_encoding(job) if eng.lora is not None else contextlib.nullcontext():
                         if eng.prompt_encoder is not None:  # opt-in weighting + long prompts (compel)
                             job.conditioning, job.prompt_note = eng.prompt_encoder.encode(
                                 job.request, self.device, uses_cfg(eng.pipe, job.request.guidance_scale))
                         else:
-                            job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device)
+                            cache = eng.caches.prompt_embeddings
+                            if eng.lora is not None and eng.lora.text_adapters(job):
+                                cache = None
+                            job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device, cache)
                             # Here, on the GPU thread: a fast tokenizer is not thread-safe (each call sets its
                             # padding and truncation on the shared backend), so it is only ever called from here.
                             job.prompt_note = prompt_note(eng.pipe, job.request, eng.config.name)
                 start_sample(s, eng.pipe, eng.family, eng.base_scheduler_config, self.device,
-                             job.conditioning.cond.dtype)
+                             job.conditioning.cond.dtype, eng)
                 if not job.calls_total:
-                    job.calls_total = s.total
+                    job.calls_total = s.calls
             except Exception as err:  # noqa: BLE001 - fails this request only
                 job.fail(self._error(err, job.request.width, job.request.height, 1))
 
@@ -207,8 +217,8 @@ class StepScheduler:
             if hook is None:
                 parts = [(None, active)]
             else:
-                full = [s for s in active if hook.is_full_step(s.step)]
-                shallow = [s for s in active if not hook.is_full_step(s.step)]
+                full = [s for s in active if hook.is_full_step(s.step - s.first_step)]
+                shallow = [s for s in active if not hook.is_full_step(s.step - s.first_step)]
                 parts = [(True, full), (False, shallow)]
             for phase, members in parts:
                 if members:
@@ -272,7 +282,9 @@ class StepScheduler:
         rows = padded(eng, unet_rows(samples), row_buckets(eng))
         if eng.lora is not None:
             eng.lora.prepare_call(samples, rows)  # each sample's adapter set -> its rows' slot
-        with eng.monitor.track(), shape_context(eng, "unet", key[1], key[2], rows):
+        # ControlNet residuals change the compiled UNet's inputs: their calls run eagerly (never recompile)
+        part = "unet-control" if eng.controlnets and any(s.controls for s in samples) else "unet"
+        with eng.monitor.track(), shape_context(eng, part, key[1], key[2], rows):
             denoise_step(eng, samples, inputs, rows, phase)
         self._after_call(key, samples)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.denoise_state import DenoiseSample
+from core.img2img import after_step, unet_input
 
 
 @dataclass
@@ -76,10 +77,20 @@ def denoise_step(engine, samples: list[DenoiseSample], inputs: CallInputs, padde
     import torch
 
     n = len(samples)
-    scaled = [s.scheduler.scale_model_input(s.latents, s.scheduler.timesteps[s.step]) for s in samples]
+    scaled4 = [s.scheduler.scale_model_input(s.latents, s.scheduler.timesteps[s.step]) for s in samples]
+    scaled = [unet_input(s, x) for s, x in zip(samples, scaled4)]  # + mask channels for a 9-channel UNet
     cfg = inputs.cfg
     latent_in = _cat(scaled + [scaled[i] for i in cfg])
     t_in = torch.stack([s.timesteps[s.step] for s in samples] + [samples[i].timesteps[samples[i].step] for i in cfg])
+    control = {}
+    if engine.controlnets and any(s.controls for s in samples):
+        from core.controlnet import residuals
+
+        with torch.no_grad():
+            res = residuals(engine, samples, _cat(scaled4 + [scaled4[i] for i in cfg]), t_in, inputs)
+        if res is not None:  # (no kwargs without residuals: a compiled UNet keeps its one signature)
+            control = {"down_block_additional_residuals": [pad_rows(r, padded) for r in res[0]],
+                       "mid_block_additional_residual": pad_rows(res[1], padded)}
     rows = latent_in.shape[0]
     hook = engine.step_cache
     if hook is not None:
@@ -90,11 +101,14 @@ def denoise_step(engine, samples: list[DenoiseSample], inputs: CallInputs, padde
     added = inputs.added_cond_kwargs
     if added is not None:
         added = {k: pad_rows(v, padded) for k, v in added.items()}
+    captured = getattr(engine, "captured_step", None)  # optimization.capture_step (core/captured_step.py)
+    if captured is not None and hook is None and captured.accepts(samples, padded):
+        return captured.run(samples, inputs, latent_in, t_in, padded, pad_rows, added)
     with torch.no_grad():
         out = engine.pipe.unet(pad_rows(latent_in, padded), pad_rows(t_in, padded),
                                encoder_hidden_states=pad_rows(inputs.encoder_hidden_states, padded),
                                timestep_cond=pad_rows(inputs.timestep_cond, padded), cross_attention_kwargs=None,
-                               added_cond_kwargs=added, return_dict=False)[0][:rows]
+                               added_cond_kwargs=added, return_dict=False, **control)[0][:rows]
         if hook is not None and full_step:
             deep = hook.deep  # [padded, ...]: keep each sample's own rows for its shallow steps
             uncond_row = {j: n + k for k, j in enumerate(cfg)}
@@ -112,3 +126,4 @@ def denoise_step(engine, samples: list[DenoiseSample], inputs: CallInputs, padde
             t = s.scheduler.timesteps[s.step]
             s.latents = s.scheduler.step(noise[i:i + 1], t, s.latents, **s.step_kwargs, return_dict=False)[0]
             s.step += 1
+            after_step(s)  # inpainting with a 4-channel UNet: blend the kept area back

@@ -16,6 +16,7 @@ EXAMPLES = """examples (from a fresh shell after `make serve`, use .venv/bin/sds
   sdserve generate "a lighthouse at dusk" -o out.png --seed 42 --steps 4      local engine, no Ray
   sdserve make-prompts 200 prompts.parquet
   sdserve batch prompts.parquet out/ --config configs/batch-tiny.yaml         Ray Data, resumable
+  sdserve precompile configs/serve-sd15-bench.yaml       compile here, write the artifacts replicas start from
   sdserve bench serve --url http://127.0.0.1:8000 --no-offline --steps 4      load test a running server
 """
 
@@ -60,6 +61,40 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _precompile(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from core.config import EngineConfig, format_validation_error, load_yaml
+    from core.loading import ModelLoadError
+    from core.precompile import precompile
+    from serving.config import load_serving_config  # (no Ray)
+
+    try:  # a serving YAML (models:), a batch YAML (engine: + job keys) or a bare engine YAML
+        data = load_yaml(args.config)
+        if "models" in data:
+            engines = [m.engine for m in load_serving_config(args.config).models]
+        else:
+            engines = [EngineConfig.model_validate(data.get("engine", data))]
+    except (ValidationError, ValueError, OSError) as err:
+        print(f"error: {args.config}: {format_validation_error(err)}", file=sys.stderr)
+        return 2
+    failed = 0
+    for cfg in engines:
+        try:
+            out = precompile(cfg, force=args.force)
+        except (ModelLoadError, RuntimeError) as err:
+            print(f"error: {cfg.name}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        if "skipped" in out:
+            print(f"{cfg.name}: skipped ({out['skipped']})")
+        elif out["path"] is None:
+            print(f"{cfg.name}: key {out['key']} already in {out['store']} ({out['bytes']} bytes); nothing compiled")
+        else:
+            print(f"{cfg.name}: key {out['key']}  {out['bytes']} bytes -> {out['path']}  ({out['seconds']} s)")
+    return 1 if failed else 0
+
+
 # The Ray-based packages register their subcommands; importing them pulls in Ray but not torch. A broken module
 # of ours must fail loudly here (never silently drop its subcommands).
 SUBCOMMAND_MODULES = ("serving.cli", "batch_jobs.cli", "benchmarks.cli")
@@ -80,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-source", help="override the config's model source")
     g.add_argument("--device", help="auto | cpu | cuda[:N]")
     g.set_defaults(func=_generate, request_fields=add_request_flags(g, exclude=("model",)))
+
+    pc = sub.add_parser("precompile", help="compile a config's models here, warm up every bucket and write the "
+                        "compile artifacts to optimization.compile_artifacts.store (no Ray)",
+                        epilog="example: sdserve precompile configs/serve-sd15-bench.yaml   (on a GPU host of the "
+                        "replicas' kind: the artifacts are keyed by GPU, torch, CUDA, model, settings and shapes)")
+    pc.add_argument("config", help="serving, batch or engine YAML")
+    pc.add_argument("--force", action="store_true", help="compile even when the store holds the key (overwrite)")
+    pc.set_defaults(func=_precompile)
 
     for module in SUBCOMMAND_MODULES:
         importlib.import_module(module).register(sub)

@@ -20,16 +20,10 @@ from pydantic import ConfigDict, Field
 from core.config import Strict
 from core.schedulers import SCHEDULERS
 from core.schemas import MAX_SEED, GenerationRequest, GenerationResult
+from serving.a1111_controlnet import a1111_control_field, control_units
+from serving.a1111_errors import A1111Error  # noqa: F401 - re-exported: routes and tests import it from here
 
 VERSION = "sdserve-a1111-compat"
-
-
-class A1111Error(Exception):
-    """A request A1111 semantics refuse: rendered as FastAPI's {"detail": [{loc, msg, type}]} with `status`."""
-
-    def __init__(self, field: str | None, message: str, status: int = 422):
-        super().__init__(message)
-        self.field, self.message, self.status = field, message, status
 
 
 # ------------------------------------------------------------------------------------------------ samplers
@@ -139,8 +133,8 @@ def _a1111_names(scheduler_key: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------------------------ txt2img request
 
-class Txt2ImgRequest(Strict):
-    """StableDiffusionTxt2ImgProcessingAPI's fields (modules/api/models.py), typed and bounded.
+class A1111Request(Strict):
+    """The fields A1111's txt2img and img2img requests share (modules/api/models.py), typed and bounded.
 
     Unknown keys are refused (422 naming them); known ones sdserve cannot honour: see the module docstring.
     width/height/steps/cfg_scale left out take the model's defaults (A1111 would take 512/512/50/7).
@@ -172,7 +166,6 @@ class Txt2ImgRequest(Strict):
     do_not_save_samples: bool = Field(False, description="Ignored: sdserve never saves on the server.")
     do_not_save_grid: bool = Field(False, description="Ignored: sdserve never makes grids.")
     eta: float | None = Field(None, ge=0, le=10, description="Ignored sampler knob.")
-    denoising_strength: float | None = Field(None, ge=0, le=1, description="Hires fix only; ignored without it.")
     s_min_uncond: float | None = Field(None, description="Ignored sampler knob.")
     s_churn: float | None = Field(None, description="Ignored sampler knob.")
     s_tmax: float | None = Field(None, description="Ignored sampler knob.")
@@ -184,8 +177,26 @@ class Txt2ImgRequest(Strict):
     refiner_checkpoint: str | None = Field(None, max_length=256, description="Not supported (must be empty).")
     refiner_switch_at: float | None = Field(None, description="Refiner only; ignored without it.")
     disable_extra_networks: bool = Field(False, description="Ignored (no extra networks yet).")
-    firstpass_image: str | None = Field(None, description="Hires fix only (not supported; must be empty).")
     comments: dict[str, Any] | None = Field(None, description="Ignored.")
+    token_merging_ratio: float | None = Field(None, description="Ignored.")
+    token_merging_ratio_hr: float | None = Field(None, description="Ignored.")
+    script_name: str | None = Field(None, description="Scripts (not supported; must be empty).")
+    script_args: list[Any] = Field(default_factory=list, description="Scripts only (must be empty).")
+    send_images: bool = Field(True, description="Return the images (false: `images` is empty).")
+    save_images: bool = Field(False, description="Ignored: sdserve never saves on the server.")
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Always-on scripts: only "
+                                             "`controlnet` ({\"args\": [ControlNet units]}), mapped onto sdserve's "
+                                             "`control`; any other script gets 422.")
+    force_task_id: str | None = Field(None, max_length=256, description="Ignored (no task queue ids).")
+    infotext: str | None = Field(None, description="Infotext to parse parameters from (not supported; must be "
+                                 "empty).")
+
+
+class Txt2ImgRequest(A1111Request):
+    """StableDiffusionTxt2ImgProcessingAPI's fields: the shared ones plus hires fix (refused when turned on)."""
+
+    denoising_strength: float | None = Field(None, ge=0, le=1, description="Hires fix only; ignored without it.")
+    firstpass_image: str | None = Field(None, description="Hires fix only (not supported; must be empty).")
     enable_hr: bool = Field(False, description="Hires fix (not supported; must be false).")
     firstphase_width: int = Field(0, description="Hires fix only; ignored without it.")
     firstphase_height: int = Field(0, description="Hires fix only; ignored without it.")
@@ -202,35 +213,24 @@ class Txt2ImgRequest(Strict):
     hr_negative_prompt: str = Field("", description="Hires fix only; ignored without it.")
     hr_cfg: float | None = Field(None, description="Hires fix only; ignored without it.")
     hr_distilled_cfg: float | None = Field(None, description="Hires fix only; ignored without it.")
-    token_merging_ratio: float | None = Field(None, description="Ignored.")
-    token_merging_ratio_hr: float | None = Field(None, description="Ignored.")
-    script_name: str | None = Field(None, description="Scripts (not supported; must be empty).")
-    script_args: list[Any] = Field(default_factory=list, description="Scripts only (must be empty).")
-    send_images: bool = Field(True, description="Return the images (false: `images` is empty).")
-    save_images: bool = Field(False, description="Ignored: sdserve never saves on the server.")
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="Always-on scripts (ControlNet "
-                                             "comes later; must be empty for now).")
-    force_task_id: str | None = Field(None, max_length=256, description="Ignored (no task queue ids).")
-    infotext: str | None = Field(None, description="Infotext to parse parameters from (not supported; must be "
-                                 "empty).")
 
 
 # Fields whose non-off value would change the image in A1111: refused (field -> test that it is off).
 _REFUSED: dict[str, Callable[[Any], bool]] = {
     "enable_hr": lambda v: not v, "restore_faces": lambda v: not v, "tiling": lambda v: not v,
     "styles": lambda v: not v, "subseed_strength": lambda v: v == 0, "script_name": lambda v: not v,
-    "script_args": lambda v: not v, "alwayson_scripts": lambda v: not v, "refiner_checkpoint": lambda v: not v,
+    "script_args": lambda v: not v, "refiner_checkpoint": lambda v: not v,
     "firstpass_image": lambda v: not v, "infotext": lambda v: not v,
     "seed_resize_from_h": lambda v: v in (-1, 0), "seed_resize_from_w": lambda v: v in (-1, 0),
 }
 _REFUSED_WHY = {"enable_hr": "hires fix", "restore_faces": "face restoration", "tiling": "tiling",
                 "styles": "prompt styles", "subseed_strength": "variation seeds", "script_name": "scripts",
-                "script_args": "scripts", "alwayson_scripts": "always-on scripts", "refiner_checkpoint": "a refiner",
+                "script_args": "scripts", "refiner_checkpoint": "a refiner",
                 "firstpass_image": "hires fix", "infotext": "infotext parsing",
                 "seed_resize_from_h": "seed resizing", "seed_resize_from_w": "seed resizing"}
 # Mapped fields (never reported as ignored).
 _MAPPED = {"prompt", "negative_prompt", "seed", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter",
-           "steps", "cfg_scale", "width", "height", "send_images", "override_settings"}
+           "steps", "cfg_scale", "width", "height", "send_images", "override_settings", "alwayson_scripts"}
 
 
 @dataclass(frozen=True)
@@ -268,15 +268,25 @@ def find_model(name: str, models: list[ModelInfo], field: str) -> ModelInfo:
                             "(GET /sdapi/v1/sd-models)")
 
 
-def to_generation_request(body: Txt2ImgRequest, models: list[ModelInfo], default_model: str) -> Txt2ImgPlan:
-    """Translate; every refusal is an A1111Error naming the A1111 field."""
+def to_generation_request(body: A1111Request, models: list[ModelInfo], default_model: str,
+                          image_fields: dict[str, Any] | None = None, mapped: frozenset[str] = frozenset(),
+                          ignored_extra: tuple[str, ...] = ()) -> Txt2ImgPlan:
+    """Translate; every refusal is an A1111Error naming the A1111 field.
+
+    image_fields: img2img's init_image/strength/mask_image/mask_blur (serving/a1111_img2img.py), `mapped` the
+    A1111 fields they came from, `ignored_extra` what that translation accepted without effect.
+    """
     from pydantic import ValidationError
 
     for name, is_off in _REFUSED.items():
-        if not is_off(getattr(body, name)):
+        if name in type(body).model_fields and not is_off(getattr(body, name)):
             raise A1111Error(name, f"{name}: {_REFUSED_WHY[name]} is not supported by sdserve")
+    control, control_ignored = control_units(body.alwayson_scripts)
     overrides = dict(body.override_settings or {})
     checkpoint = overrides.pop("sd_model_checkpoint", None)
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise A1111Error("override_settings.sd_model_checkpoint", "override_settings.sd_model_checkpoint: must be "
+                                                                   "a model name (a string)")
     model = find_model(checkpoint, models, "override_settings.sd_model_checkpoint") if checkpoint else \
         find_model(default_model, models, "sd_model_checkpoint")
     sampler, label, scheduler = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler,
@@ -291,25 +301,34 @@ def to_generation_request(body: Txt2ImgRequest, models: list[ModelInfo], default
     fields = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "width": body.width,
               "height": body.height, "steps": body.steps, "guidance_scale": body.cfg_scale, "scheduler": scheduler,
               "seed": None if body.seed == -1 else body.seed, "num_images": total, "output_format": "png",
-              "model": model.name}
+              "model": model.name, "control": control or None, **(image_fields or {})}
     try:
         req = GenerationRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as err:
         e = err.errors()[0]
-        ours = str(e["loc"][0]) if e.get("loc") else None
-        name = A1111_FIELD.get(ours, ours)
+        ours = ".".join(str(p) for p in e["loc"]) if e.get("loc") else None
+        name = a1111_field(ours)
         raise A1111Error(name, f"{name}: {e['msg']}") from None
     # Reported: what the request set to something other than its inert default (clients such as webuiapi send
     # every field with its default; those are not worth a mention).
-    ignored = sorted(n for n in body.model_fields_set - _MAPPED - set(_REFUSED)
-                     if getattr(body, n) != Txt2ImgRequest.model_fields[n].get_default(call_default_factory=True))
+    fields_of = type(body).model_fields
+    ignored = sorted(n for n in body.model_fields_set - _MAPPED - mapped - set(_REFUSED)
+                     if getattr(body, n) != fields_of[n].get_default(call_default_factory=True))
     ignored += [f"override_settings.{k}" for k in sorted(overrides)]
-    return Txt2ImgPlan(req, sampler, label, tuple(ignored))
+    return Txt2ImgPlan(req, sampler, label, tuple(ignored + list(ignored_extra) + control_ignored))
 
 
 # Our field -> A1111's, for errors coming back from the engine.
 A1111_FIELD = {"guidance_scale": "cfg_scale", "num_images": "batch_size", "scheduler": "sampler_name",
-               "model": "override_settings.sd_model_checkpoint"}
+               "model": "override_settings.sd_model_checkpoint", "strength": "denoising_strength",
+               "init_image": "init_images.0", "mask_image": "mask", "mask_blur": "mask_blur"}
+
+
+def a1111_field(ours: str | None) -> str | None:
+    """Our field name (dotted for nested ones: control.0.scale) as the A1111 request names it."""
+    if ours is None:
+        return None
+    return a1111_control_field(ours) or A1111_FIELD.get(ours, ours)
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -325,9 +344,10 @@ def infotext(prompt: str, negative: str | None, result: GenerationResult, sample
     return "\n".join(lines)
 
 
-def txt2img_response(body: Txt2ImgRequest, plan: Txt2ImgPlan, result: GenerationResult,
+def txt2img_response(body: A1111Request, plan: Txt2ImgPlan, result: GenerationResult,
                      job_timestamp: str) -> dict[str, Any]:
-    """A1111's TextToImageResponse: images (base64 PNG), parameters (the request, A1111 names), info (JSON str)."""
+    """A1111's TextToImageResponse (ImageToImageResponse has the same shape): images (base64 PNG), parameters (the
+    request, A1111 names), info (JSON str)."""
     import base64
 
     seeds = [img.seed for img in result.images]
@@ -341,22 +361,33 @@ def txt2img_response(body: Txt2ImgRequest, plan: Txt2ImgPlan, result: Generation
         "sampler_name": plan.sampler_name, "cfg_scale": result.guidance_scale, "steps": result.steps,
         "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": result.model, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": body.denoising_strength,
-        "extra_generation_params": {"Schedule type": plan.scheduler_label},
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": plan.request.strength if plan.request.init_image is not None else
+        getattr(body, "denoising_strength", None),
+        "extra_generation_params": {"Schedule type": plan.scheduler_label, **_control_params(plan.request)},
         "index_of_first_image": 0,
         "infotexts": [infotext(body.prompt, negative, result, plan.sampler_name, plan.scheduler_label, s)
                       for s in seeds],
-        "styles": [], "job_timestamp": job_timestamp, "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "styles": [], "job_timestamp": job_timestamp, "clip_skip": 1,
+        "is_using_inpainting_conditioning": plan.request.mask_image is not None,
         "version": VERSION,
         # sdserve additions: the scheduler that ran, and what the request set that had no effect.
         "sdserve_scheduler": result.scheduler, "sdserve_ignored": list(plan.ignored),
     }
     parameters = body.model_dump()
+    if not getattr(body, "include_init_images", True):  # as A1111: the init images are not echoed back
+        parameters.update({"init_images": None, "mask": None})
     parameters.update({"seed": seeds[0], "width": result.width, "height": result.height, "steps": result.steps,
                        "cfg_scale": result.guidance_scale, "sampler_name": plan.sampler_name,
                        "scheduler": plan.scheduler_label})
     images = [base64.b64encode(img.data).decode() for img in result.images] if body.send_images else []
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+
+def _control_params(req: GenerationRequest) -> dict[str, str]:
+    """The ControlNet extension's infotext entries ("ControlNet 0": "Module: canny, Model: ..., Weight: ...")."""
+    return {f"ControlNet {i}": f"Module: {c.preprocess}, Model: {c.model}, Weight: {c.scale:g}, Guidance Start: "
+                               f"{c.start:g}, Guidance End: {c.end:g}" for i, c in enumerate(req.control)}
 
 
 def sd_models_response(models: list[ModelInfo]) -> list[dict[str, Any]]:

@@ -152,10 +152,13 @@ def _serve(args: argparse.Namespace) -> int:
                 serve.shutdown()
             ray.shutdown()
 
-    def remove_app() -> None:
-        """Our app gone: the whole local Ray if we started it, else only this app (other apps stay)."""
+    def remove_app(graceful: bool = True) -> None:
+        """Our app gone: the whole local Ray if we started it, else only this app (other apps stay).
+
+        graceful=False (Ctrl-C before the app ever served): with our own Ray, skip Serve's graceful shutdown, which
+        waits its full 30 s for replicas still pending on resources; ray.shutdown() ends every actor anyway."""
         if ours:
-            stop_all()
+            stop_all(serve_started=graceful)
             return
         try:
             serve.delete(app)
@@ -187,7 +190,7 @@ def _serve(args: argparse.Namespace) -> int:
         return _error(f"app {app!r} failed to deploy: {one_line(err, details)}")
     except KeyboardInterrupt:  # Ctrl-C while deploying: remove what was started, ours only
         watcher.stop()
-        remove_app()
+        remove_app(graceful=False)
         return 130
     url = f"http://{args.host}:{args.port}{config.route_prefix.rstrip('/')}"
     print(f"sdserve: serving {', '.join(config.model_names)} at {url}  (docs: {url}/docs; Ctrl-C stops)",

@@ -145,6 +145,10 @@ class ImageInputsConfig(Strict):
                                      "checked before decoding.")
     uri_allowlist: UriAllowlist = Field(default_factory=UriAllowlist, description="fsspec URI prefixes an HTTP "
                                         "request may name as an image; empty (default): only inline images.")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024, description="Largest request "
+                                "body (413 above) of the routes that take images (POST /v1/generate, /v1/jobs, "
+                                "/v1/images/edits, /sdapi/v1/img2img, /sdapi/v1/txt2img); every other route keeps "
+                                "security.max_body_bytes.")
 
     def uri_policy(self):
         """The core.image_inputs.UriPolicy for HTTP requests."""

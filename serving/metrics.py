@@ -47,6 +47,13 @@ class ModelMetrics:
         self.errors = metrics.Counter("sdserve_errors_total", description=ERRORS_DESCRIPTION,
                                       tag_keys=("model", "kind"))
         self.images = metrics.Counter("sdserve_images_total", description="Images generated.", tag_keys=tags)
+        cache_tags = ("model", "cache")
+        self.cache_hits = metrics.Counter("sdserve_cache_hits_total", description="Engine cache hits by cache: "
+                                          "prompt_embeddings, init_latents, control_maps.", tag_keys=cache_tags)
+        self.cache_misses = metrics.Counter("sdserve_cache_misses_total", description="Engine cache misses by "
+                                            "cache: prompt_embeddings, init_latents, control_maps.",
+                                            tag_keys=cache_tags)
+        self._cache_seen: dict = {}
         for m in (self.batch, self.queue, self.vram, self.compiled, self.images):
             m.set_default_tags({"model": model})
 
@@ -61,6 +68,26 @@ class ModelMetrics:
 
     def observe_error(self, kind: str) -> None:
         self.errors.inc(tags={"model": self.model, "kind": str(kind)})
+
+    def observe_caches(self, stats: dict) -> None:
+        """Export the engine's cache counters (Engine.info()["caches"], i.e. engine.caches.stats()): the
+        hits/misses since the last call."""
+        for (cache, what), delta in cache_deltas(self._cache_seen, stats).items():
+            counter = self.cache_hits if what == "hits" else self.cache_misses
+            counter.inc(delta, tags={"model": self.model, "cache": cache})
+
+
+def cache_deltas(seen: dict, stats: dict) -> dict:
+    """{(cache, "hits"|"misses"): increase} since `seen` (updated in place) for monotonic engine counters."""
+    out = {}
+    for cache, counts in stats.items():
+        for what in ("hits", "misses"):
+            now = int(counts.get(what, 0))
+            delta = now - seen.get((cache, what), 0)
+            seen[(cache, what)] = now
+            if delta > 0:
+                out[(cache, what)] = delta
+    return out
 
 
 class IngressMetrics:

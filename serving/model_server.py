@@ -76,6 +76,7 @@ class ModelServer:
             self.metrics.observe_error(outcome.kind)
         else:
             self.metrics.observe_result(outcome)
+        self.metrics.observe_caches(self.engine.caches.stats())  # prompt-embedding / init-latent / control-map
         return outcome
 
     async def generate_stream(self, request: GenerationRequest | dict):
@@ -153,6 +154,10 @@ class ModelServer:
         """The adapter sets this replica reports to Serve's router (its @serve.multiplexed cache)."""
         wrapper = getattr(self, "__serve_multiplex_wrapper", None)  # set by serve.multiplexed on first use
         return list(wrapper.models) if wrapper is not None else []
+
+    async def controlnets(self) -> list[dict]:
+        """The ControlNets this replica's engine loaded: [{name, family, source}] (GET /v1/controlnets)."""
+        return self.engine.list_controlnets()
 
     def check_health(self) -> None:
         # Raising makes Serve restart this replica (e.g. after a CUDA error left the context unusable).

@@ -93,7 +93,7 @@ def to_generation_request(body: OpenAIImageRequest) -> GenerationRequest:
         raise OpenAIError(400, f"{param}: {e['msg']}", param, "invalid_value") from None
 
 
-OPENAI_PARAM = {"num_images": "n", "width": "size", "height": "size"}
+OPENAI_PARAM = {"num_images": "n", "width": "size", "height": "size", "init_image": "image", "mask_image": "mask"}
 
 
 def openai_message(message: str, field: str | None) -> str:

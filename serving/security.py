@@ -142,7 +142,10 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimitMiddleware:
-    """Pure ASGI middleware: 413 when Content-Length or the streamed body exceeds `limit_of(app)` bytes.
+    """Pure ASGI middleware: 413 when Content-Length or the streamed body exceeds the route's limit.
+
+    `limit_of(scope)` -> (limit in bytes, the config key that sets it): routes that take images have a larger one
+    (serving/http/uploads.py).
 
     A chunked body has no Content-Length: it is counted as it streams, and the 413 is sent the moment it passes
     the limit. The app then sees the body read fail (FastAPI turns that into its own 400 "error parsing the
@@ -155,10 +158,10 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit_of()
+        limit, key = self.limit_of(scope)
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                return await _send_413(send, limit, scope)
+                return await _send_413(send, limit, key, scope)
         seen = 0
         started = rejected = False
 
@@ -170,7 +173,7 @@ class BodyLimitMiddleware:
                 if seen > limit:
                     if not started and not rejected:
                         rejected = True
-                        await _send_413(send, limit, scope)
+                        await _send_413(send, limit, key, scope)
                     raise BodyTooLarge()
             return message
 
@@ -185,13 +188,13 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started and not rejected:
-                await _send_413(send, limit, scope)
+                await _send_413(send, limit, key, scope)
 
 
-async def _send_413(send, limit: int, scope) -> None:
+async def _send_413(send, limit: int, key: str, scope) -> None:
     import json
 
-    message = f"request body exceeds {limit} bytes"
+    message = f"request body exceeds {limit} bytes ({key})"
     if any(p in scope.get("path", "") for p in ("/v1/images/", "/v1/models")):  # OpenAI error shape there
         payload = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                              "code": "request_too_large"}}

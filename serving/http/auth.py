@@ -8,7 +8,7 @@ serving/security.py for how keys are checked and buckets refilled.
 import base64
 import binascii
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from serving.http.errors import ApiError
 from serving.security import AuthFailure, retry_after_header
@@ -33,6 +33,11 @@ async def authorize_bearer_or_basic(request: Request) -> str:
             sep, password = "", ""
         header = f"Bearer {password}" if sep and password else "Basic (malformed)"
     return _authorize(request, header)
+
+
+# Route parameters: `caller: str = AUTH_DEPENDENCY`.
+AUTH_DEPENDENCY = Depends(authorize)
+BEARER_OR_BASIC = Depends(authorize_bearer_or_basic)
 
 
 def _authorize(request: Request, header: str | None) -> str:

@@ -34,8 +34,15 @@ def is_openai(request: Request) -> bool:
     return any(p in request.url.path for p in OPENAI_PREFIXES)
 
 
+def field_loc(field: str | None) -> list:
+    """A field name as a FastAPI loc: "control.0.image" -> ["body", "control", 0, "image"]."""
+    if not field:
+        return ["body"]
+    return ["body", *(int(p) if p.isdigit() else p for p in field.split("."))]
+
+
 def validation_detail(field: str | None, message: str, kind: str = "value_error") -> list[dict]:
-    return [{"loc": ["body", field] if field else ["body"], "msg": message, "type": kind}]
+    return [{"loc": field_loc(field), "msg": message, "type": kind}]
 
 
 def route_error(openai: bool, status: int, message: str, field: str | None, code: str,

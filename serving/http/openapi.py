@@ -28,7 +28,7 @@ def _error(text: str, headers: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def error_responses(config: ServingConfig) -> dict[str, dict[str, Any]]:
-    body = config.security.max_body_bytes
+    body, image_body = config.security.max_body_bytes, config.image_inputs.max_body_bytes
     return {
         "400": _error("Blocked prompt (security.prompt_blocklist); on OpenAI routes any invalid request, OpenAI's "
                       "{\"error\": {...}} shape naming the `param`."),
@@ -37,7 +37,8 @@ def error_responses(config: ServingConfig) -> dict[str, dict[str, Any]]:
         "404": _error("Unknown model (OpenAI routes, GET /v1/loras?model=), unknown job id, or jobs not enabled."),
         "409": _error("Job result asked for before the job succeeded, or a cancelled generation."),
         "410": _error("Job result expired (jobs.retention_s)."),
-        "413": _error(f"Request body over {body} bytes (security.max_body_bytes)."),
+        "413": _error(f"Request body over {body} bytes (security.max_body_bytes); on the routes that take "
+                      f"images, over {max(body, image_body)} bytes (image_inputs.max_body_bytes)."),
         "422": _error("A field outside the schema or outside the model's limits (width/height/pixels/steps/"
                       "images/prompt length), or a request that cannot fit the replica's memory budget; "
                       "`detail[].loc` names the field."),
@@ -55,8 +56,16 @@ GENERATE = AUTH + ("413", "422", "400", "409", "500", "503", "504")
 ROUTE_ERRORS = {
     ("post", "/v1/generate"): GENERATE,
     ("post", "/v1/images/generations"): AUTH + ("400", "404", "413", "409", "500", "503", "504"),
+    ("post", "/v1/images/edits"): AUTH + ("400", "404", "413", "409", "500", "503", "504"),
+    ("post", "/sdapi/v1/txt2img"): AUTH + ("413", "422", "409", "500", "503", "504"),
+    ("post", "/sdapi/v1/img2img"): AUTH + ("413", "422", "409", "500", "503", "504"),
+    ("post", "/sdapi/v1/options"): AUTH + ("422",),
     ("get", "/v1/models"): AUTH,
     ("get", "/v1/loras"): AUTH + ("404",),
+    ("get", "/v1/controlnets"): AUTH,
+    ("get", "/controlnet/model_list"): AUTH,
+    ("get", "/controlnet/module_list"): AUTH,
+    ("get", "/controlnet/version"): AUTH,
     ("post", "/v1/jobs"): AUTH + ("400", "404", "413", "422"),
     ("get", "/v1/jobs/{job_id}"): AUTH + ("404",),
     ("get", "/v1/jobs/{job_id}/result"): AUTH + ("404", "409", "410"),
@@ -137,8 +146,24 @@ def _narrow(prop: dict[str, Any], limits: dict[str, Any]) -> None:
             target.pop("maxLength", None)
 
 
+def add_component(schema: dict[str, Any], model) -> None:
+    """A pydantic model (and the models it uses) in components/schemas: the routes that parse their body
+    themselves (JSON or multipart, serving/http/uploads.py) refer to it from openapi_extra, which FastAPI does not
+    follow."""
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    if model.__name__ in comps:
+        return
+    js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, sub in js.pop("$defs", {}).items():
+        comps.setdefault(name, sub)
+    comps[model.__name__] = js
+
+
 def describe(schema: dict[str, Any], config: ServingConfig) -> dict[str, Any]:
     """The document FastAPI generated, made true for `config` (modified in place and returned)."""
+    from core.schemas import GenerationRequest
+
+    add_component(schema, GenerationRequest)
     props = schema.get("components", {}).get("schemas", {}).get("GenerationRequest", {}).get("properties", {})
     for name, limits in request_limits(config).items():
         if name in props:
@@ -151,6 +176,11 @@ def describe(schema: dict[str, Any], config: ServingConfig) -> dict[str, Any]:
             _narrow(oa[name], limits[key])
     if "size" in oa:
         _narrow(oa["size"], size_limits(config))
+    from serving.http.openapi_images import describe_a1111, describe_edits, describe_generation_images
+
+    describe_generation_images(schema, config)
+    describe_a1111(schema, config)
+    describe_edits(schema, config, size_limits(config), limits)
     if "response_format" in oa:  # 'url' is in OpenAI's API but always answered 400 here (no result store)
         _narrow(oa["response_format"], {"enum": ["b64_json"], "description_add": " 'url' gets 400 (no result "
                                         "store; use b64_json or POST /v1/jobs)."})
@@ -169,7 +199,8 @@ def describe(schema: dict[str, Any], config: ServingConfig) -> dict[str, Any]:
                 responses["422"] = errors["422"]  # FastAPI's own: keep, with the real meaning
     info = schema.setdefault("info", {})
     info["description"] = (info.get("description", "") + f" Request bodies over "
-                           f"{config.security.max_body_bytes} bytes get 413. Models: "
+                           f"{config.security.max_body_bytes} bytes get 413 ({config.image_inputs.max_body_bytes} "
+                           "on the routes that take images). Models: "
                            + ", ".join(config.model_names) + ".").strip()
     return schema
 

@@ -1,7 +1,7 @@
 """AUTOMATIC1111-compatible routes under /sdapi/v1 (translation and shapes in serving/a1111.py), so unmodified
-A1111 clients and bots work: txt2img, progress, interrupt, sd-models, samplers, schedulers, options, and the
-loras (the current checkpoint's LoRA library, for `<lora:name:weight>` in prompts), and the lists sdserve has
-nothing in yet (scripts, sd-vae, prompt-styles, embeddings).
+A1111 clients and bots work: txt2img, img2img (both with ControlNet units), progress, interrupt, sd-models,
+samplers, schedulers, options, loras (the current checkpoint's LoRA library, for `<lora:name:weight>` in prompts),
+and the lists sdserve has nothing in yet (scripts, sd-vae, prompt-styles, embeddings).
 
 Errors answer FastAPI's {"detail": ...} (422 [{loc, msg, type}] naming the A1111 field), as A1111's own API does.
 State (the in-flight generations GET progress reports and POST interrupt cancels, and the model POST options
@@ -9,17 +9,21 @@ picks) belongs to this ingress replica: with several ingress replicas, each keep
 """
 # No `from __future__ import annotations`: FastAPI must see real annotation objects.
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Request
 
 from core.schemas import ErrorKind, GenerationError
-from serving.a1111 import A1111_FIELD, A1111Error, ModelInfo, Txt2ImgRequest, find_model, options_response, \
-    samplers_response, schedulers_response, sd_models_response, to_generation_request, txt2img_response
+from serving.a1111 import A1111Error, A1111Request, ModelInfo, Txt2ImgPlan, Txt2ImgRequest, a1111_field, find_model, \
+    options_response, samplers_response, schedulers_response, sd_models_response, to_generation_request, \
+    txt2img_response
+from serving.a1111_img2img import Img2ImgRequest, check_fields, prepare_images, to_img2img_request
+from serving.image_checks import check_request_images
 from serving.a1111_progress import ProgressBoard
 from serving.http.auth import authorize_bearer_or_basic
-from serving.http.errors import ApiError, generation_error
+from serving.http.errors import ApiError, field_loc, generation_error
 
 router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 compatible"])
 # The API key as Bearer, or as the password of HTTP Basic (what A1111 clients send for --api-auth).
@@ -47,27 +51,53 @@ def _models(request: Request) -> list[ModelInfo]:
 
 
 def _unprocessable(field_name: str | None, message: str, status: int = 422) -> ApiError:
-    loc = ["body", *field_name.split(".")] if field_name else ["body"]
-    return ApiError(status, [{"loc": loc, "msg": message, "type": "value_error"}])
+    return ApiError(status, [{"loc": field_loc(field_name), "msg": message, "type": "value_error"}])
 
 
 def _outcome_error(err: GenerationError) -> Exception:
     if err.kind in (ErrorKind.VALIDATION, ErrorKind.CAPACITY):
         field_name = "prompt" if (err.field or "").startswith("loras") else err.field  # A1111: <lora:> tags
-        return _unprocessable(A1111_FIELD.get(field_name, field_name), err.message)
+        return _unprocessable(a1111_field(field_name), err.message)
     return generation_error(err, openai=False)
 
 
 @router.post("/txt2img", summary="A1111 txt2img: images (base64 PNG), parameters, info (JSON string)")
 async def txt2img(body: Txt2ImgRequest, request: Request, caller: str = AUTH):
-    ingress = request.app.state.ingress
     state = _state(request)
     try:
         plan = to_generation_request(body, _models(request), state.checkpoint)
     except A1111Error as err:
         raise _unprocessable(err.field, err.message, err.status) from None
+    return await _generate(request, body, plan, "txt2img")
+
+
+@router.post("/img2img", summary="A1111 img2img (init_images, mask, denoising_strength, inpainting): images "
+             "(base64 PNG), parameters, info (JSON string)")
+async def img2img(body: Img2ImgRequest, request: Request, caller: str = AUTH):
+    state = _state(request)
+    image_cfg = request.app.state.ingress.config.image_inputs
+    try:
+        blur = check_fields(body)
+        prepared = await asyncio.to_thread(prepare_images, body, image_cfg.limits, image_cfg.uri_policy())
+        plan = to_img2img_request(body, prepared, blur, _models(request), state.checkpoint)
+    except A1111Error as err:
+        raise _unprocessable(err.field, err.message, err.status) from None
+    except GenerationError as err:  # a bad init image or mask, named as A1111 names it
+        raise _unprocessable(err.field, err.message) from None
+    return await _generate(request, body, plan, "img2img")
+
+
+async def _generate(request: Request, body: A1111Request, plan: Txt2ImgPlan, kind: str) -> dict[str, Any]:
+    """Check the request's images (ControlNet units too) before it is queued, run it with progress, answer."""
+    ingress = request.app.state.ingress
+    state = _state(request)
     name = ingress.check_request(plan.request, openai=False)
-    key, gen = state.board.begin("txt2img")
+    try:
+        plan = dataclasses.replace(plan, request=await check_request_images(plan.request,
+                                                                            ingress.config.image_inputs))
+    except GenerationError as err:
+        raise _outcome_error(err) from None
+    key, gen = state.board.begin(kind)
 
     def on_progress(step: int, total: int) -> None:
         gen.step, gen.steps = step, total

@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from core.schemas import GenerationRequest
 from serving.http.auth import authorize
 from serving.http.errors import ApiError, generation_error
+from serving.http.routes_native import BODY_DOC, checked_images
+from serving.http.uploads import generation_body, request_body_doc
 from serving.jobs.states import TERMINAL, JobRejected, JobStatus
 from serving.metrics import count_error
 from serving.request_limits import limits_error
@@ -50,11 +52,14 @@ def _view(jobs, rec: dict) -> dict:
     return out
 
 
-@router.post("/v1/jobs", status_code=202, summary="Submit an async generation job (same body as /v1/generate)")
-async def submit_job(body: GenerationRequest, request: Request, caller: str = Depends(authorize)):
+@router.post("/v1/jobs", status_code=202, summary="Submit an async generation job (same body as /v1/generate)",
+             openapi_extra=request_body_doc("GenerationRequest", BODY_DOC))
+async def submit_job(request: Request, caller: str = Depends(authorize),
+                     body: GenerationRequest = Depends(generation_body)):
     jobs = _jobs(request)
     ingress = request.app.state.ingress
     name = request.state.model = ingress.check_request(body, openai=False)
+    body = await checked_images(body, ingress)  # a bad image is refused now, not found by the job later
     # The model's own limits, before a job id exists: the same 422 naming the field as /v1/generate.
     err = limits_error(next(m.engine for m in ingress.config.models if m.name == name), body)
     if err is not None:

@@ -2,7 +2,7 @@
 GET /v1/loras (each model's LoRA library, asked from its deployment).
 
 Errors answer in FastAPI's {"detail": ...} shape (serving/http/errors.py); the request body is the one
-GenerationRequest schema shared with jobs, handles and Parquet rows.
+GenerationRequest schema shared with jobs, handles and Parquet rows, as JSON or multipart (serving/http/uploads.py).
 """
 # No `from __future__ import annotations`: FastAPI must see real annotation objects.
 import asyncio
@@ -10,8 +10,11 @@ import asyncio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from core.schemas import GenerationRequest, GenerationResult
+from core.schemas import GenerationError, GenerationRequest, GenerationResult
 from serving.http.auth import authorize
+from serving.http.errors import generation_error
+from serving.http.uploads import generation_body, request_body_doc
+from serving.image_checks import check_request_images
 from serving.payloads import result_json
 
 router = APIRouter()
@@ -29,11 +32,27 @@ def image_headers(result: GenerationResult) -> dict[str, str]:
     return headers
 
 
+BODY_DOC = ("The GenerationRequest as JSON (images as base64, data: URLs or allowed URIs), or as multipart/form-data: "
+            "a part `request` with the JSON, image files in parts init_image, mask_image, control.<i>.image.")
+
+
+async def checked_images(body: GenerationRequest, ingress, openai: bool = False) -> GenerationRequest:
+    """Every image of the request fetched (an allowed URI becomes its bytes), size-checked and decoded before it is
+    queued: a 4xx naming the field."""
+    try:
+        return await check_request_images(body, ingress.config.image_inputs)
+    except GenerationError as err:
+        raise generation_error(err, openai) from None
+
+
 @router.post("/v1/generate", responses={200: {"content": {"image/png": {}, "application/json": {}}}},
-             summary="Generate images (PNG/JPEG/WebP bytes for one image, JSON for several)")
-async def generate(body: GenerationRequest, request: Request, caller: str = Depends(authorize)):
+             summary="Generate images (PNG/JPEG/WebP bytes for one image, JSON for several)",
+             openapi_extra=request_body_doc("GenerationRequest", BODY_DOC))
+async def generate(request: Request, caller: str = Depends(authorize),
+                   body: GenerationRequest = Depends(generation_body)):
     ingress = request.app.state.ingress
     name = request.state.model = ingress.check_request(body, openai=False)
+    body = await checked_images(body, ingress)
     result = await ingress.call_model(name, body, openai=False)
     wants_json = "application/json" in request.headers.get("accept", "")
     if len(result.images) == 1 and not wants_json:

@@ -41,10 +41,15 @@ def capabilities(config: Any, jobs_enabled: bool, auth_required: bool) -> dict[s
         models.append({"id": m.name, "family": e.family, "default": i == 0, "noise_model": e.is_noise_model,
                        "scheduler": e.scheduler, "limits": e.limits.model_dump(), "defaults": e.defaults.model_dump(),
                        "max_batch_size": e.limits.max_batch_size,
-                       "previews": {"method": e.previews.method, "every_n_steps": e.previews.every_n_steps}})
+                       "previews": {"method": e.previews.method, "every_n_steps": e.previews.every_n_steps},
+                       "image_inputs": ["init_image", "mask"]})  # img2img and inpainting: every model
+        nets = getattr(e, "controlnets", None) or []
+        if nets:
+            models[-1]["controlnets"] = [{"name": c.name} for c in nets]
     return {"models": models, "default_model": config.default_model, "schedulers": sorted(SCHEDULERS),
             "output_formats": list(MEDIA_TYPES), "jobs": jobs_enabled, "auth_required": auth_required,
-            "max_body_bytes": config.security.max_body_bytes}
+            "max_body_bytes": config.security.max_body_bytes,
+            "max_image_body_bytes": max(config.image_inputs.max_body_bytes, config.security.max_body_bytes)}
 
 
 router = APIRouter()

@@ -203,3 +203,35 @@ def test_progress_lines_when_not_a_tty(ray_cluster, tmp_path, capsys):
     assert lines, "no progress line on stderr"
     assert lines[-1].startswith(f"batch progress: 7/7 rows (100.0%), {summary['images']} images,")
     assert "errors 1," in lines[-1]
+
+
+def test_img2img_rows_from_binary_and_uri_columns_with_bad_ones(ray_cluster, tmp_path):
+    """Parquet img2img/inpainting rows (issue 19): a binary init_image column, a mask_image URI column; a bad
+    image and a missing file are error rows naming their field, the job completes."""
+    from tests.serving.image_samples import half_mask, png
+
+    init = png(96, 64, seed=3)
+    (tmp_path / "mask.png").write_bytes(half_mask(96, 64))
+    schema = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("init_image", pa.binary()),
+                        ("strength", pa.float64()), ("mask_image", pa.string()), ("seed", pa.int64())])
+    rows = [{"id": "i2i", "prompt": "a fox", "init_image": init, "strength": 0.5, "seed": 1},
+            {"id": "inpaint", "prompt": "a fox", "init_image": init, "strength": 1.0, "seed": 1,
+             "mask_image": f"file://{tmp_path}/mask.png"},
+            {"id": "txt", "prompt": "a fox", "seed": 1},
+            {"id": "bad-truncated", "prompt": "a fox", "init_image": init[: len(init) // 2]},
+            {"id": "bad-missing", "prompt": "a fox", "init_image": init, "mask_image": f"file://{tmp_path}/no.png"}]
+    src = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), src)
+    job = {**JOB, "defaults": {"steps": 4}}
+    summary = run_batch(str(src), str(tmp_path / "out"), BatchJobConfig.model_validate(job), progress=False)
+    assert summary["status"] == "complete" and (summary["ok_rows"], summary["failed_rows"]) == (3, 2), summary
+    data = {r["id"]: r for r in read_dir(tmp_path / "out" / "data").to_pylist()}
+    assert Image.open(io.BytesIO(data["i2i"]["image"])).size == (96, 64)  # the init image's size
+    assert Image.open(io.BytesIO(data["txt"]["image"])).size == (64, 64)
+    import numpy as np
+
+    kept = np.asarray(Image.open(io.BytesIO(data["inpaint"]["image"])))[:, :30]  # away from the blurred seam
+    assert (kept == np.asarray(Image.open(io.BytesIO(init)))[:, :30]).all()  # outside the mask: the init pixels
+    errors = {e["id"]: e for e in read_dir(tmp_path / "out" / "errors").to_pylist()}
+    assert errors["bad-truncated"]["error_field"] == "init_image" and "truncated" in errors["bad-truncated"]["error"]
+    assert errors["bad-missing"]["error_field"] == "mask_image" and "no such file" in errors["bad-missing"]["error"]

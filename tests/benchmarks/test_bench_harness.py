@@ -54,13 +54,13 @@ def test_memory_levels_are_timed_again_in_turns_for_their_ratios(tmp_path, sdser
     assert none["interleaved_vs_first"] == 1.0 and balanced["interleaved_vs_first"] > 0
 
 
-def test_cold_start_benchmark_runs_cold_then_warm(tmp_path):
+def test_cold_start_benchmark_runs_from_nothing_local_caches_and_the_store(tmp_path):
     subprocess.run([sys.executable, "-m", "benchmarks.cold_start", "--family", "tiny-sd", "--eager", "--device",
-                    "cpu", "--phases", "cold,warm", "--folder", str(tmp_path / "model"), "--cache-dir",
-                    str(tmp_path / "cache"), "--out", str(tmp_path)], check=True, capture_output=True, text=True,
-                   timeout=300)
-    runs = json.loads((tmp_path / "cold-start-tiny-sd.json").read_text())["runs"]
-    assert [r["phase"] for r in runs] == ["cold", "warm"]
+                    "cpu", "--folder", str(tmp_path / "model"), "--workdir", str(tmp_path / "work"), "--out",
+                    str(tmp_path)], check=True, capture_output=True, text=True, timeout=300)
+    report = json.loads((tmp_path / "cold-start-tiny-sd.json").read_text())
+    runs = report["runs"]
+    assert [r["phase"] for r in runs] == ["none", "local", "store"] and report["store"] == str(tmp_path / "work/store")
     assert all(r["ok"] and r["ready_s"] > 0 and "read" in r["load_times"] for r in runs)
 
 

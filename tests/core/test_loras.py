@@ -31,7 +31,8 @@ def reference(make_config):
     """A plain engine (no LoRA library): LoRAs are merged into its weights and restored after each use."""
     from core.engine import Engine
 
-    eng = Engine(make_config(limits={"max_batch_size": 4})).load()
+    # no prompt-embedding cache: the text encoder's weights change under it
+    eng = Engine(make_config(limits={"max_batch_size": 4}, caches={"prompt_embeddings_mb": 0})).load()
     eng.saved = lf.snapshot(eng.pipe)
     return eng
 

@@ -181,6 +181,7 @@ def test_entrypoint_dispatch(tmp_path):
     assert _run_entrypoint(tmp_path) == "sdserve serve --host 0.0.0.0 --port 8000"
     assert _run_entrypoint(tmp_path, "serve", "cfg.yaml") == "sdserve serve cfg.yaml"
     assert _run_entrypoint(tmp_path, "batch", "s3://a/", "s3://b/") == "sdserve batch s3://a/ s3://b/"
+    assert _run_entrypoint(tmp_path, "precompile", "cfg.yaml") == "sdserve precompile cfg.yaml"
     assert _run_entrypoint(tmp_path, "--help") == "sdserve --help"
     # Ray's cluster launcher starts the container with `bash`; anything that is not a subcommand runs as is.
     assert _run_entrypoint(tmp_path, "bash", "-c", "echo launcher") == "launcher"

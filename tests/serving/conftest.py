@@ -1,6 +1,7 @@
 """One local Ray + Serve for all tests/serving modules (starting Ray costs ~10 s): two apps.
 
-- "sdserve" at /: two tiny models at 0.5 logical GPU each (engines pinned to CPU), API keys on.
+- "sdserve" at /: two tiny models at 0.5 logical GPU each (engines pinned to CPU), API keys on; tiny-b serves a
+  tiny ControlNet ("tiny-pose").
 - "strict" at /strict: one model with a 1-deep queue, a rate limit, a small body limit and a blocklist.
 
 Ray is shut down as soon as the last test of this directory ran (pytest has no per-directory scope for
@@ -34,7 +35,9 @@ def main_config() -> dict:
             "jobs": {"backend": "local", "concurrency": 2, "max_retries": 3, "lease_s": 3, "max_queued": 30,
                      "max_unfinished_per_key": 24},
             "models": [{"engine": {"name": "tiny-sd", "device": "cpu", "limits": {"max_steps": 400}}, "deployment": dep},
-                       {"engine": {"name": "tiny-b", "device": "cpu", "seed": 1, "limits": {"max_steps": 400}},
+                       {"engine": {"name": "tiny-b", "device": "cpu", "seed": 1, "limits": {"max_steps": 400},
+                                   # a tiny random-weight ControlNet (issue 19's routes)
+                                   "controlnets": [{"name": "tiny-pose", "source": "embedded:tiny-sd-controlnet"}]},
                         "deployment": dep}]}
 
 
@@ -42,6 +45,7 @@ def strict_config() -> dict:
     return {"app_name": "strict", "route_prefix": "/strict",
             "security": {"api_keys": STRICT_KEYS, "rate_limit": {"requests_per_minute": 30, "burst": 10},
                          "max_body_bytes": 2048, "prompt_blocklist": ["forbidden thing"]},
+            "image_inputs": {"max_body_bytes": 4096},  # the routes that take images
             "models": [{"engine": {"name": "tiny-sd", "device": "cpu",
                                    "limits": {"max_steps": 400, "max_batch_size": 1}},
                         "deployment": {"num_gpus": 0, "num_cpus": 0.5,

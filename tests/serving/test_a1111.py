@@ -103,8 +103,8 @@ def test_image_count_is_bounded_by_the_model_naming_the_a1111_field():
 @pytest.mark.parametrize("fields,field", [
     ({"enable_hr": True}, "enable_hr"), ({"restore_faces": True}, "restore_faces"), ({"tiling": True}, "tiling"),
     ({"styles": ["cinematic"]}, "styles"), ({"subseed_strength": 0.3}, "subseed_strength"),
-    ({"script_name": "x/y/z plot"}, "script_name"), ({"alwayson_scripts": {"controlnet": {"args": []}}},
-                                                     "alwayson_scripts"),
+    ({"script_name": "x/y/z plot"}, "script_name"), ({"alwayson_scripts": {"adetailer": {"args": []}}},
+                                                     "alwayson_scripts.adetailer"),
     ({"refiner_checkpoint": "sdxl-refiner"}, "refiner_checkpoint"), ({"prompt": "  "}, "prompt"),
 ])
 def test_features_that_would_change_the_image_are_refused(fields, field):

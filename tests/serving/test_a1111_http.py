@@ -161,3 +161,22 @@ def test_webuiapi_client_works_unmodified(serve_url):
         api.util_set_model("tiny-sd")
     assert api.get_progress()["state"]["job_count"] == 0 and api.interrupt() == {}
     assert api.get_loras() == []
+
+
+def test_webuiapi_img2img_and_inpainting_unmodified(serve_url):
+    """webuiapi's img2img sends every A1111 field with its default (inpaint_full_res true, image_cfg_scale...)."""
+    webuiapi = pytest.importorskip("webuiapi")
+    from PIL import Image
+
+    api = webuiapi.WebUIApi(baseurl=f"{serve_url}/sdapi/v1", sampler="Euler a", steps=4)
+    api.set_auth("any-user", KEYS[0])
+    init = Image.new("RGB", (96, 64), (30, 140, 90))
+    res = api.img2img(images=[init], prompt="a frog", seed=3, width=96, height=64, denoising_strength=0.5)
+    assert [im.size for im in res.images] == [(96, 64)] and res.info["denoising_strength"] == 0.5
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (48, 0, 96, 64))
+    res = api.img2img(images=[init], mask_image=mask, prompt="a frog", seed=3, width=96, height=64,
+                      inpainting_fill=1, mask_blur=0, denoising_strength=1.0)
+    kept = res.images[0].crop((0, 0, 40, 64)).tobytes()
+    assert kept == init.crop((0, 0, 40, 64)).tobytes()  # outside the mask: the init image's pixels
+    assert "inpaint_full_res" in res.info["sdserve_ignored"]

@@ -23,7 +23,8 @@ def contract_config() -> dict:
     return {"app_name": "contract", "route_prefix": "/contract", "security": {"api_keys": [KEY]},
             "jobs": {"backend": "local", "concurrency": 1},
             "models": [{"engine": {"name": "tiny-c", "device": "cpu", "limits": LIMITS,
-                                   "optimization": {"warmup_steps": 0}},
+                                   "optimization": {"warmup_steps": 0},
+                                   "controlnets": [{"name": "tiny-cn", "source": "embedded:tiny-sd-controlnet"}]},
                         "deployment": {"num_gpus": 0, "num_cpus": 0.5}}]}
 
 
@@ -96,6 +97,15 @@ def test_schemathesis_finds_no_contract_violation(contract_url):
     from hypothesis import HealthCheck, given, settings
     from schemathesis import checks as registry  # checks are looked up by name in schemathesis 4
 
+    from hypothesis import strategies as st
+
+    from serving.http.openapi_images import ALPHA_MASK_FORMAT, IMAGE_FORMAT
+    from tests.serving.image_samples import alpha_mask, b64, png
+
+    # The document's image fields name their format (an encoded image, base64 or as a file part): one valid
+    # image of a size every model accepts; the edits mask is a PNG with transparency of the same size.
+    schemathesis.openapi.format(IMAGE_FORMAT, st.just(b64(png(64, 64))))
+    schemathesis.openapi.format(ALPHA_MASK_FORMAT, st.just(b64(alpha_mask(64, 64))))
     schema = schemathesis.openapi.from_url(f"{contract_url}/openapi.json")
     checks = [getattr(registry, name) for name in ("not_a_server_error", "status_code_conformance",
                                                    "content_type_conformance", "response_schema_conformance",
@@ -104,11 +114,6 @@ def test_schemathesis_finds_no_contract_violation(contract_url):
     ran = 0
     for result in schema.get_all_operations():
         operation = result.ok()
-        if "/sdapi/" in operation.path:
-            # The A1111 routes document A1111's own request model (which accepts any value and an empty prompt);
-            # sdserve refuses some of those values with a 422 naming the field. Stating them in the document is
-            # open work (issue 19); until then they are not held to positive-data acceptance here.
-            continue
 
         @settings(max_examples=6, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
@@ -133,3 +138,29 @@ def test_openai_size_and_response_format_are_stated():
     assert "auto" in size["enum"] and "96x96" in size["enum"] and "104x96" not in size["enum"]
     fmt = next(s for s in props["response_format"].get("anyOf", [props["response_format"]]) if s.get("enum"))
     assert fmt["enum"] == ["b64_json"]
+
+
+def test_image_inputs_and_a1111_refusals_are_stated():
+    doc = offline_openapi(contract_config())
+    comps = doc["components"]["schemas"]
+    gen = comps["GenerationRequest"]
+    assert gen["dependentRequired"] == {"strength": ["init_image"], "mask_image": ["init_image"]}
+    assert gen["properties"]["init_image"]["anyOf"][0]["format"] == "sdserve-image"
+    assert comps["ControlInput"]["properties"]["model"]["enum"] == ["tiny-cn"]  # the configured ControlNets
+    no_cn = offline_openapi({**contract_config(), "models": [{"engine": {"name": "tiny-c"}}]})
+    assert no_cn["components"]["schemas"]["GenerationRequest"]["properties"]["control"]["maxItems"] == 0
+    body = doc["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "multipart/form-data"}
+    assert body["multipart/form-data"]["schema"]["properties"]["request"]["$ref"].endswith("GenerationRequestPart")
+    t2i, i2i = comps["Txt2ImgRequest"]["properties"], comps["Img2ImgRequest"]
+    assert t2i["enable_hr"]["enum"] == [False] and "Karras" not in t2i["scheduler"]["enum"]
+    assert "Euler a" in t2i["sampler_name"]["enum"]
+    unit = t2i["alwayson_scripts"]["properties"]["controlnet"]["properties"]["args"]["items"]
+    assert unit["properties"]["model"]["enum"] == ["tiny-cn"] and unit["properties"]["module"]["enum"] == ["none", "canny"]
+    assert {"prompt", "init_images"} <= set(i2i["required"])
+    assert i2i["properties"]["inpainting_fill"]["enum"] == [0, 1]
+    for path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img"):
+        assert {"401", "413", "422"} <= set(doc["paths"][path]["post"]["responses"])
+    edits = doc["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert edits["properties"]["n"]["type"] == "integer" and edits["required"] == ["image", "prompt"]
+    assert "image_inputs.max_body_bytes" in doc["paths"]["/v1/generate"]["post"]["responses"]["413"]["description"]

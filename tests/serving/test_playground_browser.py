@@ -59,7 +59,8 @@ def test_generate_with_progress_history_and_cancel(page, serve_url):
     _enter_key(page, KEYS[0])
     assert page.locator("#model option").all_inner_texts()[:2] == ["tiny-sd (random weights)", "tiny-b (random weights)"]
     assert page.get_by_test_id("generate").is_enabled()
-    assert page.locator("#loras-box").is_hidden() and page.locator("#image-inputs-box").is_hidden()
+    assert page.locator("#loras-box").is_hidden() and page.locator("#controlnet-box").is_hidden()
+    assert page.locator("#image-inputs-box").is_visible()  # img2img and inpainting: every model (issue 19)
 
     # 1. a quick job: result image, progress at its end, history entry with the job's parameters
     page.get_by_test_id("prompt").fill("a lighthouse at dawn")

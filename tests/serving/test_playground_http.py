@@ -38,8 +38,9 @@ def test_capabilities_need_the_key_and_describe_models(serve_url):
     tiny = caps["models"][0]
     assert tiny["limits"]["max_steps"] == 400 and tiny["scheduler"] == "euler" and tiny["noise_model"] is True
     assert tiny["previews"] == {"method": "latent2rgb", "every_n_steps": 5}
-    # features that do not exist yet are absent, so clients hide their controls
-    assert not {"loras", "controlnets", "image_inputs"} & set(tiny)
+    # features a model lacks are absent, so clients hide their controls; image inputs every model has
+    assert not {"loras", "controlnets"} & set(tiny) and tiny["image_inputs"] == ["init_image", "mask"]
+    assert caps["max_image_body_bytes"] == 32 * 1024 * 1024
     assert "/v1/capabilities" in httpx.get(f"{serve_url}/openapi.json").json()["paths"]
 
 

@@ -122,7 +122,7 @@ async def _echo_app(scope, receive, send):
 
 
 def test_body_limit_passes_small_bodies_and_refuses_large_ones_in_each_shape():
-    mw = BodyLimitMiddleware(_echo_app, limit_of=lambda: 10)
+    mw = BodyLimitMiddleware(_echo_app, limit_of=lambda scope: (10, "security.max_body_bytes"))
     assert _call(mw, "/v1/generate", [b"12345", b"67890"]) == (200, b"10")
     status, body = _call(mw, "/v1/generate", [b"x" * 11], content_length=11)  # refused by the header
     assert status == 413 and json.loads(body)["detail"]["code"] == "request_too_large"

@@ -29,7 +29,11 @@ def _free_port() -> int:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Serve states why a replica is pending once it has waited RAY_SERVE_SLOW_STARTUP_WARNING_S, checked every
+    # RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S (30 s each by default); 3 s here, so the test waits for the message,
+    # not for Serve's default patience.
+    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_SERVE_SLOW_STARTUP_WARNING_S": "3",
+            "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "3"}
 
 
 def test_gpu_config_on_cpu_fails_fast_naming_the_key():
