@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 CONFIG ?= configs/serve-default.yaml
+# LoRA folder of the default config (configs/serve-default.yaml); a missing folder is an empty library
+SDSERVE_LORA_DIR ?= ./loras
+export SDSERVE_LORA_DIR
 
 .PHONY: install serve test test-fast gpuhost clean
 

@@ -19,7 +19,7 @@ from core.schemas import MAX_SEED, OutputFormat
 # are read from any fsspec URI the row names: batch inputs are the job owner's own data.
 REQUEST_COLUMNS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "scheduler", "seed",
                    "num_images", "output_format", "model", "init_image", "strength", "mask_image", "mask_blur",
-                   "control")
+                   "control", "loras")  # loras: list<struct<name, weight>>
 IMAGE_COLUMNS = ("init_image", "mask_image")
 INPUT_COLUMNS = ("id",) + REQUEST_COLUMNS
 

@@ -237,6 +237,48 @@ class PreviewConfig(Strict):
         return self
 
 
+def expand_env(value: str) -> str:
+    """`${VAR:-default}` and `$VAR` / `${VAR}` in a config string, from the environment (YAML stays portable)."""
+    import re
+
+    def sub(m: "re.Match") -> str:
+        name, default = m.group(1) or m.group(3), m.group(2)
+        got = os.environ.get(name)
+        return got if got else (default or "")
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)", sub, value)
+
+
+class LoraConfig(Strict):
+    """The model's LoRA library (core/lora_library.py) and the adapter caches (core/lora_cache.py,
+    core/lora_apply.py). Requests pick adapters per request (`loras` field or `<lora:name:weight>` in the
+    prompt); requests with different adapters still share UNet calls (a low-rank delta per sample)."""
+
+    uri: str = Field(..., min_length=1, max_length=4096, description="Folder or fsspec URI of *.safetensors "
+                     "LoRAs (file name without extension = LoRA name; subfolders give 'sub/name'). "
+                     "`${VAR:-default}` is expanded from the environment. Rescanned when a name is missing.")
+    host_cache_mb: int = Field(2048, ge=0, le=1_048_576, description="Host-RAM LRU of converted adapters "
+                               "(pinned on CUDA), in MiB; beyond it the least recently used are dropped.")
+    max_rank: int = Field(64, ge=1, le=1024, description="Rank of a GPU adapter slot: the summed ranks of one "
+                          "request's LoRAs must fit (fixed so a compiled UNet never recompiles).")
+    gpu_slots: int = Field(4, ge=1, le=64, description="Distinct adapter sets one UNet call can hold (one slot "
+                           "each, max_rank wide, on every targeted layer); more sets wait for the next call.")
+    targets: Literal["attention", "all"] = Field(
+        "attention", description="UNet layers given adapter slots: attention (transformer blocks' linears and "
+        "proj_in/out: what kohya/diffusers LoRAs train by default) or all (also resnet convs, time embeddings, "
+        "down/upsamplers: LoCon-style LoRAs). A LoRA touching other layers is refused.")
+    max_loras: int = Field(8, ge=1, le=32, description="Most LoRAs one request may use.")
+
+    @field_validator("uri")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        out = expand_env(value)
+        if not out:
+            raise ValueError("loras.uri is empty after expanding environment variables")
+        # a local folder is made absolute here: Ray workers need not share the CLI's working directory
+        return out if "://" in out else os.path.abspath(os.path.expanduser(out))
+
+
 class CacheConfig(Strict):
     """Bytes-bounded LRU caches of the engine (core/caches.py); 0 turns one off. Hits and misses are in
     Engine.info()["caches"] and the metrics."""
@@ -315,6 +357,13 @@ class EngineConfig(Strict):
     controlnets: list[ControlNetConfig] = Field(default_factory=list, max_length=16, description="ControlNets "
                                                 "this model serves, e.g. [{name: pose, source: org/controlnet}]; "
                                                 "of the model's family (SD1.5/2.x or SDXL).")
+    prompt_weighting: bool = Field(False, description="A1111 prompt emphasis ((word), (word:1.3), [word]) and "
+                                   "prompts beyond 77 tokens, encoded with compel (core/prompt_weighting.py). Opt-in: "
+                                   "changes images (every prompt is padded to prompt_chunks chunks).")
+    prompt_chunks: int = Field(3, ge=1, le=8, description="prompt_weighting: 77-token chunks every prompt is encoded "
+                               "to (longer prompts are cut there), one length for all so requests share UNet calls.")
+    loras: LoraConfig | None = Field(None, description="LoRA library and adapter caches, e.g. {uri: ./loras}; "
+                                     "null = requests cannot use LoRAs.")
 
     @field_validator("controlnets")
     @classmethod
@@ -354,6 +403,12 @@ class EngineConfig(Strict):
             raise ValueError(f"defaults.height {d.height} exceeds limits.max_height {lim.max_height}")
         if d.steps and d.steps > lim.max_steps:
             raise ValueError(f"defaults.steps {d.steps} exceeds limits.max_steps {lim.max_steps}")
+        return self
+
+    @model_validator(mode="after")
+    def _loras_need_unfused_attention(self) -> "EngineConfig":
+        if self.loras is not None and self.optimization.fuse_qkv:
+            raise ValueError("loras: needs optimization.fuse_qkv false (LoRAs target to_q/to_k/to_v separately)")
         return self
 
     @property

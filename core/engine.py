@@ -63,6 +63,8 @@ class Engine:
         self.warmup_times: dict[str, float] = {}  # per warm-up shape: where a slow start goes
         self.load_times: dict[str, float] = {}  # per load stage
         self.step_cache = None
+        self.lora = None  # core/lora_runtime.LoraRuntime when the config has a LoRA library
+        self.prompt_encoder = None  # core/prompt_weighting.WeightedPromptEncoder with prompt_weighting on
         self.compiled = False
         self.scheduler = StepScheduler(self)
         self.caches = EngineCaches(config.caches)
@@ -126,6 +128,11 @@ class Engine:
         if self.streamers:
             self.applied["streamed_gib"] = round(sum(s.streamed_bytes for s in self.streamers) / memory.GiB, 2)
         self.pipe = pipe
+        if cfg.prompt_weighting:
+            from core.prompt_weighting import WeightedPromptEncoder
+
+            self.prompt_encoder = WeightedPromptEncoder(pipe, self.family, cfg.prompt_chunks, self.device)
+            self.applied["prompt_weighting"] = cfg.prompt_chunks
         from core.fastpath import install_fastpath
 
         self.applied.update(install_fastpath(self))  # 8. fp8 / step caching / compile
@@ -250,7 +257,9 @@ class Engine:
         if not self._ready:
             await asyncio.to_thread(self.load)
         args = (request, on_progress, cancel, timeout_s, queue_s)
-        if request.init_image is not None or request.control:  # decoding images must not block the event loop
+        # decoding images, or resolving LoRA names (a library rescan may hit a remote URI), must not block the loop
+        if request.init_image is not None or request.control or (
+                self.lora is not None and (request.loras or "<lora:" in request.prompt.lower())):
             job = await asyncio.to_thread(self.submit, *args, uris=uris)
         else:
             job = self.submit(*args, uris=uris)
@@ -272,8 +281,22 @@ class Engine:
             failed = Job(request, cancel=cancel or threading.Event())
             failed.fail(job)
             return failed
-        self.scheduler.submit([job])
+        self._schedule([job])
         return job
+
+    def _schedule(self, jobs: list[Job]) -> None:
+        """Hand jobs to the step scheduler together (so they start together); a job whose LoRAs are not in the
+        host cache yet follows alone once they are (loaded off the GPU thread: core/lora_runtime.py)."""
+        if self.lora is None:
+            self.scheduler.submit(jobs)
+            return
+        waits = {id(j): self.lora.prepare(j) for j in jobs if j.request.loras}
+        ready = [j for j in jobs if id(j) not in waits or (waits[id(j)].done() and waits[id(j)].result())]
+        self.scheduler.submit(ready)
+        for job in jobs:
+            wait = waits.get(id(job))
+            if wait is not None and not wait.done():
+                wait.add_done_callback(lambda fut, job=job: fut.result() and self.scheduler.submit([job]))
 
     def _job(self, request, index: int, on_progress, cancel, timeout_s, queue_s: float, encode: bool,
              uris: UriPolicy = NO_URIS):
@@ -296,7 +319,7 @@ class Engine:
             if step_callback is not None:
                 progress = (lambda i: lambda step, total, _latents: step_callback([i], step, total))(i)
             jobs.append(self._job(request, i, progress, None, None, queue_s[i] if queue_s else 0.0, encode, uris))
-        self.scheduler.submit([j for j in jobs if isinstance(j, Job)])
+        self._schedule([j for j in jobs if isinstance(j, Job)])
         return [j.future.result() if isinstance(j, Job) else j for j in jobs]
 
     def finish_image(self, sample, pixels) -> None:
@@ -361,7 +384,8 @@ class Engine:
                 "optimizations": self.applied, "vram_budget_bytes": self.budget, "note": self.note,
                 "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times,
                 "warmup_times": self.warmup_times, "scheduling": self.scheduling_stats(),
-                "caches": self.caches.stats(), "controlnets": self.list_controlnets()}
+                "caches": self.caches.stats(), "controlnets": self.list_controlnets(),
+                "loras": self.lora.stats() if self.lora is not None else None}
 
     def list_controlnets(self) -> list[dict]:
         """The ControlNets this model serves (GET /v1/controlnets): [{name, family, source}]; family is the
@@ -369,6 +393,13 @@ class Engine:
         from core.controlnet import describe
 
         return describe(self)
+
+    def loras(self) -> list[dict]:
+        """The LoRA library (rescanned): name, family, rank, size_bytes, layout, trigger_words, components and
+        whether it is in the host cache; [] without a library."""
+        if not self._ready:
+            self.load()
+        return self.lora.entries() if self.lora is not None else []
 
     def scheduling_stats(self) -> dict:
         """The step scheduler's counters: admission policy, UNet calls, images per call, recompiles while

@@ -33,6 +33,11 @@ def install_fastpath(engine) -> dict:
         from core.fp8 import apply_fp8
 
         applied.update(apply_fp8(engine.pipe.unet, engine.device, opt.fp8))
+    if engine.config.loras is not None:  # after fp8 (its layers get the hooks), before compile (traced with them)
+        from core.lora_runtime import LoraRuntime
+
+        engine.lora = LoraRuntime(engine)
+        applied["lora_slots"] = engine.config.loras.gpu_slots
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
     engine.step_cache = install_step_cache(engine, applied)

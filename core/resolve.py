@@ -47,6 +47,11 @@ def resolve_request(engine, req: GenerationRequest, uris: UriPolicy = NO_URIS):
             raise GenerationError(f"{field}: {why} for model {cfg.name}{hint}", "validation", field)
     if images is not None:
         fill["strength"] = size["strength"]
+    if engine.lora is not None:
+        fill.update(engine.lora.resolve(req))  # <lora:...> tags out of the prompt, names and families checked
+    elif req.loras or "<lora:" in req.prompt.lower():
+        raise GenerationError(f"loras: model {cfg.name} has no LoRA library (engine config `loras.uri`)",
+                              "validation", "loras")
     req = req.model_copy(update=fill)
     if images is not None:
         img2img.fit(images, req)

@@ -18,6 +18,24 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
+MAX_LORA_WEIGHT = 4.0
+LORA_NAME_PATTERN = r"^[^<>:\\]+$"  # anything a file name and the <lora:name:weight> syntax can hold
+
+
+class LoraRef(Strict):
+    name: str = Field(..., min_length=1, max_length=256, pattern=LORA_NAME_PATTERN, description="LoRA name: its "
+                      "file name in the model's LoRA folder without .safetensors (GET /v1/loras lists them).")
+    weight: float = Field(1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False, description="Strength "
+                          "(0: no effect; negative inverts it).")
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        if isinstance(value, (bool, str, bytes)):
+            raise ValueError("must be a number, not a boolean or a string")
+        return value
+
+
 class TextToImageFields(Strict):
     """The text-to-image fields of GenerationRequest (listed first in its schema, CLI flags and docs)."""
 
@@ -40,6 +58,9 @@ class TextToImageFields(Strict):
     output_format: OutputFormat = Field("png", description="png | jpeg | webp.")
     model: str | None = Field(None, max_length=128, description="Model name; the deployment's default when "
                               "absent.")
+    loras: list[LoraRef] = Field(default_factory=list, max_length=8, description="LoRA adapters for this request "
+                                 "({name, weight}); `<lora:name:weight>` in the prompt adds to them (the tag is "
+                                 "removed from the prompt). Requests with different LoRAs share UNet calls.")
 
     @field_validator("width", "height", "steps", "guidance_scale", "seed", "num_images", mode="before")
     @classmethod

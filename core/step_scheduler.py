@@ -28,12 +28,13 @@ what still fails gets an `oom` error. Any other exception fails only the request
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
 from typing import Callable, Hashable
 
-from core.denoise_state import DenoiseSample, Job, encode_text, samples_of, start_sample
+from core.denoise_state import DenoiseSample, Job, encode_text, samples_of, start_sample, uses_cfg
 from core.img2img import encode_images
 from core.prompt_length import prompt_note
 from core.schemas import GenerationError
@@ -168,11 +169,19 @@ class StepScheduler:
             try:
                 if job.conditioning is None:
                     job.admitted = time.perf_counter()
-                    job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device,
-                                                   eng.caches.prompt_embeddings)
-                    # Here, on the GPU thread: a fast tokenizer is not thread-safe (each call sets its padding and
-                    # truncation on the shared backend), so it is only ever called from this thread.
-                    job.prompt_note = prompt_note(eng.pipe, job.request, eng.config.name)
+                    # with the job's text-encoder LoRAs, if any (their embeddings skip the prompt cache)
+                    with eng.lora.text_encoding(job) if eng.lora is not None else contextlib.nullcontext():
+                        if eng.prompt_encoder is not None:  # opt-in weighting + long prompts (compel)
+                            job.conditioning, job.prompt_note = eng.prompt_encoder.encode(
+                                job.request, self.device, uses_cfg(eng.pipe, job.request.guidance_scale))
+                        else:
+                            cache = eng.caches.prompt_embeddings
+                            if eng.lora is not None and eng.lora.text_adapters(job):
+                                cache = None
+                            job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device, cache)
+                            # Here, on the GPU thread: a fast tokenizer is not thread-safe (each call sets its
+                            # padding and truncation on the shared backend), so it is only ever called from here.
+                            job.prompt_note = prompt_note(eng.pipe, job.request, eng.config.name)
                 start_sample(s, eng.pipe, eng.family, eng.base_scheduler_config, self.device,
                              job.conditioning.cond.dtype, eng)
                 if not job.calls_total:
@@ -230,6 +239,8 @@ class StepScheduler:
             key, phase, members = max(starved, key=waited)
         else:
             key, phase, members = min(sets, key=lambda it: (work(it), min(s.job.submitted for s in it[2])))
+        if self.engine.lora is not None:  # at most gpu_slots distinct adapter sets per call
+            members = self.engine.lora.limit_sets(members)
         cap = self.cap(key)
         if len(members) > cap:
             members = sorted(members, key=lambda s: s.remaining)[:cap]
@@ -269,6 +280,8 @@ class StepScheduler:
         eng = self.engine
         inputs = self._inputs[(key, phase)] = build_inputs(samples, self.device, self._inputs.get((key, phase)))
         rows = padded(eng, unet_rows(samples), row_buckets(eng))
+        if eng.lora is not None:
+            eng.lora.prepare_call(samples, rows)  # each sample's adapter set -> its rows' slot
         # ControlNet residuals change the compiled UNet's inputs: their calls run eagerly (never recompile)
         part = "unet-control" if eng.controlnets and any(s.controls for s in samples) else "unet"
         with eng.monitor.track(), shape_context(eng, part, key[1], key[2], rows):

@@ -19,6 +19,7 @@ from serving.http.app import create_app
 from serving.http.errors import ApiError, generation_error, route_error, validation_detail
 from serving.openai_api import OpenAIError
 from serving.drain import DrainGate, drain_ingress
+from serving.lora_routing import routed
 from serving.security import ApiKeys, Blocklist, FailureThrottle, RateLimiter, retry_after_header
 
 log = logging.getLogger("ray.serve")
@@ -83,7 +84,7 @@ class Ingress:
 
     async def call_model(self, name: str, req: GenerationRequest, openai: bool) -> GenerationResult:
         """Run one request on a model deployment; map failures to HTTP errors of the route's flavour."""
-        response = self.models[name].generate_outcome.remote(req)
+        response = routed(self.models[name], req).generate_outcome.remote(req)  # to replicas holding its LoRAs
         finished = False
         try:
             with self._transport_errors(name, openai):
@@ -107,7 +108,7 @@ class Ingress:
         denoising step and on_preview(step, total, [base64 JPEG per image]) on each live preview; returns the
         outcome (a GenerationError is returned, not raised). Transport failures map like call_model's (native
         flavour). Cancelling the awaiting task cancels the request in the engine."""
-        stream = self.models[name].options(stream=True).generate_stream.remote(req)
+        stream = routed(self.models[name], req).options(stream=True).generate_stream.remote(req)
         outcome, finished = None, False
         try:
             with self._transport_errors(name, openai=False):

@@ -17,6 +17,9 @@ from core.config import EngineConfig
 from core.schemas import GenerationError, GenerationRequest, GenerationResult
 
 log = logging.getLogger("ray.serve")
+# Adapter sets (multiplexed model ids, serving/lora_routing.py) a replica reports as held; a routing hint only:
+# the host cache (loras.host_cache_mb) decides what stays in memory.
+ADAPTER_SETS_PER_REPLICA = 32
 
 
 class ModelServer:
@@ -60,6 +63,10 @@ class ModelServer:
         if isinstance(req, GenerationError):
             self.metrics.observe_error(req.kind)
             return req
+        set_id = serve.get_multiplexed_model_id()
+        if set_id and await self._known_adapters(set_id):
+            # routed here for its LoRAs: load them (and report the set to Serve's router) first
+            await self.adapter_set(set_id)
         try:
             self.metrics.queue.set(self.engine.scheduler.waiting_requests() + 1)
             outcome = await self.engine.generate_async(req, on_progress=on_progress, cancel=cancel)
@@ -103,6 +110,36 @@ class ModelServer:
         finally:
             cancel.set()  # no-op when finished; stops the request at the next step when the caller went away
 
+    @serve.multiplexed(max_num_models_per_replica=ADAPTER_SETS_PER_REPLICA)
+    async def adapter_set(self, set_id: str) -> list:
+        """Load an adapter set (multiplexed model id: LoRA names joined by '|') into the host cache, off the
+        event loop and the GPU thread. Best effort: names this model does not have are left to the request's own
+        validation, which reports them."""
+        from serving.lora_routing import adapter_names
+
+        lora = self.engine.lora
+        infos = [i for i in await asyncio.to_thread(lambda: [lora.library.get(n) for n in adapter_names(set_id)])
+                 if i is not None]
+        try:
+            return await asyncio.wrap_future(lora.cache.fetch(infos))
+        except Exception as err:  # noqa: BLE001 - the request itself reports why its LoRA cannot load
+            log.info("adapter set %r not preloaded: %s", set_id, err)
+            return []
+
+    async def _known_adapters(self, set_id: str) -> bool:
+        """Whether every LoRA of the set is in this model's library: a set with an unknown name is not loaded
+        through Serve (it would be reported as held and skew routing); the request's validation reports it."""
+        from serving.lora_routing import adapter_names
+
+        lora = self.engine.lora
+        if lora is None:
+            return False
+        return await asyncio.to_thread(lambda: all(lora.library.get(n) is not None for n in adapter_names(set_id)))
+
+    async def loras(self) -> list[dict]:
+        """This model's LoRA library (rescanned): see core.engine.Engine.loras."""
+        return await asyncio.to_thread(self.engine.loras)
+
     async def info(self) -> dict:
         import ray
 
@@ -110,7 +147,13 @@ class ModelServer:
         return {**self.engine.info(), "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
                 "gpu_fraction": self.config.memory.gpu_fraction,
                 "max_batch_size": self.config.limits.max_batch_size,
-                "replica": serve.get_replica_context().replica_id.unique_id, "pid": _pid(), **_vram_stats()}
+                "replica": serve.get_replica_context().replica_id.unique_id, "pid": _pid(),
+                "adapter_sets": self._adapter_sets(), **_vram_stats()}
+
+    def _adapter_sets(self) -> list[str]:
+        """The adapter sets this replica reports to Serve's router (its @serve.multiplexed cache)."""
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)  # set by serve.multiplexed on first use
+        return list(wrapper.models) if wrapper is not None else []
 
     async def controlnets(self) -> list[dict]:
         """The ControlNets this replica's engine loaded: [{name, family, source}] (GET /v1/controlnets)."""

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-from core.schemas import MAX_SEED, GenerationRequest, GenerationResult
+from core.schemas import MAX_SEED, GenerationRequest, GenerationResult, LoraRef
 
 SIZE_RE = re.compile(r"(\d{2,5})x(\d{2,5})")  # used with fullmatch: "64x64\n" is not a size
 
@@ -42,6 +42,8 @@ class OpenAIImageRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=1000, description="Extension: denoising steps.")
     guidance_scale: float | None = Field(None, ge=0, le=50, allow_inf_nan=False, description="Extension: CFG scale.")
     scheduler: str | None = Field(None, max_length=64, description="Extension: scheduler name.")
+    loras: list[LoraRef] | None = Field(None, max_length=8, description="Extension: LoRAs [{name, weight}] "
+                                        "(GET /v1/loras); `<lora:name:weight>` in the prompt works too.")
 
     @field_validator("n", "seed", "steps", "guidance_scale", "output_compression", "partial_images", mode="before")
     @classmethod
@@ -81,7 +83,7 @@ def to_generation_request(body: OpenAIImageRequest) -> GenerationRequest:
     fields = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "width": width, "height": height,
               "steps": body.steps, "guidance_scale": body.guidance_scale, "scheduler": body.scheduler,
               "seed": body.seed, "num_images": body.n, "output_format": body.output_format or "png",
-              "model": body.model}
+              "model": body.model, "loras": body.loras}
     try:
         return GenerationRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as err:

@@ -34,7 +34,7 @@ def error_responses(config: ServingConfig) -> dict[str, dict[str, Any]]:
                       "{\"error\": {...}} shape naming the `param`."),
         "401": _error("Missing or wrong `Authorization: Bearer <key>` (only when API keys are configured).",
                       ("WWW-Authenticate",)),
-        "404": _error("Unknown model (OpenAI routes), unknown job id, or jobs not enabled."),
+        "404": _error("Unknown model (OpenAI routes, GET /v1/loras?model=), unknown job id, or jobs not enabled."),
         "409": _error("Job result asked for before the job succeeded, or a cancelled generation."),
         "410": _error("Job result expired (jobs.retention_s)."),
         "413": _error(f"Request body over {body} bytes (security.max_body_bytes); on the routes that take "
@@ -61,6 +61,7 @@ ROUTE_ERRORS = {
     ("post", "/sdapi/v1/img2img"): AUTH + ("413", "422", "409", "500", "503", "504"),
     ("post", "/sdapi/v1/options"): AUTH + ("422",),
     ("get", "/v1/models"): AUTH,
+    ("get", "/v1/loras"): AUTH + ("404",),
     ("get", "/v1/controlnets"): AUTH,
     ("get", "/controlnet/model_list"): AUTH,
     ("get", "/controlnet/module_list"): AUTH,
@@ -99,7 +100,17 @@ def request_limits(config: ServingConfig) -> dict[str, dict[str, Any]]:
         "num_images": {"maximum": _largest(config, "max_images_per_request")},
         "scheduler": {"enum": sorted(SCHEDULERS)},
         "model": {"enum": config.model_names},
+        "loras": lora_limits(config),
     }
+
+
+def lora_limits(config: ServingConfig) -> dict[str, Any]:
+    with_library = [m for m in config.models if m.engine.loras is not None]
+    if not with_library:
+        return {"maxItems": 0, "description_add": " No model of this deployment has a LoRA library: must be empty."}
+    return {"maxItems": max(m.engine.loras.max_loras for m in with_library),
+            "description_add": " Models with a LoRA library: " + ", ".join(m.name for m in with_library)
+            + "; names: GET /v1/loras (an unknown name or another base family's LoRA gets 422)."}
 
 
 MAX_SIZE_ENUM = 1024  # list every accepted 'WxH' when there are at most this many, else a pattern + description
@@ -160,7 +171,7 @@ def describe(schema: dict[str, Any], config: ServingConfig) -> dict[str, Any]:
     oa = schema.get("components", {}).get("schemas", {}).get("OpenAIImageRequest", {}).get("properties", {})
     limits = request_limits(config)
     for name, key in (("prompt", "prompt"), ("steps", "steps"), ("n", "num_images"), ("scheduler", "scheduler"),
-                      ("model", "model")):
+                      ("model", "model"), ("loras", "loras")):
         if name in oa:
             _narrow(oa[name], limits[key])
     if "size" in oa:

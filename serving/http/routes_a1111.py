@@ -1,6 +1,7 @@
 """AUTOMATIC1111-compatible routes under /sdapi/v1 (translation and shapes in serving/a1111.py), so unmodified
-A1111 clients and bots work: txt2img, img2img (both with ControlNet units), progress, interrupt, sd-models, samplers, schedulers, options, and the
-lists sdserve has nothing in yet (loras, scripts, sd-vae, prompt-styles, embeddings).
+A1111 clients and bots work: txt2img, img2img (both with ControlNet units), progress, interrupt, sd-models,
+samplers, schedulers, options, loras (the current checkpoint's LoRA library, for `<lora:name:weight>` in prompts),
+and the lists sdserve has nothing in yet (scripts, sd-vae, prompt-styles, embeddings).
 
 Errors answer FastAPI's {"detail": ...} (422 [{loc, msg, type}] naming the A1111 field), as A1111's own API does.
 State (the in-flight generations GET progress reports and POST interrupt cancels, and the model POST options
@@ -55,7 +56,8 @@ def _unprocessable(field_name: str | None, message: str, status: int = 422) -> A
 
 def _outcome_error(err: GenerationError) -> Exception:
     if err.kind in (ErrorKind.VALIDATION, ErrorKind.CAPACITY):
-        return _unprocessable(a1111_field(err.field), err.message)
+        field_name = "prompt" if (err.field or "").startswith("loras") else err.field  # A1111: <lora:> tags
+        return _unprocessable(a1111_field(field_name), err.message)
     return generation_error(err, openai=False)
 
 
@@ -168,9 +170,14 @@ async def set_options(request: Request, body: dict[str, Any] = Body(...), caller
     return None
 
 
-@router.get("/loras", summary="LoRAs (none yet)")
-async def loras(caller: str = AUTH):
-    return []
+@router.get("/loras", summary="LoRAs of the current checkpoint, in A1111's shape (name, alias, path, metadata)")
+async def loras(request: Request, caller: str = AUTH):
+    name = _state(request).checkpoint
+    entries = await request.app.state.ingress.models[name].loras.remote()
+    return [{"name": e["name"], "alias": e["name"], "path": f"{e['name']}.safetensors",
+             "metadata": {"ss_base_model_version": e["family"], "ss_network_dim": e["rank"],
+                          "trigger_words": e["trigger_words"], "layout": e["layout"], "size_bytes": e["size_bytes"]}}
+            for e in entries]
 
 
 # What A1111 clients list at start-up (webuiapi asks for scripts when constructed): sdserve has none of these,

@@ -1,10 +1,13 @@
-"""Native generation route: POST /v1/generate (one image as PNG/JPEG/WebP bytes with X-* headers, else JSON).
+"""Native routes: POST /v1/generate (one image as PNG/JPEG/WebP bytes with X-* headers, else JSON) and
+GET /v1/loras (each model's LoRA library, asked from its deployment).
 
 Errors answer in FastAPI's {"detail": ...} shape (serving/http/errors.py); the request body is the one
 GenerationRequest schema shared with jobs, handles and Parquet rows, as JSON or multipart (serving/http/uploads.py).
 """
 # No `from __future__ import annotations`: FastAPI must see real annotation objects.
-from fastapi import APIRouter, Depends, Request
+import asyncio
+
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from core.schemas import GenerationError, GenerationRequest, GenerationResult
@@ -56,3 +59,18 @@ async def generate(request: Request, caller: str = Depends(authorize),
         img = result.images[0]
         return Response(img.data, media_type=img.media_type, headers=image_headers(result))
     return JSONResponse(result_json(result))
+
+
+@router.get("/v1/loras", summary="LoRAs each model can apply (name, family, rank, size, trigger words, layout)")
+async def list_loras(request: Request, model: str | None = Query(None, max_length=128, description="Only this "
+                                                                  "model's LoRAs."),
+                     caller: str = Depends(authorize)):
+    from serving.http.errors import ApiError
+
+    ingress = request.app.state.ingress
+    names = [model] if model is not None else list(ingress.models)
+    if model is not None and model not in ingress.models:
+        raise ApiError(404, {"message": f"unknown model {model!r}; known models: " + ", ".join(ingress.models),
+                             "field": "model", "code": "model_not_found"})
+    listed = await asyncio.gather(*(ingress.models[n].loras.remote() for n in names))
+    return {"loras": [dict(entry, model=n) for n, entries in zip(names, listed) for entry in entries]}
