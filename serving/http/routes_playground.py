@@ -30,10 +30,10 @@ def _asset(name: str) -> bytes:
 def capabilities(config: Any, jobs_enabled: bool, auth_required: bool) -> dict[str, Any]:
     """What the server offers, for clients that build their forms from it (the playground does).
 
-    Per model, these optional keys appear only when the feature exists (later features fill them; clients show
-    their controls only then): `loras` [{name, default_weight}], `controlnets` [{name}], `image_inputs`
-    (e.g. ["init_image", "mask"]). The page sends them as GenerationRequest's image fields (core/image_fields.py:
-    init_image, strength, mask_image, control=[{model, image, scale}]).
+    Per model, these optional keys appear only when the feature exists (clients show their controls only then):
+    `lora_library` (true: the LoRAs are listed by GET /v1/loras?model=<id>), `controlnets` [{name}],
+    `image_inputs` (e.g. ["init_image", "mask"]). The page sends them as GenerationRequest's `loras` and image
+    fields (core/image_fields.py: init_image, strength, mask_image, control=[{model, image, scale}]).
     """
     models = []
     for i, m in enumerate(config.models):
@@ -43,6 +43,8 @@ def capabilities(config: Any, jobs_enabled: bool, auth_required: bool) -> dict[s
                        "max_batch_size": e.limits.max_batch_size,
                        "previews": {"method": e.previews.method, "every_n_steps": e.previews.every_n_steps},
                        "image_inputs": ["init_image", "mask"]})  # img2img and inpainting: every model
+        if getattr(e, "loras", None) is not None:  # the names live in the library: GET /v1/loras?model=<id>
+            models[-1]["lora_library"] = True
         nets = getattr(e, "controlnets", None) or []
         if nets:
             models[-1]["controlnets"] = [{"name": c.name} for c in nets]

@@ -59,6 +59,7 @@ async function loadCapabilities() {
     return;
   }
   $("auth").hidden = !state.caps.auth_required;
+  await loadLoras();
   fillSelect($("model"), state.caps.models.map((m) => [m.id, m.id + (m.noise_model ? " (random weights)" : "")]),
              state.caps.default_model);
   fillSelect($("scheduler"), [["", "model default"]].concat(state.caps.schedulers.map((s) => [s, s])), "");
@@ -66,6 +67,20 @@ async function loadCapabilities() {
   selectModel();
   $("generate").disabled = false;
   $("server-note").textContent = state.caps.jobs ? "" : "async jobs are off: no progress or cancel";
+}
+
+// A model with a LoRA library: its LoRAs come from the replicas (GET v1/loras; files dropped into the folder appear
+// on the next page load), shown as the LoRA picker.
+async function loadLoras() {
+  await Promise.all(state.caps.models.filter((m) => m.lora_library).map(async (m) => {
+    try {
+      const res = await api("v1/loras?model=" + encodeURIComponent(m.id));
+      m.loras = (await res.json()).loras.map((l) => ({ name: l.name, default_weight: 1 }));
+    } catch (err) {
+      m.loras = [];
+      showError("Could not list the LoRAs of " + m.id + ": " + err.message);
+    }
+  }));
 }
 
 function fillSelect(select, options, selected) {

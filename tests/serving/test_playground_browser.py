@@ -13,6 +13,7 @@ import shutil
 import pytest
 
 from tests.serving.conftest import KEYS, STRICT_KEYS
+from tests.serving.test_serving_loras import KEY as LORA_KEY, lora_app  # noqa: F401 - the LoRA app fixture
 
 pytestmark = pytest.mark.integration
 
@@ -119,4 +120,23 @@ def test_sync_fallback_under_a_route_prefix(page, serve_url):
     page.get_by_test_id("result-image").first.wait_for(state="visible")
     api_calls = [u for u in requests if "/v1/" in u]
     assert api_calls and all(u.startswith(serve_url + "/strict/v1/") for u in api_calls), api_calls
+    assert page.problems == []
+
+
+def test_lora_picker_lists_the_library_and_sends_the_choice(page, lora_app):
+    """A model with a LoRA library: the page lists its LoRAs (GET v1/loras from the replicas) and a ticked one
+    goes out in the request's `loras` field; the image comes back."""
+    page.goto(lora_app + "/")
+    page.get_by_test_id("api-key").wait_for(state="visible")
+    page.problems.clear()
+    _enter_key(page, LORA_KEY)
+    page.locator("#loras-box").wait_for(state="visible")
+    assert sorted(page.locator("#loras label span").all_inner_texts()) == ["ink", "oil", "pencil"]
+    page.locator("#loras label", has_text="oil").locator("input[type=checkbox]").check()
+    page.get_by_test_id("prompt").fill("a harbour")
+    page.get_by_test_id("steps").fill("2")
+    with page.expect_request(lambda r: r.method == "POST" and "/v1/" in r.url) as sent:
+        page.get_by_test_id("generate").click()
+    assert sent.value.post_data_json["loras"] == [{"name": "oil", "weight": 1}]
+    page.get_by_test_id("result-image").first.wait_for(state="visible")
     assert page.problems == []
