@@ -20,12 +20,13 @@ step scheduler):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.json_report import emit
 
 
 def _sync(device) -> None:
@@ -169,11 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     size = {"sdxl": 1024, "sd15": 512}.get(a.model, 64)
     report = run(a.model, a.width or size, a.height or size, a.steps, a.rank, a.rounds, a.device, a.compile,
                  a.cache_dir)
-    text = json.dumps(report, indent=2)
-    if a.output:
-        with open(a.output, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    print(text)
+    emit(report, a.output)
     return 0
 
 

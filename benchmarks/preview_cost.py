@@ -13,11 +13,12 @@ against `none` in percent (the issue's bar: < 3 %), and the time per preview spl
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
+
+from benchmarks.json_report import emit
 
 
 def _sync(device) -> None:
@@ -120,11 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     size = {"sdxl": 1024, "sd15": 512}.get(a.model, 64)
     report = run(a.model, a.width or size, a.height or size, a.steps, a.batch, a.every, a.rounds, a.taesd, a.device,
                  [v.strip() for v in a.variants.split(",") if v.strip()])
-    text = json.dumps(report, indent=2)
-    if a.output:
-        with open(a.output, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    print(text)
+    emit(report, a.output)
     return 0
 
 

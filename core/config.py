@@ -24,6 +24,13 @@ EMBEDDED_MODELS = ("tiny-sd", "tiny-sdxl", "tiny-sd-inpaint", "sd15", "sdxl")
 EMBEDDED_CONTROLNETS = ("tiny-sd-controlnet", "tiny-sdxl-controlnet")
 
 
+def known_embedded(source: str, names: tuple[str, ...], what: str) -> str:
+    """`source` unless it names an embedded `what` (model, ControlNet) that does not exist."""
+    if source.startswith(EMBEDDED_PREFIX) and source[len(EMBEDDED_PREFIX):] not in names:
+        raise ValueError(f"unknown embedded {what} {source!r}; valid: " + ", ".join(EMBEDDED_PREFIX + m for m in names))
+    return source
+
+
 def default_cache_dir() -> str:
     return os.environ.get("SDSERVE_CACHE_DIR", str(Path.home() / ".cache" / "sdserve"))
 
@@ -307,10 +314,7 @@ class ControlNetConfig(Strict):
     @field_validator("source")
     @classmethod
     def _known_embedded(cls, value: str) -> str:
-        if value.startswith(EMBEDDED_PREFIX) and value[len(EMBEDDED_PREFIX):] not in EMBEDDED_CONTROLNETS:
-            raise ValueError(f"unknown embedded ControlNet {value!r}; valid: "
-                             + ", ".join(EMBEDDED_PREFIX + m for m in EMBEDDED_CONTROLNETS))
-        return value
+        return known_embedded(value, EMBEDDED_CONTROLNETS, "ControlNet")
 
 
 class EngineConfig(Strict):
@@ -389,10 +393,7 @@ class EngineConfig(Strict):
     @field_validator("source")
     @classmethod
     def _known_embedded(cls, value: str) -> str:
-        if value.startswith(EMBEDDED_PREFIX) and value[len(EMBEDDED_PREFIX):] not in EMBEDDED_MODELS:
-            raise ValueError(f"unknown embedded model {value!r}; valid: "
-                             + ", ".join(EMBEDDED_PREFIX + m for m in EMBEDDED_MODELS))
-        return value
+        return known_embedded(value, EMBEDDED_MODELS, "model")
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "EngineConfig":
