@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -126,7 +127,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in SUBCOMMAND_MODULES:
         importlib.import_module(module).register(sub)
+    check = sub.choices["check"]  # serving's check, taught batch job configs here (serving never imports batch_jobs)
+    check.set_defaults(func=functools.partial(_check_any, serving_check=check.get_default("func")))
     return p
+
+
+def _check_any(args: argparse.Namespace, serving_check) -> int:
+    """`sdserve check`: a batch job config (top-level `engine:`, no `models:`) is validated as BatchJobConfig, with
+    its model's source; serving and `serve deploy` configs go to serving's check."""
+    from core.config import format_validation_error, load_yaml
+
+    try:
+        data = load_yaml(args.config)
+    except (OSError, ValueError):
+        data = None  # serving's check says what is wrong with the file
+    if not (isinstance(data, dict) and "engine" in data and "models" not in data):
+        return serving_check(args)
+    from pydantic import ValidationError
+
+    from batch_jobs.config import load_job_config
+    from core.loading import ModelLoadError, check_source
+
+    try:
+        cfg = load_job_config(args.config)
+        if not args.no_sources:
+            check_source(cfg.engine)
+    except (ValidationError, ValueError, OSError, ModelLoadError) as err:
+        print(f"error: {args.config}: {format_validation_error(err)}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: ok: batch job config, model {cfg.engine.name!r}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

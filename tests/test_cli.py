@@ -112,3 +112,17 @@ def test_console_script_bad_input_exit_2(tmp_path):
     proc = subprocess.run([exe, "generate", "a fox", "-o", str(tmp_path / "x.png"), "--height", "100"],
                           capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert proc.returncode == 2 and "height" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["batch-tiny.yaml", "batch-sd15.yaml"])
+def test_check_validates_the_shipped_batch_configs(name, capsys):
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    assert main(["check", str(path)]) == 0
+    assert "ok: batch job config" in capsys.readouterr().out
+
+
+def test_check_names_the_bad_key_of_a_batch_config(tmp_path, capsys):
+    bad = tmp_path / "batch.yaml"
+    bad.write_text('engine: {name: x, source: "embedded:tiny-sd", device: cpu}\nbatch_size: 0\n')
+    assert main(["check", str(bad)]) == 2
+    assert "batch_size: Input should be greater than or equal to 1" in capsys.readouterr().err
