@@ -26,7 +26,9 @@ def _sse(lines):
 
 
 def test_job_events_carry_previews_every_n_steps(client):
-    job = client.post("/v1/jobs", json={"prompt": "a preview", "steps": 23, "num_images": 2}).json()
+    # The events route polls the job store every 0.2 s and shows the latest preview while the job runs: 300 steps
+    # run long enough for several polls (23 steps once ended between two polls on an idle CI box).
+    job = client.post("/v1/jobs", json={"prompt": "a preview", "steps": 300, "num_images": 2}).json()
     previews, views = [], []
     with client.stream("GET", f"/v1/jobs/{job['id']}/events") as r:
         for event, data in _sse(r.iter_lines()):
@@ -34,8 +36,8 @@ def test_job_events_carry_previews_every_n_steps(client):
     assert views[-1]["status"] == "succeeded" and "preview" not in views[-1]
     assert previews, "no preview event"
     steps = [p["step"] for p in previews]
-    assert steps == sorted(set(steps)) and all(s % 5 == 0 and s < 23 for s in steps)  # every_n_steps 5 (default)
+    assert steps == sorted(set(steps)) and all(s % 5 == 0 and s < 300 for s in steps)  # every_n_steps 5 (default)
     for p in previews:
-        assert p["total"] == 23 and len(p["images"]) == 2
+        assert p["total"] == 300 and len(p["images"]) == 2
         img = Image.open(io.BytesIO(base64.b64decode(p["images"][0])))
         assert img.format == "JPEG" and img.size == (8, 8)  # latent2rgb: latent resolution of the 64x64 image
