@@ -61,6 +61,10 @@ class CapturedStep:
             return False
         if not all(not s.step_kwargs.get("s_churn") and capturable(s.scheduler) for s in samples):
             return False
+        # The fused function is UNet + CFG + Euler only: ControlNet residuals and 4-channel inpainting's blend
+        # after each step (core/img2img.after_step) take the usual path.
+        if any(s.controls or (s.image is not None and s.image.mask is not None) for s in samples):
+            return False
         shape = (*samples[0].latents.shape[-2:], padded)
         if getattr(self.engine, "_warming", False) or not self.engine.compiled:
             self.rows.add(shape)

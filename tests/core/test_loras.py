@@ -10,6 +10,7 @@ import pytest
 
 from core.schemas import GenerationError, GenerationRequest
 from tests.core import lora_files as lf
+from tests.core.conftest import _decode, _ok
 
 TOL = 2  # CPU fp32: within 2/255
 
@@ -58,21 +59,6 @@ def req(**kw) -> GenerationRequest:
     kw.setdefault("steps", 2)
     kw.setdefault("seed", 7)
     return GenerationRequest(**kw)
-
-
-def _ok(outcome):
-    if isinstance(outcome, GenerationError):
-        pytest.fail(f"generation failed: {outcome.kind}: {outcome.message}")
-    return outcome
-
-
-def _decode(data: bytes) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB")).astype(np.int16)
 
 
 def image(outcome) -> np.ndarray:
