@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.json_report import emit
+from benchmarks.model_args import add_model_args, output_size
 
 
 def _sync(device) -> None:
@@ -156,10 +157,7 @@ def run(model: str, width: int, height: int, steps: int, rank: int, rounds: int,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sdxl", choices=["tiny-sd", "tiny-sdxl", "sd15", "sdxl"])
-    p.add_argument("--width", type=int, default=None, help="default: 1024 (sdxl), 512 (sd15), 64 (tiny)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--steps", type=int, default=30)
+    add_model_args(p)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="auto")
@@ -167,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="embedded models / compile caches (default: SDSERVE_CACHE_DIR)")
     p.add_argument("-o", "--output", help="also write the JSON here")
     a = p.parse_args(argv)
-    size = {"sdxl": 1024, "sd15": 512}.get(a.model, 64)
-    report = run(a.model, a.width or size, a.height or size, a.steps, a.rank, a.rounds, a.device, a.compile,
+    width, height = output_size(a)
+    report = run(a.model, width, height, a.steps, a.rank, a.rounds, a.device, a.compile,
                  a.cache_dir)
     emit(report, a.output)
     return 0

@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from benchmarks.json_report import emit
+from benchmarks.model_args import add_model_args, output_size
 
 
 def _sync(device) -> None:
@@ -106,10 +107,7 @@ def run(model: str, width: int, height: int, steps: int, batch: int, every: int,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="sdxl", choices=["tiny-sd", "tiny-sdxl", "sd15", "sdxl"])
-    p.add_argument("--width", type=int, default=None, help="default: 1024 (sdxl), 512 (sd15), 64 (tiny)")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--steps", type=int, default=30)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--every", type=int, default=5, help="a preview every N steps (previews.every_n_steps)")
     p.add_argument("--rounds", type=int, default=5)
@@ -118,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("-o", "--output", help="also write the JSON here")
     a = p.parse_args(argv)
-    size = {"sdxl": 1024, "sd15": 512}.get(a.model, 64)
-    report = run(a.model, a.width or size, a.height or size, a.steps, a.batch, a.every, a.rounds, a.taesd, a.device,
+    width, height = output_size(a)
+    report = run(a.model, width, height, a.steps, a.batch, a.every, a.rounds, a.taesd, a.device,
                  [v.strip() for v in a.variants.split(",") if v.strip()])
     emit(report, a.output)
     return 0
