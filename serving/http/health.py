@@ -55,5 +55,7 @@ async def readyz(request: Request):
         ready = ready and body["jobs_store"] == "ok"
     if ingress.gate.draining:
         body["draining"], ready = True, False
+    if ingress.gate.inflight > 1:  # other HTTP requests this ingress replica holds (this one not counted)
+        body["in_flight"] = ingress.gate.inflight - 1
     body["ready"] = ready
     return JSONResponse(body, 200 if ready else 503)

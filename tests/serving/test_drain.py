@@ -103,6 +103,12 @@ def test_sigterm_drains_in_flight_requests_and_requeues_jobs(tmp_path):
             r.start()
         for r in requests:
             assert r.sent.wait(60)
+        # Written to the socket is not yet accepted: SIGTERM once the ingress holds all 8 (else one that arrives
+        # after the drain began is rightly turned away with a 503).
+        deadline = time.time() + 60
+        while httpx.get(f"{url}/readyz", timeout=10).json().get("in_flight", 0) < len(requests):
+            assert time.time() < deadline, "the in-flight requests never reached the ingress"
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGTERM)
         deadline = time.time() + 60
         while time.time() < deadline:  # the drain began: readiness fails, new requests are turned away
