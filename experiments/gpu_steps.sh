@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Run named GPU measurement steps in order, each under its own time limit, logs and JSON under $OUT.
+#   bash experiments/gpu_steps.sh STEP:SECONDS [STEP:SECONDS ...]
+# A step that times out is logged and the next one still runs (one device call spends its budget on what it can).
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 SDSERVE_CACHE_DIR=${SDSERVE_CACHE_DIR:-/tmp/sdserve-cache}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+step() {
+  case "$1" in
+    gputests) python3 -m pytest -q -rA -m gpu tests/core -p no:cacheprovider -o addopts="" ;;
+    lora-sd15) python3 -m benchmarks.lora_bench --model sd15 --steps 30 --rank 32 --compile reduce-overhead -o "$OUT/lora-sd15.json" ;;
+    lora-sdxl) python3 -m benchmarks.lora_bench --model sdxl --steps 30 --rank 32 -o "$OUT/lora-sdxl-eager.json" ;;
+    lora-sdxl-compiled) python3 -m benchmarks.lora_bench --model sdxl --steps 30 --rank 32 --compile reduce-overhead -o "$OUT/lora-sdxl.json" ;;
+    cold-sdxl) python3 -m benchmarks.cold_start --family sdxl --out "$OUT/cold" ;;
+    cold-sd15) python3 -m benchmarks.cold_start --family sd15 --out "$OUT/cold" ;;
+    presets-sdxl) python3 -m benchmarks.preset_quality --workload sdxl-1024-30 --presets fast --cache-dir /tmp/pq-cache --out "$OUT/presets" ;;
+    presets-sd15) python3 -m benchmarks.preset_quality --workload sd15-512-50 --presets fast,fastest --cache-dir /tmp/pq-cache --out "$OUT/presets" ;;
+    b1-sd15) python3 -m benchmarks.gpu_bench --workloads sd15-512-50 --batches 1 --variants diffusers-eager,diffusers-compile,sdserve --repeats 3 --no-flops --extra-sdserve '{"sdserve-capture-step": {"capture_step": true}}' --out "$OUT/b1-sd15.json" ;;
+    load) python3 -m benchmarks.load configs/serve-sd15-bench.yaml --profiles uniform,mixed --admission step,batch --rates 0.7,1.1 --duration-s 15 --out "$OUT/load" --tag s9 ;;
+    *) echo "unknown step $1"; return 2 ;;
+  esac
+}
+for spec in "$@"; do
+  name=${spec%%:*}; secs=${spec##*:}
+  start=$(date +%s)
+  echo "=== $name (limit ${secs}s) $(date -u +%T)"
+  ( step "$name" ) > "$OUT/$name.log" 2>&1 &
+  pid=$!
+  ( sleep "$secs"; pkill -TERM -P $pid; sleep 5; pkill -KILL -P $pid ) 2>/dev/null & watchdog=$!
+  wait $pid; rc=$?
+  kill $watchdog 2>/dev/null
+  echo "=== $name rc=$rc in $(( $(date +%s) - start ))s"; tail -5 "$OUT/$name.log"
+done
