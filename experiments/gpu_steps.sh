@@ -21,14 +21,12 @@ step() {
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
+if [ "${1:-}" = "--one" ]; then step "$SDSERVE_STEP"; exit $?; fi
 for spec in "$@"; do
   name=${spec%%:*}; secs=${spec##*:}
   start=$(date +%s)
   echo "=== $name (limit ${secs}s) $(date -u +%T)"
-  ( step "$name" ) > "$OUT/$name.log" 2>&1 &
-  pid=$!
-  ( sleep "$secs"; pkill -TERM -P $pid; sleep 5; pkill -KILL -P $pid ) 2>/dev/null & watchdog=$!
-  wait $pid; rc=$?
-  kill $watchdog 2>/dev/null
+  # timeout signals its whole process group, so a step's children (Ray, benchmark children) go too
+  SDSERVE_STEP="$name" timeout --kill-after=10 "$secs" bash "$0" --one > "$OUT/$name.log" 2>&1; rc=$?
   echo "=== $name rc=$rc in $(( $(date +%s) - start ))s"; tail -5 "$OUT/$name.log"
 done
