@@ -57,7 +57,11 @@ def test_allocated_memory_returns_to_its_post_warmup_baseline(make_config):
                                 for j in range(4)])
         assert not any(isinstance(o, GenerationError) for o in outs)
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() <= baseline + 16 * 1024**2
+    # what the bytes-bounded caches keep (500 distinct prompts fill the 64 MiB prompt-embedding cache) is held on
+    # purpose; anything beyond it is a leak (H100, 2026-12-07: +66 MiB without this term, the cache's 64 MiB)
+    cached = sum(c.bytes for c in engine.caches.all())
+    assert 0 < cached <= sum(c.max_bytes for c in engine.caches.all())
+    assert torch.cuda.memory_allocated() <= baseline + cached + 16 * 1024**2
 
 
 @pytest.mark.slow
@@ -84,8 +88,9 @@ def test_balanced_offload_lowers_the_peak_and_keeps_the_pixels(make_config, offl
 
     none_peak, none_px = run("none")
     peak, px = run("balanced", offload)
-    # model offload: the SD1.5 UNet alone is 1.6 GiB; stream: its transformer blocks (0.45 GiB) and CLIP layers
-    # stream, the copy slots stay (H100 bench, 512² b1: 2.32 vs 2.69 GiB)
-    saved = 0.25 if offload == "stream" else 0.5
+    # model offload: the SD1.5 UNet (1.6 GiB) stays while it runs, so only the text encoder and VAE (~0.4 GiB) go
+    # (H100, 2026-12-07: 1.83 vs 2.25 GiB); stream: its transformer blocks (0.45 GiB) and CLIP layers stream, the
+    # copy slots stay (H100 bench, 512² b1: 2.32 vs 2.69 GiB)
+    saved = 0.25 if offload in ("stream", "model") else 0.5
     assert peak < none_peak - saved * GiB, (peak / GiB, none_peak / GiB)
     assert np.abs(px - none_px).mean() < 1.0  # same weights, same math: at most fp16 rounding differences

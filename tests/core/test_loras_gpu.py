@@ -30,22 +30,29 @@ def gpu_engine(make_config, tmp_path_factory):
 
 
 def test_vram_back_to_baseline_after_eviction(gpu_engine):
+    """Two rounds of requests with LoRAs then eviction of every adapter: the second round ends where the first did.
+    (The first LoRA request ever allocates ~20 KiB that stays: H100, 2026-12-07; a leak grows every round.)"""
     import torch
 
     from core.schemas import GenerationRequest, GenerationError
 
+    def one_round() -> int:
+        outs = gpu_engine.generate([GenerationRequest(prompt="a fox", steps=2, seed=i, loras=[{"name": f"g{i}"}])
+                                    for i in range(3)])
+        assert not any(isinstance(o, GenerationError) for o in outs)
+        cache = gpu_engine.lora.cache
+        assert cache.bytes_held > 0
+        for name in cache.resident():
+            cache.evict(name)
+        assert cache.bytes_held == 0
+        del outs
+        gc.collect()
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated()
+
     torch.cuda.synchronize()
     gc.collect()
-    baseline = torch.cuda.memory_allocated()
-    outs = gpu_engine.generate([GenerationRequest(prompt="a fox", steps=2, seed=i, loras=[{"name": f"g{i}"}])
-                                for i in range(3)])
-    assert not any(isinstance(o, GenerationError) for o in outs)
-    cache = gpu_engine.lora.cache
-    assert cache.bytes_held > 0
-    for name in cache.resident():
-        cache.evict(name)
-    assert cache.bytes_held == 0
-    del outs
-    gc.collect()
-    torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() <= baseline
+    loaded = torch.cuda.memory_allocated()
+    after_first = one_round()
+    assert after_first <= loaded + 1024**2  # at most small first-use state, not adapter weights
+    assert one_round() <= after_first
