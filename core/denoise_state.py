@@ -243,7 +243,9 @@ def start_sample(sample: DenoiseSample, pipe, family: str, base_scheduler_config
     sample.scheduler = sched
     sample.timesteps = timesteps.to(torch.float32)
     sample.generator = torch.Generator("cpu").manual_seed(sample.seed)
-    sample.step_kwargs = step_kwargs(sched, sample.generator)
+    from core.ahead_noise import step_generator
+
+    sample.step_kwargs = step_kwargs(sched, step_generator(sample.generator, sample))  # noise drawn ahead, no sync
     vsf = pipe.vae_scale_factor
     shape = (1, pipe.vae.config.latent_channels, req.height // vsf, req.width // vsf)
     if sample.job.images is not None or pipe.unet.config.in_channels != shape[1]:
