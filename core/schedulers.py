@@ -49,5 +49,8 @@ def make_scheduler(name: str, base_config: Any):
     import diffusers
 
     cls_name, overrides = SCHEDULERS[check_scheduler_name(name)]
-    cls = getattr(diffusers, cls_name)
+    if cls_name == "UniPCMultistepScheduler":  # the same math without waiting for the GPU (its module says how)
+        from core.unipc_sync_free import SyncFreeUniPCMultistepScheduler as cls
+    else:
+        cls = getattr(diffusers, cls_name)
     return cls.from_config(base_config, **overrides)
