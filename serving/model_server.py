@@ -141,10 +141,14 @@ class ModelServer:
         return await asyncio.to_thread(self.engine.loras)
 
     async def info(self) -> dict:
+        """The engine's info plus this replica's placement: `gpu_ids` (the GPU ids Ray assigned, logical on a
+        host without CUDA; CUDA_VISIBLE_DEVICES is set from them), `ray_resources` (what Ray reserved for this
+        replica, e.g. {"CPU": 0.5, "GPU": 0.5}), `replica` (Serve's replica id) and `adapter_sets`."""
         import ray
 
         ctx = ray.get_runtime_context()
         return {**self.engine.info(), "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])],
+                "ray_resources": ctx.get_assigned_resources(),
                 "gpu_fraction": self.config.memory.gpu_fraction,
                 "max_batch_size": self.config.limits.max_batch_size,
                 "replica": serve.get_replica_context().replica_id.unique_id, "pid": _pid(),

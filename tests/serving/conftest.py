@@ -1,7 +1,8 @@
 """One local Ray + Serve for all tests/serving modules (starting Ray costs ~10 s): two apps.
 
+Ray gets 3 logical GPUs (no CUDA: Ray only assigns ids and sets CUDA_VISIBLE_DEVICES; engines run on CPU):
 - "sdserve" at /: two tiny models at 0.5 logical GPU each (engines pinned to CPU), API keys on; tiny-b serves a
-  tiny ControlNet ("tiny-pose").
+  tiny ControlNet ("tiny-pose"). Together they fill one logical GPU.
 - "strict" at /strict: one model with a 1-deep queue, a rate limit, a small body limit and a blocklist.
 
 Ray is shut down as soon as the last test of this directory ran (pytest has no per-directory scope for
@@ -58,7 +59,9 @@ def ray_cluster(sdserve_cache_dir):
 
     if ray.is_initialized():  # someone else's cluster may lack the logical GPUs the placement tests need
         ray.shutdown()
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    # 3 logical GPUs: the main app's 0.5 + 0.5, and one whole GPU for each of the LoRA app's two replicas
+    # (test_serving_loras.py; that module deletes its app when it ends).
+    ray.init(num_cpus=8, num_gpus=3, include_dashboard=False, log_to_driver=False)
 
     def stop():
         from ray import serve

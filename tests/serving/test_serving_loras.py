@@ -1,6 +1,7 @@
 """LoRAs through Serve: GET /v1/loras and /sdapi/v1/loras from the model deployment, and multiplexed routing over
-two replicas: requests for a LoRA go to the replica that loaded it (each LoRA is loaded once in the deployment),
-and a new LoRA goes to the replica holding the fewest adapter sets (serving/lora_routing.py)."""
+two replicas with one logical GPU each (Ray assigns each replica its own GPU id; the engines run on CPU): requests
+for a LoRA go to the replica that loaded it (each LoRA is loaded once in the deployment), and a new LoRA goes to
+the replica holding the fewest adapter sets (serving/lora_routing.py)."""
 from __future__ import annotations
 
 import time
@@ -26,20 +27,24 @@ def lora_app(serve_url, tmp_path_factory):
     for i, name in enumerate(["ink", "oil", "pencil"]):
         lf.save_kohya(folder / f"{name}.safetensors", {"unet": lf.peft_lora(unet, lf.UNET_ATTENTION, seed=i)},
                       metadata={"modelspec.trigger_phrase": f"{name} style"})
+    # num_gpus 1 with device cpu: each replica reserves a whole logical GPU of the session cluster (conftest:
+    # 3 GPUs, the main app holds one); the engines still run on CPU.
     config = {"app_name": "loras", "route_prefix": "/loras", "security": {"api_keys": [KEY]},
               "models": [{"engine": {"name": "tiny-lora", "device": "cpu", "loras": {"uri": str(folder)}},
-                          "deployment": {"num_replicas": 2, "num_gpus": 0, "num_cpus": 0.25}}]}
+                          "deployment": {"num_replicas": 2, "num_gpus": 1, "num_cpus": 0.25}}]}
     serve.run(build_app(ServingConfig.model_validate(config)), name="loras", route_prefix="/loras")
-    return serve_url + "/loras"  # (Serve and Ray stop after this directory's last test: tests/serving/conftest)
+    yield serve_url + "/loras"
+    serve.delete("loras")  # its two GPUs go back to the shared cluster for the modules after this one
 
 
 def replica_reports(handle, tries: int = 40) -> dict[str, dict]:
-    """{replica id: its engine's LoRA stats + the adapter sets it reports to Serve}, asking until both replicas
-    answered."""
+    """{replica id: its engine's LoRA stats + the adapter sets it reports to Serve + the GPU ids and the GPUs Ray
+    reserved for it}, asking until both replicas answered."""
     seen: dict[str, dict] = {}
     for _ in range(tries):
         info = handle.info.remote().result(timeout_s=60)
-        seen[info["replica"]] = dict(info["loras"], adapter_sets=info["adapter_sets"])
+        seen[info["replica"]] = dict(info["loras"], adapter_sets=info["adapter_sets"], gpu_ids=info["gpu_ids"],
+                                     gpus=info["ray_resources"].get("GPU"))
         if len(seen) == 2:
             break
     return seen
@@ -108,3 +113,7 @@ def test_requests_for_a_lora_go_to_the_replica_that_loaded_it(lora_app):
     assert sum(stats["loads"] for stats in reports.values()) == 2  # ink once, oil once: nothing loaded twice
     (other,) = set(holders) - set(with_ink)
     assert holders[other] == {"oil"}  # a new LoRA goes to the replica with the fewest adapter sets
+    # ...and the two replicas routing told apart are on two different logical GPUs, one whole GPU each
+    ink_gpus, oil_gpus = reports[with_ink[0]]["gpu_ids"], reports[other]["gpu_ids"]
+    assert len(ink_gpus) == 1 and len(oil_gpus) == 1 and ink_gpus != oil_gpus, (ink_gpus, oil_gpus)
+    assert reports[with_ink[0]]["gpus"] == reports[other]["gpus"] == 1.0
