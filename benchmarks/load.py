@@ -112,8 +112,15 @@ def saturation(records: list[dict], wall_s: float, concurrency: int) -> dict[str
     from benchmarks.load_stats import histogram, latency_stats
 
     ok = [r for r in records if r["outcome"] == "ok"]
-    return {"rps": round(len(ok) / wall_s, 4) if wall_s else 0.0, "requests": len(records), "ok": len(ok),
-            "concurrency": concurrency, "wall_s": round(wall_s, 3),
+    # steady_rps: completions while all `concurrency` requests were outstanding, i.e. without the ramp-up (the
+    # first `concurrency` completions) and the drain (the last ones, with the queue empty). Requests of different
+    # step counts drain unevenly, so rps (all over the wall time) understates a mixed profile's rate.
+    done = sorted(r["done_s"] for r in ok)
+    steady = None
+    if len(done) > 2 * concurrency + 1 and done[-concurrency - 1] > done[concurrency]:
+        steady = round((len(done) - 2 * concurrency - 1) / (done[-concurrency - 1] - done[concurrency]), 4)
+    return {"rps": round(len(ok) / wall_s, 4) if wall_s else 0.0, "steady_rps": steady, "requests": len(records),
+            "ok": len(ok), "concurrency": concurrency, "wall_s": round(wall_s, 3),
             **latency_stats([r["latency_s"] for r in ok]),
             "batch_size_histogram": histogram(r["batch_size"] for r in ok if r.get("batch_size") is not None)}
 

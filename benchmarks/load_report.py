@@ -52,13 +52,16 @@ def table(records: list[dict]) -> str:
         if r.get("saturation"):
             sat[_key(r)[:3]] = (r, r["saturation"])
     if sat:
-        rows = ["| model | profile | admission | saturation req/s | vs uniform | p99 s | concurrency | batch sizes |",
-                "|---|---|---|---|---|---|---|---|"]
+        rows = ["| model | profile | admission | saturation req/s | vs uniform | steady req/s | vs uniform | p99 s | "
+                "concurrency | batch sizes |", "|---|---|---|---|---|---|---|---|---|---|"]
         for (model, profile, admission), (r, s) in sorted(sat.items()):
-            uniform = sat.get((model, "uniform", admission))
-            ratio = s["rps"] / uniform[1]["rps"] if uniform and uniform[1]["rps"] else None
-            rows.append(f"| {model} | {profile} | {admission} | {_f(s['rps'], 2)} | {_f(ratio, 2)} | "
-                        f"{_f(s['p99_s'])} | {s['concurrency']} | {_batches(s['batch_size_histogram'])} |")
+            uniform = (sat.get((model, "uniform", admission)) or (None, {}))[1]
+
+            def ratio(field):
+                return s[field] / uniform[field] if s.get(field) and uniform.get(field) else None
+            rows.append(f"| {model} | {profile} | {admission} | {_f(s['rps'], 2)} | {_f(ratio('rps'), 2)} | "
+                        f"{_f(s.get('steady_rps'), 2)} | {_f(ratio('steady_rps'), 2)} | {_f(s['p99_s'])} | "
+                        f"{s['concurrency']} | {_batches(s['batch_size_histogram'])} |")
         out.append("\n".join(rows))
     shaped = [r for r in records if len(r.get("per_shape") or {}) > 1]
     if shaped:

@@ -52,10 +52,10 @@ class AheadNoise:
         # different shape after drawing ahead (no scheduler does that: its draws would just come after the others)
         if math.prod(shape) % 16 or (layout is not None and layout != torch.strided) or buf is not None:
             return _original(shape, generator=self.generator, device=device, dtype=dtype, layout=layout)
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        from core.device_copy import to_device
+
         cpu = torch.randn((max(self.sample.remaining, 1), *shape), generator=self.generator, dtype=dtype)
-        # pinned: the copy does not wait for the GPU (from pageable memory it would)
-        self._drawn = cpu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cpu.to(device)
+        self._drawn = to_device(cpu, device if device is not None else "cpu")
         self._next = 1
         return self._drawn[0]
 

@@ -51,8 +51,10 @@ def build_inputs(samples: list[DenoiseSample], device, previous: CallInputs | No
         added = {"text_embeds": _cat([c.cond_pooled for c in conds] + [conds[i].uncond_pooled for i in cfg]),
                  "time_ids": _cat([c.time_ids for c in rows])}
     tcond = _cat([c.timestep_cond for c in rows]) if conds[0].timestep_cond is not None else None
-    guidance = torch.tensor([samples[i].guidance for i in cfg], dtype=torch.float32, device=device).view(-1, 1, 1, 1)
-    return CallInputs(key, cfg, torch.tensor(cfg, dtype=torch.long, device=device), guidance, hidden, added, tcond)
+    from core.device_copy import to_device
+
+    guidance = to_device(torch.tensor([samples[i].guidance for i in cfg], dtype=torch.float32), device).view(-1, 1, 1, 1)
+    return CallInputs(key, cfg, to_device(torch.tensor(cfg, dtype=torch.long), device), guidance, hidden, added, tcond)
 
 
 def pad_rows(tensor, rows: int):

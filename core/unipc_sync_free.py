@@ -17,11 +17,7 @@ from __future__ import annotations
 import torch
 from diffusers import UniPCMultistepScheduler
 
-
-def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":  # pinned: the copy does not wait for the GPU's queue (from pageable memory it would)
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+from core.device_copy import to_device
 
 
 def sync_free(device: torch.device) -> bool:
@@ -75,7 +71,7 @@ class SyncFreeUniPCMultistepScheduler(UniPCMultistepScheduler):
         x_t_ = scale_x * x - scale_m0 * m0
         if rks:
             D1s = torch.stack([(self.model_outputs[-(i + 1)] - m0) / rk for i, rk in enumerate(rks, 1)], dim=1)
-            pred_res = torch.einsum("k,bkc...->bc...", _on_device(rhos.to(x.dtype), x.device), D1s)
+            pred_res = torch.einsum("k,bkc...->bc...", to_device(rhos.to(x.dtype), x.device), D1s)
             x_t = x_t_ - scale_res * pred_res
         else:
             x_t = x_t_ - scale_res * 0
@@ -95,6 +91,6 @@ class SyncFreeUniPCMultistepScheduler(UniPCMultistepScheduler):
         corr_res = 0
         if rks:
             D1s = torch.stack([(self.model_outputs[-(i + 1)] - m0) / rk for i, rk in enumerate(rks, 1)], dim=1)
-            corr_res = torch.einsum("k,bkc...->bc...", _on_device(rhos[:-1], x.device), D1s)
+            corr_res = torch.einsum("k,bkc...->bc...", to_device(rhos[:-1], x.device), D1s)
         x_t = x_t_ - scale_res * (corr_res + rhos[-1] * (this_model_output - m0))
         return x_t.to(x.dtype)

@@ -322,3 +322,16 @@ def test_sdserve_bench_load_takes_the_benchmarks_own_arguments():
     assert (checked.profiles, checked.rates, checked.admission) == (["mixed"], [0.7], ["batch", "step"])
     with pytest.raises(SystemExit):
         check_arguments(args._load_parser, build_parser().parse_args(["bench", "load", "--rates", "0"]))
+
+
+def test_saturation_steady_rate_leaves_out_ramp_up_and_drain():
+    from benchmarks.load import saturation
+
+    # concurrency 2: completions at 1, 2 (ramp-up), then one every 0.5 s from 3 to 6, then a slow drain at 10, 12
+    done = [1.0, 2.0, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 10.0, 12.0]
+    records = [{"outcome": "ok", "done_s": d, "latency_s": 1.0, "batch_size": 1} for d in done]
+    s = saturation(records, wall_s=12.0, concurrency=2)
+    assert s["rps"] == round(11 / 12.0, 4)
+    # from the 3rd completion (t=3) to the 3rd-last (t=6): 6 completions in 3 s
+    assert s["steady_rps"] == 2.0
+    assert saturation(records[:4], wall_s=4.0, concurrency=2)["steady_rps"] is None  # too few to tell
