@@ -223,7 +223,10 @@ def initial_latents(generator, shape: tuple, device, dtype, init_noise_sigma):
     """prepare_latents for one image: noise from the image's own CPU generator, scaled for its scheduler."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * init_noise_sigma
+    from core.device_copy import to_device
+
+    # drawn on the CPU as randn_tensor does for a CPU generator; copied without making the host wait for the GPU
+    return to_device(randn_tensor(shape, generator=generator, device="cpu", dtype=dtype), device) * init_noise_sigma
 
 
 def start_sample(sample: DenoiseSample, pipe, family: str, base_scheduler_config, device, dtype,
