@@ -5,6 +5,7 @@ so the engine builds a new one from the model's base scheduler config for every 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 # name -> (diffusers class name, config overrides). All stochastic ones draw their noise through the
@@ -53,4 +54,10 @@ def make_scheduler(name: str, base_config: Any):
         from core.unipc_sync_free import SyncFreeUniPCMultistepScheduler as cls
     else:
         cls = getattr(diffusers, cls_name)
+    # DDIM/DDPM default to clip_sample=True, which clamps the predicted x0 to [-1, 1]: wrong for latents. diffusers'
+    # SD pipeline turns it off when a model's scheduler config does not set it; so does this (SDXL's configs set it)
+    defaults = set(base_config.get("_use_default_values", ())) if hasattr(base_config, "get") else set()
+    if "clip_sample" in inspect.signature(cls.__init__).parameters and (
+            "clip_sample" not in base_config or "clip_sample" in defaults) and "clip_sample" not in overrides:
+        overrides = {**overrides, "clip_sample": False}
     return cls.from_config(base_config, **overrides)

@@ -41,9 +41,10 @@ def test_sizes_off_the_16_grid_and_other_generators_take_diffusers_path():
     assert torch.equal(plain, diffusers_randn((2, 4), generator=torch.Generator("cpu").manual_seed(5)))
 
 
-@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m_sde", "lcm", "kdpm2_a"])
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m_sde", "lcm", "kdpm2_a", "ddpm", "ddim"])
 def test_stochastic_schedulers_match_the_diffusers_pipeline(engine, req, ok, decode, scheduler):
-    """The engine (noise drawn ahead) and diffusers' own pipeline (noise drawn per step) give the same image."""
+    """The engine (noise drawn ahead) and diffusers' own pipeline (noise drawn per step) give the same image (ddpm,
+    ddim: also with the pipeline's clip_sample=False for a scheduler config that does not set it)."""
     import numpy as np
     from diffusers import StableDiffusionPipeline
 
