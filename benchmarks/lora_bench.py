@@ -82,6 +82,11 @@ def run(model: str, width: int, height: int, steps: int, rank: int, rounds: int,
                                  loras={"uri": str(folder), "max_rank": 3 * rank, "gpu_slots": 8}, **extra)).load()
     names = write_loras(engine, folder, 8, rank)
     lora = engine.lora
+    started = time.perf_counter()
+
+    def note(what: str) -> None:  # progress on stderr: a run cut off by a time limit still says how far it got
+        print(f"lora_bench {model}: {what} at {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    note(f"loaded in {engine.load_s + engine.warmup_s:.1f} s, LoRAs written")
 
     def req(seed: int, used: list[str]) -> GenerationRequest:
         return GenerationRequest(prompt="a lighthouse at dusk", width=width, height=height, steps=steps, seed=seed,
@@ -100,9 +105,11 @@ def run(model: str, width: int, height: int, steps: int, rank: int, rounds: int,
     for used in ([], names[:1], names[:3]):  # warm-up: kernels, host cache, slots
         timed([req(0, used)])
     graphs = unique_graphs()
+    note("warmed up")
     latency = {}
     for label, used in (("0", []), ("1", names[:1]), ("3", names[:3])):
         latency[label] = round(statistics.median(timed([req(r, used)]) for r in range(rounds)), 5)
+    note(f"latency {latency}")
 
     def switch(tier: str) -> float:
         """ms to put a fresh adapter set in a GPU slot from `tier` (gpu: already in a slot)."""
@@ -130,6 +137,7 @@ def run(model: str, width: int, height: int, steps: int, rank: int, rounds: int,
             seconds = timed(requests)
         return len(requests) / seconds
 
+    note(f"switch {switch_ms}")
     lora.cache.fetch([lora.library.get(n) for n in names]).result()  # all 8 in the host cache: they start together
     mixed_reqs = [req(i, [names[i]]) for i in range(8)]
     shared_reqs = [req(i, [names[0]]) for i in range(8)]
@@ -143,6 +151,7 @@ def run(model: str, width: int, height: int, steps: int, rank: int, rounds: int,
         finally:
             lora.cfg.gpu_slots = 8
         modes["sequential"].append(throughput(mixed_reqs, sequential=True))
+        note(f"round {len(modes['mixed'])}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in modes.items()))
     mixed8 = {k: round(statistics.median(v), 4) for k, v in modes.items()}
     mixed8["mixed_vs_shared"] = round(mixed8["mixed"] / mixed8["shared"], 4)
     stats = lora.stats()

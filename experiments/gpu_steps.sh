@@ -9,8 +9,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 
 step() {
   case "$1" in
     gputests) python3 -m pytest -q -rA -m gpu tests/core -p no:cacheprovider -o addopts="" ;;
-    lora-sd15) python3 -m benchmarks.lora_bench --model sd15 --steps 30 --rank 32 --compile reduce-overhead -o "$OUT/lora-sd15.json" ;;
-    lora-sdxl) python3 -m benchmarks.lora_bench --model sdxl --steps 30 --rank 32 -o "$OUT/lora-sdxl-eager.json" ;;
+    lora-sd15) python3 -m benchmarks.lora_bench --model sd15 --steps 30 --rank 32 --rounds 2 --compile reduce-overhead -o "$OUT/lora-sd15.json" ;;
+    lora-sdxl) python3 -m benchmarks.lora_bench --model sdxl --steps 30 --rank 32 --rounds 2 -o "$OUT/lora-sdxl-eager.json" ;;
     lora-sdxl-compiled) python3 -m benchmarks.lora_bench --model sdxl --steps 30 --rank 32 --compile reduce-overhead -o "$OUT/lora-sdxl.json" ;;
     cold-sdxl) python3 -m benchmarks.cold_start --family sdxl --out "$OUT/cold" ;;
     cold-sd15) python3 -m benchmarks.cold_start --family sd15 --out "$OUT/cold" ;;
