@@ -370,7 +370,7 @@ class StepScheduler:
             job.decode_s += decode_s
         for s, pixels in zip(samples, images):
             self.engine.finish_image(s, pixels)
-            s.latents = None  # leaves the batch (and frees its latents)
+            s.latents, s.step_kwargs = None, {}  # leaves the batch (frees its latents and its noise drawn ahead)
 
     # ------------------------------------------------------------------ helpers
     def _fail(self, samples: list[DenoiseSample], err: GenerationError) -> None:
