@@ -107,7 +107,7 @@ def server(workdir, sdserve_cache_dir):
     text = ""
     while "sdserve: serving" not in text:
         assert proc.poll() is None and time.time() < deadline, f"server did not start:\n{text[-3000:]}"
-        time.sleep(1)
+        time.sleep(0.2)
         text = (workdir / "serve.log").read_text()
     address = re.search(r"sdserve: Ray address (\S+)", text).group(1)
     yield {"port": port, "address": address, "proc": proc, "log": workdir / "serve.log", "env": env}

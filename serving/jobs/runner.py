@@ -36,6 +36,18 @@ def _cancelled(store, job_id: str, progress=None) -> None:
     store.update(job_id, status=JobStatus.CANCELLED, **fields)
 
 
+async def _cancel_on_exit(stream):
+    """The stream's events; when the consuming task is cancelled (a drain queues the job again, a shutdown) the
+    model replica's generation is cancelled too. Serve does not do that for a background task: the replica would
+    finish the abandoned job, holding its slot and delaying its own shutdown up to graceful_shutdown_timeout_s."""
+    try:
+        async for event in stream:
+            yield event
+    except asyncio.CancelledError:
+        stream.cancel()
+        raise
+
+
 async def run_job(store, handles: dict, job_id: str, default_model: str, max_retries: int) -> None:
     """Run a queued job to a terminal state. Never raises (but asyncio cancellation): every failure ends as
     status 'failed' with a reason."""
@@ -57,7 +69,7 @@ async def run_job(store, handles: dict, job_id: str, default_model: str, max_ret
         try:
             outcome, last = None, 0.0
             stream = handle.generate_stream.remote(req)
-            async for event in stream:
+            async for event in _cancel_on_exit(stream):
                 if event["event"] == "progress":
                     progress = {"step": event["step"], "total": event["total"]}
                     if store.cancel_requested(job_id):

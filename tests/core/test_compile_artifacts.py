@@ -1,8 +1,13 @@
 """Compile artifacts in a shared store (core/compile_cache.py): a replica that compiled writes torch's portable cache
 artifacts under its key; a fresh process with empty local caches loads them and its warm-up compiles nothing; a
-broken store or unusable bytes only cost a warning. CPU: Inductor compiles the tiny model with a C++ compiler."""
+broken store or unusable bytes only cost a warning. CPU: Inductor compiles the tiny model with a C++ compiler.
+
+The suite's one CPU Inductor compile is here: the UNet with the CFG combine and Euler step around it
+(optimization.capture_step, core/captured_step.py), so the same compile also shows that compiled captured steps,
+freshly compiled or loaded from the store, stay within float noise of the eager engine."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -19,26 +24,33 @@ needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++
                                reason="Inductor on CPU needs a C++ compiler")
 
 _REPLICA = """
-import json, sys, yaml
+import base64, json, sys, yaml
 from core.config import EngineConfig
 from core.engine import Engine
+from core.schemas import GenerationRequest
 e = Engine(EngineConfig.model_validate(yaml.safe_load(open(sys.argv[1])))).load()
 a = e.applied
 from torch._dynamo.utils import compilation_time_metrics as t
-print(json.dumps({"lowering_s": sum(t.get("fx_codegen_and_compile", [])), "hit": a["compile_cache_hit"],
+lowering_s = sum(t.get("fx_codegen_and_compile", []))  # the start's compile (the image below is serving)
+c = e.captured_step  # None unless capture_step is on
+rows, calls = (sorted(c.rows), c.calls) if c else (None, 0)
+png = e.generate([GenerationRequest(**json.loads(sys.argv[2]))])[0].images[0].data
+print(json.dumps({"lowering_s": lowering_s, "hit": a["compile_cache_hit"],
                   "loaded": a["compile_artifacts"], "warmup_s": e.warmup_s,
-                  "counters": a["compile_counters"], "saved": a.get("compile_artifacts_saved")}), flush=True)
+                  "counters": a["compile_counters"], "saved": a.get("compile_artifacts_saved"),
+                  "capture_step": a.get("capture_step"), "captured_rows": rows,
+                  "captured_calls": c.calls - calls if c else 0, "png": base64.b64encode(png).decode()}), flush=True)
 import os
 os._exit(0)  # skip interpreter teardown: Inductor's compile workers sometimes abort there ("terminate called")
 """
 
 
 def _config(tmp_path, store: str, cache: str) -> str:
-    """tiny-sd compiled (UNet only) at one shape and one bucket: the smallest real compile."""
+    """tiny-sd compiled (the captured UNet step, no VAE) at one shape and one bucket: the smallest real compile."""
     path = tmp_path / f"engine-{cache}.yaml"
     path.write_text(yaml.safe_dump({
         "name": "tiny-sd", "device": "cpu", "cache_dir": str(tmp_path / cache),
-        "optimization": {"compile": "default", "compile_vae": False, "warmup_steps": 1,
+        "optimization": {"compile": "default", "compile_vae": False, "warmup_steps": 1, "capture_step": True,
                          "batch_buckets": [1], "compile_artifacts": {"store": store}},
         "limits": {"max_batch_size": 1}}))
     return str(path)
@@ -53,15 +65,45 @@ def _run(args: list[str], tmp_path, tag: str) -> subprocess.CompletedProcess:
     return out
 
 
+# 4 steps: more than the 1-step warm-up, each one through the compiled captured step
+IMAGE_REQUEST = {"prompt": "a fox", "seed": 5, "steps": 4, "guidance_scale": 7.5}
+
+
 def _replica(config: str, tmp_path, tag: str) -> dict:
-    return json.loads(_run(["-c", _REPLICA, config], tmp_path, tag).stdout.strip().splitlines()[-1])
+    out = _run(["-c", _REPLICA, config, json.dumps(IMAGE_REQUEST)], tmp_path, tag)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _pixels(png: bytes):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.int16)  # int16: differences may be negative
+
+
+def _assert_compiled_captured_steps_near_eager(replica: dict, eager_png: bytes) -> None:
+    """Compiled during warm-up, all 4 steps through the compiled captured step, and within float noise of eager:
+    8-bit pixels may differ by 2 (Inductor's fused float math rounds a little differently)."""
+    import numpy as np
+
+    assert replica["capture_step"] and replica["captured_rows"], replica["captured_rows"]
+    assert replica["captured_calls"] == IMAGE_REQUEST["steps"]
+    diff = np.abs(_pixels(base64.b64decode(replica["png"])) - _pixels(eager_png))
+    assert diff.max() <= 2, diff.max()
 
 
 @needs_cxx
-@pytest.mark.slow  # ~60 s on 2 cores: one CPU compile of the tiny UNet, two starts from the store
-def test_a_fresh_process_starts_from_the_stores_artifacts_without_compiling(tmp_path):
+@pytest.mark.slow  # ~75 s on 2 cores: one CPU compile of the tiny UNet, two starts from the store
+def test_a_fresh_process_starts_from_the_stores_artifacts_without_compiling(tmp_path, eager_engine):
+    from core.schemas import GenerationRequest
+
+    eager_png = eager_engine.generate([GenerationRequest(**IMAGE_REQUEST)])[0].images[0].data
     store = f"file://{tmp_path}/store/"
     first = _replica(_config(tmp_path, store, "a"), tmp_path, "a")
+    _assert_compiled_captured_steps_near_eager(first, eager_png)
     assert first["hit"] is False and first["counters"]["fxgraph_cache_miss"] > 0
     key = first["loaded"]["key"]
     assert first["saved"]["key"] == key and first["saved"]["bytes"] > 0
@@ -75,9 +117,12 @@ def test_a_fresh_process_starts_from_the_stores_artifacts_without_compiling(tmp_
     # CPU the C++ kernels are rebuilt from the cached source, they are not in the artifacts; on CUDA the Triton
     # kernels are. benchmarks/cold_start.py measures the GPU's ready time.)
     assert first["lowering_s"] > 0 and second["lowering_s"] == 0
+    _assert_compiled_captured_steps_near_eager(second, eager_png)  # the store's code makes the same images
 
-    # `sdserve precompile` with the same config: the key is in the store, nothing compiled or written
-    cli = _run(["-m", "sdserve", "precompile", _config(tmp_path, store, "c")], tmp_path, "c")
+    # `sdserve precompile` with the same config: the key is in the store, nothing compiled or written. (On the
+    # second process's Inductor dir: a fresh node's start is proven above; a fresh dir again would only rebuild
+    # the same C++ kernels, ~20 s.)
+    cli = _run(["-m", "sdserve", "precompile", _config(tmp_path, store, "c")], tmp_path, "b")
     assert f"key {key} already in {store}" in cli.stdout
 
 

@@ -64,12 +64,15 @@ def ray_cluster(sdserve_cache_dir):
     ray.init(num_cpus=8, num_gpus=3, include_dashboard=False, log_to_driver=False)
 
     def stop():
-        from ray import serve
+        from ray.serve import context as serve_context
 
+        # No graceful serve.shutdown() first: nothing here tests it (test_drain / test_newcomer_docs do, on their
+        # own servers), and stopping every app's replicas one wait loop at a time takes seconds. ray.shutdown()
+        # ends this cluster's processes, Serve's with them; the Serve client of the dead cluster is dropped.
         try:
-            serve.shutdown()
-        finally:
             ray.shutdown()
+        finally:
+            serve_context._set_global_client(None)
     _cleanups.append(stop)
     yield ray
 
@@ -97,7 +100,10 @@ def client(serve_url):
         yield c
 
 
+@pytest.hookimpl(trylast=True)  # after the item's fixture finalizers: their serve.delete() needs the live cluster
 def pytest_runtest_teardown(item, nextitem):
+    # (Before them, a module fixture's serve.delete() found Ray shut down and its reconnect started a stray local
+    # Ray, dashboard and all, that lived through the rest of the suite.)
     if nextitem is None or HERE not in Path(nextitem.path).parents:
         while _cleanups:
             _cleanups.pop()()

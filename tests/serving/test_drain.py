@@ -92,7 +92,9 @@ def test_sigterm_drains_in_flight_requests_and_requeues_jobs(tmp_path):
     proc = _start(config, port, tmp_path, "first")
     try:
         _wait_ready(url, proc, tmp_path, "first")
-        job = httpx.post(f"{url}/v1/jobs", json={"prompt": "long job", "steps": 600, "seed": 4, "width": 256,
+        # 300 steps at 256x256 (~6 s on 2 free cores) outlast the ~1 s from here to the drain's requeue several
+        # times over; finished_at > restarted below fails loudly should a drained job ever have finished early.
+        job = httpx.post(f"{url}/v1/jobs", json={"prompt": "long job", "steps": 300, "seed": 4, "width": 256,
                                                  "height": 256, "model": "tiny-b"}).json()["id"]
         deadline = time.time() + 120
         while not (rec := httpx.get(f"{url}/v1/jobs/{job}").json())["progress"] and time.time() < deadline:
@@ -123,6 +125,9 @@ def test_sigterm_drains_in_flight_requests_and_requeues_jobs(tmp_path):
             r.join(300)
         assert [(r.status, r.error) for r in requests] == [(200, None)] * 8  # every accepted request answered
         assert proc.wait(180) == 0
+        # the drained job's generation was stopped in the model replica too (not finished for nobody, holding the
+        # replica's shutdown up to its graceful_shutdown_timeout_s)
+        assert "generate_stream CANCELLED" in (tmp_path / "first.log").read_text()
     finally:
         _stop(proc)
 
