@@ -175,14 +175,16 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     # SIGTERM counts from here: one that lands while the app deploys or while the start-up lines print (a
     # readiness probe may already pass then) drains once the app is up, instead of killing the process with
-    # requests in flight. Ctrl-C keeps raising KeyboardInterrupt until the app is up (removes what started).
+    # requests in flight. Ctrl-C until the app is up removes what started (_deploy).
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    interrupted = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: interrupted.set())  # Ctrl-C while deploying: see _deploy
     serve.start(http_options={"host": args.host, "port": args.port})
     watcher = PendingWatcher(lambda: pending_messages(app),
                              lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True)).start()
     try:
         with StartupReporter(config):  # per-model replica states, load stages, warm-up and compile results
-            serve.run(build_app(config), name=app, route_prefix=config.route_prefix)
+            _deploy(build_app(config), app, config.route_prefix, interrupted)
     except (RuntimeError, ModelLoadError) as err:
         watcher.stop()
         details = deployment_messages(app)
@@ -200,6 +202,8 @@ def _serve(args: argparse.Namespace) -> int:
     if any(m.engine.is_noise_model for m in config.models):
         print("note: embedded models have random weights: images are noise", flush=True)
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if interrupted.is_set():  # a Ctrl-C between the app coming up and here
+        stop.set()
     while not stop.wait(1.0):  # keep serving until a signal
         pass
     watcher.stop()
@@ -208,6 +212,26 @@ def _serve(args: argparse.Namespace) -> int:
           flush=True)
     remove_app()
     return 0
+
+
+def _deploy(application, app: str, route_prefix: str, interrupted) -> None:
+    """serve.run's deploy-and-wait, with the waiting in this loop: `interrupted` (set by SIGINT) raises
+    KeyboardInterrupt here. Why not serve.run: a Ctrl-C that lands while serve.run waits inside Ray's calls for
+    replicas that cannot be placed was lost in the full CI suite (the process went on deploying for minutes)."""
+    from ray import serve
+
+    serve.run_many([serve.RunTarget(application, name=app, route_prefix=route_prefix)],
+                   wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    while True:
+        if interrupted.is_set():
+            raise KeyboardInterrupt
+        status = serve.status().applications.get(app)
+        state = str(getattr(status.status, "value", status.status)) if status is not None else None
+        if state == "RUNNING":
+            return
+        if state == "DEPLOY_FAILED":  # serve.run's message
+            raise RuntimeError(f"Deploying application {app} failed: {status.message}")
+        interrupted.wait(0.25)
 
 
 def _check(args: argparse.Namespace) -> int:
