@@ -5,6 +5,7 @@ so the engine builds a new one from the model's base scheduler config for every 
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -45,6 +46,11 @@ def check_scheduler_name(name: str) -> str:
     return key
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_clip_sample(cls) -> bool:  # (once per class: make_scheduler runs for every image)
+    return "clip_sample" in inspect.signature(cls.__init__).parameters
+
+
 def make_scheduler(name: str, base_config: Any):
     """A new scheduler instance of `name`, built from the model's own scheduler config."""
     import diffusers
@@ -57,7 +63,7 @@ def make_scheduler(name: str, base_config: Any):
     # DDIM/DDPM default to clip_sample=True, which clamps the predicted x0 to [-1, 1]: wrong for latents. diffusers'
     # SD pipeline turns it off when a model's scheduler config does not set it; so does this (SDXL's configs set it)
     defaults = set(base_config.get("_use_default_values", ())) if hasattr(base_config, "get") else set()
-    if "clip_sample" in inspect.signature(cls.__init__).parameters and (
+    if _takes_clip_sample(cls) and (
             "clip_sample" not in base_config or "clip_sample" in defaults) and "clip_sample" not in overrides:
         overrides = {**overrides, "clip_sample": False}
     return cls.from_config(base_config, **overrides)

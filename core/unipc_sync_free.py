@@ -73,7 +73,7 @@ class SyncFreeUniPCMultistepScheduler(UniPCMultistepScheduler):
             D1s = torch.stack([(self.model_outputs[-(i + 1)] - m0) / rk for i, rk in enumerate(rks, 1)], dim=1)
             pred_res = torch.einsum("k,bkc...->bc...", to_device(rhos.to(x.dtype), x.device), D1s)
             x_t = x_t_ - scale_res * pred_res
-        else:
+        else:  # first order: diffusers' `- alpha_t * B_h * 0` kept (a non-finite coefficient gives NaN there too)
             x_t = x_t_ - scale_res * 0
         return x_t.to(x.dtype)
 
