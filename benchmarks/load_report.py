@@ -22,7 +22,7 @@ def _f(v, nd: int = 3) -> str:
 
 def _key(r: dict):
     return (str(r.get("model")), str(r.get("profile")), str(r.get("admission") or r.get("admission_requested")),
-            r.get("rate_fraction") or 0)
+            str(r.get("tag") or ""), r.get("rate_fraction") or 0)
 
 
 def _batches(hist: dict | None) -> str:
@@ -31,17 +31,18 @@ def _batches(hist: dict | None) -> str:
 
 
 def table(records: list[dict]) -> str:
-    """One row per (model, profile, admission, rate); then each profile's saturation; then per-size rows of the
-    records with several sizes (mixed-shapes)."""
+    """One row per (model, profile, admission, run tag, rate); then each run's saturation per profile; then
+    per-size rows of the records with several sizes (mixed-shapes). The tag tells runs apart (code and machine
+    differ between them: compare ratios within one run)."""
     records = sorted(records, key=_key)
-    rows = ["| model | profile | admission | rate x cap | offered req/s | throughput req/s | p50 s | p95 s | p99 s | "
+    rows = ["| model | profile | admission | run | rate x cap | offered req/s | throughput req/s | p50 s | p95 s | p99 s | "
             "queue p99 s | unloaded p50 s | p99 / unloaded | max stall s | recompiles | ok / sent | batch sizes |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         c = r["counts"]
         errors = ", ".join(f"{k} {v}" for k, v in c["errors"].items())
         rows.append(f"| {r['model']} | {r['profile']} | {r.get('admission') or r.get('admission_requested')} | "
-                    f"{r['rate_fraction']:g} | {_f(r['offered_rps'], 2)} | {_f(r['throughput_rps'], 2)} | "
+                    f"{r.get('tag') or ''} | {r['rate_fraction']:g} | {_f(r['offered_rps'], 2)} | {_f(r['throughput_rps'], 2)} | "
                     f"{_f(r['p50_s'])} | {_f(r['p95_s'])} | {_f(r['p99_s'])} | {_f(r['queue_p99_s'])} | "
                     f"{_f(r['unloaded_p50_s'])} | {_f(r['p99_over_unloaded'], 2)} | {_f(r['max_stall_s'], 2)} | "
                     f"{_f(r['recompiles'])} | {c['ok']} / {c['sent']}{' (' + errors + ')' if errors else ''} | "
@@ -50,27 +51,27 @@ def table(records: list[dict]) -> str:
     sat = {}
     for r in records:
         if r.get("saturation"):
-            sat[_key(r)[:3]] = (r, r["saturation"])
+            sat[_key(r)[:4]] = (r, r["saturation"])
     if sat:
-        rows = ["| model | profile | admission | saturation req/s | vs uniform | steady req/s | vs uniform | p99 s | "
-                "concurrency | batch sizes |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for (model, profile, admission), (r, s) in sorted(sat.items()):
-            uniform = (sat.get((model, "uniform", admission)) or (None, {}))[1]
+        rows = ["| model | profile | admission | run | saturation req/s | vs uniform | steady req/s | vs uniform | p99 s | "
+                "concurrency | batch sizes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (model, profile, admission, tag), (r, s) in sorted(sat.items()):
+            uniform = (sat.get((model, "uniform", admission, tag)) or (None, {}))[1]
 
             def ratio(field):
                 return s[field] / uniform[field] if s.get(field) and uniform.get(field) else None
-            rows.append(f"| {model} | {profile} | {admission} | {_f(s['rps'], 2)} | {_f(ratio('rps'), 2)} | "
+            rows.append(f"| {model} | {profile} | {admission} | {tag} | {_f(s['rps'], 2)} | {_f(ratio('rps'), 2)} | "
                         f"{_f(s.get('steady_rps'), 2)} | {_f(ratio('steady_rps'), 2)} | {_f(s['p99_s'])} | "
                         f"{s['concurrency']} | {_batches(s['batch_size_histogram'])} |")
         out.append("\n".join(rows))
     shaped = [r for r in records if len(r.get("per_shape") or {}) > 1]
     if shaped:
-        rows = ["| model | profile | admission | rate x cap | size | ok / sent | p50 s | p99 s | unloaded p50 s | "
-                "p99 / unloaded |", "|---|---|---|---|---|---|---|---|---|---|"]
+        rows = ["| model | profile | admission | run | rate x cap | size | ok / sent | p50 s | p99 s | unloaded p50 s | "
+                "p99 / unloaded |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in shaped:
             for size, s in r["per_shape"].items():
                 rows.append(f"| {r['model']} | {r['profile']} | {r.get('admission') or r.get('admission_requested')} "
-                            f"| {r['rate_fraction']:g} | {size} | {s['ok']} / {s['sent']} | {_f(s['p50_s'])} | "
+                            f"| {r.get('tag') or ''} | {r['rate_fraction']:g} | {size} | {s['ok']} / {s['sent']} | {_f(s['p50_s'])} | "
                             f"{_f(s['p99_s'])} | {_f(s['unloaded_p50_s'])} | {_f(s['p99_over_unloaded'], 2)} |")
         out.append("\n".join(rows))
     return "\n\n".join(out)

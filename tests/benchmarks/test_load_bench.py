@@ -294,7 +294,7 @@ def test_in_process_run_writes_one_complete_record_per_profile_and_rate(tmp_path
     assert all(s["unloaded_p50_s"] > 0 for s in records["mixed-shapes"]["per_shape"].values())
     assert records["mixed-shapes"]["saturation"]["requests"] == 6
     table = capsys.readouterr().out
-    assert "| tiny-sd | mixed-shapes | step | 2 |" in table and "| 128x128 |" in table
+    assert "| tiny-sd | mixed-shapes | step | t | 2 |" in table and "| 128x128 |" in table
 
     # a later call of a split run takes this capacity; the tables go between the doc's markers
     from benchmarks.load_report import capacity_from_records
@@ -309,7 +309,7 @@ def test_in_process_run_writes_one_complete_record_per_profile_and_rate(tmp_path
     assert report([str(tmp_path), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "old" not in text and text.endswith("<!-- LOAD:END -->\ntail\n")
-    assert "| tiny-sd | uniform | step | 2 |" in text and "| saturation req/s |" in text
+    assert "| tiny-sd | uniform | step | t | 2 |" in text and "| saturation req/s |" in text
 
 
 def test_sdserve_bench_load_takes_the_benchmarks_own_arguments():
