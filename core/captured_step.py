@@ -93,8 +93,11 @@ class CapturedStep:
         sig = [s.scheduler.sigmas[s.scheduler.step_index] for s in samples]
         nxt = [s.scheduler.sigmas[s.scheduler.step_index + 1] for s in samples]
         pad = padded - len(samples)
-        sigma = torch.stack(sig + [sig[-1]] * pad).to(device=device, dtype=torch.float32).view(-1, 1, 1, 1)
-        sigma_next = torch.stack(nxt + [nxt[-1]] * pad).to(device=device, dtype=torch.float32).view(-1, 1, 1, 1)
+        from core.device_copy import to_device
+
+        # euler keeps its sigmas on the CPU: one pinned copy each, no host wait for the queued steps
+        sigma = to_device(torch.stack(sig + [sig[-1]] * pad).to(torch.float32), device).view(-1, 1, 1, 1)
+        sigma_next = to_device(torch.stack(nxt + [nxt[-1]] * pad).to(torch.float32), device).view(-1, 1, 1, 1)
         latents = pad_rows(torch.cat([s.latents for s in samples]), padded)
         with torch.no_grad():
             new = self.fn(self.engine.pipe.unet, pad_rows(latent_in, padded), pad_rows(t_in, padded),

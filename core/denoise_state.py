@@ -117,7 +117,7 @@ class DenoiseSample:
     seed: int
     scheduler: Any = None
     generator: Any = None
-    timesteps: Any = None  # float32 copy of scheduler.timesteps (the UNet's per-sample timestep input)
+    timesteps: Any = None  # float32 copy of scheduler.timesteps, on the device (the UNet's per-sample timestep)
     latents: Any = None  # [1, C, h, w]
     step: int = 0  # index into timesteps of the next UNet call (heun/kdpm2: two per denoising step)
     first_step: int = 0  # img2img: where the sample entered its schedule (t_start x order); 0 for text-to-image
@@ -238,13 +238,22 @@ def start_sample(sample: DenoiseSample, pipe, family: str, base_scheduler_config
 
     from core.schedulers import make_scheduler
 
+    from core.device_copy import to_device
+
     req = sample.job.request
     sched = make_scheduler(req.scheduler, base_scheduler_config)
-    timesteps, _ = retrieve_timesteps(sched, req.steps, device)
+    # The schedule stays on the host. diffusers' set_timesteps(device=cuda) copies numpy arrays to the GPU from
+    # pageable memory and (euler, heun, kdpm2, dpm singlestep) copies sigmas back with .to("cpu"): each copy waits
+    # for all the GPU work queued before it, i.e. every admitted image drained the running batch's queue. With the
+    # timesteps and sigmas on the CPU, the schedulers' per-step math reads them as host scalars (no wait, also not
+    # at the first step's index_for_timestep nor in DDIM's alphas_cumprod[t]); the UNet's per-sample timestep
+    # input is the one copy to the device, from pinned memory. All 18 schedulers run so against device latents
+    # without a host wait (tests/core/test_schedule_on_host.py, on the meta device, where any wait raises).
+    timesteps, _ = retrieve_timesteps(sched, req.steps, "cpu")
     if family == "sdxl" and hasattr(sched, "set_begin_index"):
         sched.set_begin_index(0)
     sample.scheduler = sched
-    sample.timesteps = timesteps.to(torch.float32)
+    sample.timesteps = to_device(timesteps.to(torch.float32), device)
     sample.generator = torch.Generator("cpu").manual_seed(sample.seed)
     from core.ahead_noise import step_generator
 

@@ -44,8 +44,9 @@ class Stopwatch:
 
 
 def decode_latents(vae, latents, force_tiling: bool) -> list:
-    """VAE decode to HxWx3 uint8 arrays; the float->uint8 conversion runs on the device (4x less to copy).
-    Runs on the engine's one GPU thread, so the upcast/tiling toggles of the shared VAE never race."""
+    """VAE decode to HxWx3 uint8 arrays (on a GPU: core.device_copy.PendingRows, see host_array); the float->uint8
+    conversion runs on the device (4x less to copy). Runs on the engine's one GPU thread, so the upcast/tiling
+    toggles of the shared VAE never race."""
     import torch
 
     cfg = vae.config
@@ -71,10 +72,12 @@ def decode_latents(vae, latents, force_tiling: bool) -> list:
             image = vae.decode(latents, return_dict=False)[0]
             image = torch.nan_to_num(image.float(), nan=-1.0, posinf=1.0, neginf=-1.0)
             image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-            image = image.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+            image = image.permute(0, 2, 3, 1).contiguous()
     finally:
         if upcast:
             vae.to(dtype=torch.float16)
         if force_tiling and not was_tiling:
             vae.disable_tiling()
-    return list(image)
+    from core.device_copy import rows_to_host
+
+    return rows_to_host(image)  # on a GPU: copies queued behind the decode, awaited by the encoder threads

@@ -8,13 +8,16 @@ from core.schemas import MEDIA_TYPES, GeneratedImage, GenerationResult, Timings
 
 
 def encode_result_image(engine, pixels, job, seed: int) -> tuple[bytes, float]:
-    """One decoded image (HxWx3 uint8) -> encoded bytes, and the seconds it took (encoder thread)."""
+    """One decoded image (HxWx3 uint8) -> encoded bytes, and the seconds it took (encoder thread; on a GPU they
+    include waiting for the decoded pixels' copy to the host, which the GPU thread queued without waiting)."""
     from core.encoding import encode_image
     from core.img2img import paste_back
 
+    from core.device_copy import host_array
+
     t0 = time.perf_counter()
     req = job.request
-    pixels = paste_back(pixels, job.images)  # inpainting: the init image's pixels outside the blurred mask
+    pixels = paste_back(host_array(pixels), job.images)  # inpainting: the init image's pixels outside the blurred mask
     params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": req.steps,
               "scheduler": req.scheduler, "guidance_scale": req.guidance_scale, "seed": seed,
               "width": req.width, "height": req.height, "model": req.model}
