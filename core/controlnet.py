@@ -164,6 +164,8 @@ def residuals(engine, samples: list, latents4, t_in, inputs):
     acts at this step. Rows: cond rows 0..n-1, then the uncond rows of the CFG samples (core/unet_step.py)."""
     import torch
 
+    from core.device_copy import to_device
+
     n = len(samples)
     uncond_row = {j: n + k for k, j in enumerate(inputs.cfg)}
     groups: dict[tuple, list] = {}  # (net, k-th use within a sample) -> [(row, unit)]
@@ -184,10 +186,11 @@ def residuals(engine, samples: list, latents4, t_in, inputs):
     down = mid = None
     added, tcond = inputs.added_cond_kwargs, inputs.timestep_cond
     for (name, _), members in groups.items():
-        rows = torch.tensor([r for r, _ in members], dtype=torch.long, device=latents4.device)
+        # (pinned copies: a host tensor made on the GPU would wait for the queued steps, every step)
+        rows = to_device(torch.tensor([r for r, _ in members], dtype=torch.long), latents4.device)
         cond = torch.cat([u.cond for _, u in members])
-        scale = torch.tensor([u.scale for _, u in members], dtype=latents4.dtype,
-                             device=latents4.device).view(-1, 1, 1, 1)
+        scale = to_device(torch.tensor([u.scale for _, u in members], dtype=latents4.dtype),
+                          latents4.device).view(-1, 1, 1, 1)
         with torch.no_grad():
             d, m = engine.controlnets[name](
                 latents4.index_select(0, rows), t_in.index_select(0, rows),

@@ -118,7 +118,10 @@ class UnetSlots:
         slot = {k: self.assign(k, adapters[k], distinct) for k in distinct}
         rows = [slot.get(k, 0) for k in keys] + [slot.get(k, 0) for k, c in zip(keys, cfg) if c]
         rows += [0] * (padded - len(rows))
-        self.unet.lora_rows[:padded].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
+        host = torch.tensor(rows, dtype=torch.long)
+        # from pinned memory: a non_blocking copy from pageable memory may still wait for the GPU
+        self.unet.lora_rows[:padded].copy_(host.pin_memory() if self.unet.lora_rows.is_cuda else host,
+                                           non_blocking=True)
 
     def clear(self) -> None:
         """Drop every resident set and zero the slots (gives nothing back: slot memory is fixed at load)."""
