@@ -200,9 +200,15 @@ class SchedulingConfig(Strict):
         "step", description="step: waiting requests join a running batch of their shape at the next denoising "
         "step and leave when done (continuous batching). batch: a shape's batch admits only when it is empty "
         "(request-level batching; the baseline the load benchmark compares against).")
-    starvation_s: float = Field(2.0, gt=0, le=600, description="Across shapes the scheduler runs the group with "
-                                "the least remaining work first; a group that has not run for this many seconds "
-                                "runs next regardless (bounds how long a large image can be held back).")
+    min_share: float = Field(0.25, ge=0, le=0.5, description="Across shapes the scheduler runs the group with the "
+                             "least remaining work first, but every group with work gets at least this share of the "
+                             "UNet calls (a group passed over earns min_share of a call; one owed a whole call runs "
+                             "next): a large request finishes within about its steps / min_share calls while small "
+                             "ones keep arriving, and small ones give up at most this share (0.5: two busy groups "
+                             "alternate). 0: least work only, starvation_s alone bounds the wait (the old policy).")
+    starvation_s: float = Field(2.0, gt=0, le=600, description="A group whose call set has not run for this many "
+                                "seconds runs next regardless of work and shares: the hard time bound on how long "
+                                "any image is held back.")
 
 
 class RequestDefaults(Strict):

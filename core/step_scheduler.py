@@ -11,12 +11,14 @@ every UNet call it:
    once, when its first image is admitted; its images start their own schedulers and noise there.
    scheduling.admission=batch admits into a group only while it is empty: request-level batching, the baseline;
 3. picks the call set for the next UNet call: a group's active samples (with the step cache on, those of one
-   cache phase: full or shallow step, from each sample's own step index). Policy: the set with the least
-   remaining work - fewest UNet calls until one of its samples finishes x latent pixels x rows per call - so a
-   small or nearly finished request never waits for a large one (shortest remaining processing time); but a set
-   that has not run for scheduling.starvation_s seconds runs first, the longest-waiting one (no starvation).
-   Ties go to the set with the oldest request. A set larger than the group's current cap (after an OOM) runs in
-   chunks, fewest remaining steps first;
+   cache phase: full or shallow step, from each sample's own step index). Policy (core/scheduling_policy.py):
+   the set with the least remaining work - fewest UNet calls until one of its samples finishes x latent pixels x
+   rows per call - so a small or nearly finished request does not wait for a large one (shortest remaining
+   processing time); but every group with work gets at least scheduling.min_share of the calls (credit: a group
+   passed over earns min_share of a call, one owed a whole call runs next), so a large request finishes within
+   about its calls / min_share calls while small ones keep arriving, and a set that has not run for
+   scheduling.starvation_s seconds runs first (the hard time bound). Ties go to the set with the oldest request.
+   A set larger than the group's current cap (after an OOM) runs in chunks, fewest remaining steps first;
 4. runs it (core/unet_step.py): one UNet call with per-sample timesteps and guidance, then every sample's own
    scheduler step. Samples that finished decode together (one VAE call), and their PNG/JPEG encoding runs on the
    engine's encoder pool while the loop goes on with the next step; the last encode of a request completes its
@@ -37,6 +39,7 @@ from typing import Callable, Hashable
 from core.denoise_state import DenoiseSample, Job, encode_text, samples_of, start_sample, uses_cfg
 from core.img2img import encode_images
 from core.prompt_length import prompt_note
+from core.scheduling_policy import CallSet, FairShare
 from core.schemas import GenerationError
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class StepScheduler:
         self.recompiles = 0
         self.cancelled_requests = 0  # requests stopped early: cancelled (caller gone) or past their deadline
         self._graphs = None
+        self.policy = FairShare(self.cfg.min_share, self.cfg.starvation_s)  # which group's set runs next
 
     # ------------------------------------------------------------------ submission (any thread)
     def submit(self, jobs: list[Job]) -> None:
@@ -232,23 +236,13 @@ class StepScheduler:
                 parts = [(True, full), (False, shallow)]
             for phase, members in parts:
                 if members:
-                    sets.append((key, phase, members))
+                    rows = len(members) + sum(1 for s in members if s.cfg)
+                    sets.append(CallSet(key, min(s.remaining for s in members) * key[1] * key[2] * rows,
+                                        min(s.job.submitted for s in members), min(s.last_run for s in members),
+                                        (key, phase, members)))
         if not sets:
             return None
-
-        def work(item):
-            key, _, members = item
-            rows = len(members) + sum(1 for s in members if s.cfg)
-            return min(s.remaining for s in members) * key[1] * key[2] * rows
-
-        def waited(item):
-            return now - min(s.last_run for s in item[2])
-
-        starved = [item for item in sets if waited(item) > self.cfg.starvation_s]
-        if starved:
-            key, phase, members = max(starved, key=waited)
-        else:
-            key, phase, members = min(sets, key=lambda it: (work(it), min(s.job.submitted for s in it[2])))
+        key, phase, members = self.policy.pick(sets, now).payload
         if self.engine.lora is not None:  # at most gpu_slots distinct adapter sets per call
             members = self.engine.lora.limit_sets(members)
         cap = self.cap(key)
