@@ -10,8 +10,9 @@ at 1024²), so SRPT's preference bought the small requests little and cost the l
 
 The policy (stride/credit scheduling on top of SRPT), before every call:
 1. a set that has not run for `starvation_s` seconds runs first, the longest-waiting one: the hard time bound;
-2. else a group that is owed a call (credit >= 1) runs, the highest credit first (ties: the oldest request), its
-   set with the least work (with the step cache a group has a full and a shallow set);
+2. else a group that is owed a call (credit >= 1) runs, the highest credit first (ties: the one waiting longest,
+   then the oldest request), its set with the least work (with the step cache a group has a full and a shallow
+   set);
 3. else the set with the least remaining work (ties: the oldest request).
 Then every other group with active samples earns `min_share` of a call, and the group that ran pays
 1 - min_share (never below 0: a group that SRPT favours banks no debt). So a group that waits gets at least
@@ -19,7 +20,8 @@ min_share of the calls (credit = min_share x calls since it became active - its 
 request of N calls competing with a stream of small ones finishes within about N / min_share calls, and the
 others give up at most min_share of the calls to it. The credit of a group without active samples is dropped (no
 banking while idle), and a credit is capped at MAX_CREDIT: when more than 1 / min_share groups compete they are
-all owed and take turns (round robin by credit, then age) instead of the credits growing without end.
+all owed and take turns (round robin: equal credits go to the longest-waiting) instead of the credits growing
+without end.
 
 The share is counted in calls, not seconds: deterministic and testable, and what matters where calls are
 host-bound (eager; the measured case). Where a large call costs several small ones on the GPU (compiled UNets:
@@ -65,8 +67,8 @@ class FairShare:
         if starved:
             choice, self.last_reason = min(starved, key=lambda s: (s.last_run, s.oldest)), "starved"
         elif owed:
-            top = max(self.credit[s.group] for s in owed)
-            group = min((s for s in owed if self.credit[s.group] == top), key=lambda s: s.oldest).group
+            top = max(self.credit[s.group] for s in owed)  # then the one waiting longest (turns), then age
+            group = min((s for s in owed if self.credit[s.group] == top), key=lambda s: (s.last_run, s.oldest)).group
             choice = least_work([s for s in owed if s.group == group])
             self.last_reason = "owed"
         else:
