@@ -26,6 +26,12 @@ without end.
 The share is counted in calls, not seconds: deterministic and testable, and what matters where calls are
 host-bound (eager; the measured case). Where a large call costs several small ones on the GPU (compiled UNets:
 ~4x at 1024² vs 512²) the large group's share of the GPU time is larger than min_share; lower min_share there.
+The default, 0.25, from experiments/scheduling_sim.py (this class on the mixed-shapes profile, eager H100 costs,
+0.546 req/s = 0.7 x capacity; p99 over unloaded, least work only -> 0.25): 512² 7.5 -> 5.8, 768x512 19.5 -> 6.1,
+512x768 14.5 -> 6.1, 1024² 26.6 -> 6.2 (p50 512² 1.2 -> 2.0, 1024² 6.6 -> 3.6); 0.2 or 0.33 are close, 0.1 leaves
+1024² at 12.6. With compiled (GPU-bound) costs the same shares lengthen the small sizes' tail (512² p99 4.7 ->
+11.3 at 0.25, 6.5 at 0.1): there set 0.1, or 0. Weighting the credit by measured GPU time per call (CUDA events)
+is the next step if one default must serve both.
 """
 from __future__ import annotations
 
