@@ -403,10 +403,12 @@ class Engine:
 
     def scheduling_stats(self) -> dict:
         """The step scheduler's counters: admission policy, UNet calls, images per call, recompiles while
-        serving (each one a stall: should stay 0), requests waiting, images in flight, and requests stopped early
-        (cancelled: caller gone, timeout; or past their deadline)."""
+        serving (each one a stall: should stay 0), requests waiting, images in flight, requests stopped early
+        (cancelled: caller gone, timeout; or past their deadline), and the cross-shape policy's min_share with its
+        picks by rule (least-work, owed: a group's share, starved: the time bound)."""
         sched = self.scheduler
-        return {"admission": self.config.scheduling.admission, "unet_calls": sched.calls,
+        return {"admission": self.config.scheduling.admission, "min_share": self.config.scheduling.min_share,
+                "picks": dict(sched.policy.picks), "unet_calls": sched.calls,
                 "batch_size_histogram": {str(k): v for k, v in sorted(sched.batch_histogram.items())},
                 "recompiles": sched.recompiles, "waiting_requests": sched.waiting_requests(),
                 "active_images": sched.active_images(), "cancelled_requests": sched.cancelled_requests}

@@ -35,6 +35,7 @@ is the next step if one default must serve both.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Hashable
 
@@ -62,7 +63,8 @@ class FairShare:
         self.min_share = min_share
         self.starvation_s = starvation_s
         self.credit: dict[Hashable, float] = {}
-        self.last_reason = ""  # why the last pick was made: starved, owed or least-work (tests, logs)
+        self.last_reason = ""  # why the last pick was made: starved, owed or least-work
+        self.picks: Counter = Counter()  # picks by that reason (engine.info()["scheduling"]["picks"])
 
     def pick(self, sets: list[CallSet], now: float) -> CallSet:
         """The set to run next; the credits are charged for it (call this once per UNet call)."""
@@ -79,6 +81,7 @@ class FairShare:
             self.last_reason = "owed"
         else:
             choice, self.last_reason = least_work(sets), "least-work"
+        self.picks[self.last_reason] += 1
         self.charge(choice.group, {s.group for s in sets})
         return choice
 

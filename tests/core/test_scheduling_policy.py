@@ -160,6 +160,8 @@ def test_a_large_request_in_a_stream_of_small_ones_finishes_within_its_share(mak
     for i, pos in enumerate(positions, 1):  # +1: the first small call may run before the large request arrives
         assert pos <= bound(i, share) + 1, widths
     assert len(widths) > positions[-1] + 10, "the small stream outlasted the large request"
+    picks = eng.info()["scheduling"]["picks"]  # the large request's calls were owed ones (the time bound: never)
+    assert picks["owed"] >= LARGE_CALLS - 1 and "starved" not in picks and sum(picks.values()) == len(widths), picks
     small_calls = positions[-1] - LARGE_CALLS
     assert small_calls >= (1 - share) * positions[-1] - 1, widths  # the small ones kept 3/4 of the calls
 

@@ -216,6 +216,7 @@ def test_info_reports_scheduling(engine, req, ok):
     info = engine.info()["scheduling"]
     assert info["admission"] == "step" and info["unet_calls"] >= 2 and info["recompiles"] == 0
     assert sum(info["batch_size_histogram"].values()) == info["unet_calls"]
+    assert info["min_share"] == 0.25 and sum(info["picks"].values()) == info["unet_calls"]  # one pick per call
 
 
 def test_sdxl_pooled_embeddings_and_time_ids_follow_each_sample(make_config, req, ok, decode):
