@@ -404,11 +404,13 @@ class Engine:
     def scheduling_stats(self) -> dict:
         """The step scheduler's counters: admission policy, UNet calls, images per call, recompiles while
         serving (each one a stall: should stay 0), requests waiting, images in flight, requests stopped early
-        (cancelled: caller gone, timeout; or past their deadline), and the cross-shape policy's min_share with its
-        picks by rule (least-work, owed: a group's share, starved: the time bound)."""
+        (cancelled: caller gone, timeout; or past their deadline), and the cross-shape policy's min_share and unit
+        (calls or time) with its picks by rule (least-work, owed: a group's share, starved: the time bound) and the
+        measured ms per UNet call by group ("model WxH", with the step cache "... full" / "... shallow")."""
         sched = self.scheduler
         return {"admission": self.config.scheduling.admission, "min_share": self.config.scheduling.min_share,
-                "picks": dict(sched.policy.picks), "unet_calls": sched.calls,
+                "share_unit": sched.share_unit(), "picks": dict(sched.policy.picks),
+                "call_ms": sched.timer.report_ms(), "unet_calls": sched.calls,
                 "batch_size_histogram": {str(k): v for k, v in sorted(sched.batch_histogram.items())},
                 "recompiles": sched.recompiles, "waiting_requests": sched.waiting_requests(),
                 "active_images": sched.active_images(), "cancelled_requests": sched.cancelled_requests}

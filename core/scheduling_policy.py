@@ -39,8 +39,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Hashable
 
-MAX_CREDIT = 2.0  # calls a group can be owed at most (bounds the credit when the shares add up to more than 1)
-OWED = 1.0 - 1e-9  # a whole call earned (sums of float shares such as 0.1 fall a hair short of 1)
+MAX_CREDIT = 2.0  # calls' worth a group can be owed at most (bounds the credit when the shares add up to more than 1)
+OWED = 1.0 - 1e-9  # a whole call earned (sums of float shares such as 0.1 fall a hair short of one)
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,18 @@ class CallSet:
     oldest: float  # submission time of its oldest request (ties)
     last_run: float  # when the set's longest-waiting sample last ran
     payload: Any = None  # the scheduler's own data (key, phase, samples)
+    cost: float = 1.0  # estimated seconds per call (core/call_timer.py); all equal: the share counts calls
 
 
 class FairShare:
-    """The cross-group pick with its per-group credits (one instance per step scheduler; one thread)."""
+    """The cross-group pick with its per-group credits in seconds (one instance per step scheduler; one thread)."""
 
     def __init__(self, min_share: float, starvation_s: float):
         if not 0 <= min_share <= 1:
             raise ValueError(f"min_share must be within [0, 1], got {min_share}")
         self.min_share = min_share
         self.starvation_s = starvation_s
-        self.credit: dict[Hashable, float] = {}
+        self.credit: dict[Hashable, float] = {}  # seconds of calls earned
         self.last_reason = ""  # why the last pick was made: starved, owed or least-work
         self.picks: Counter = Counter()  # picks by that reason (engine.info()["scheduling"]["picks"])
 
@@ -70,33 +71,48 @@ class FairShare:
         """The set to run next; the credits are charged for it (call this once per UNet call)."""
         if not sets:
             raise ValueError("no call sets to pick from")
+        cost = group_costs(sets)
         starved = [s for s in sets if now - s.last_run > self.starvation_s]
-        owed = [s for s in sets if self.credit.get(s.group, 0.0) >= OWED]
+        owed = [s for s in sets if self.credit.get(s.group, 0.0) >= OWED * s.cost]
         if starved:
             choice, self.last_reason = min(starved, key=lambda s: (s.last_run, s.oldest)), "starved"
-        elif owed:
-            top = max(self.credit[s.group] for s in owed)  # then the one waiting longest (turns), then age
-            group = min((s for s in owed if self.credit[s.group] == top), key=lambda s: (s.last_run, s.oldest)).group
+        elif owed:  # the most calls owed first (capped ones tie), then the one waiting longest (turns), then age
+            def owed_calls(s):
+                return round(min(MAX_CREDIT, self.credit[s.group] / cost[s.group]), 6)
+
+            top = max(owed_calls(s) for s in owed)
+            group = min((s for s in owed if owed_calls(s) == top), key=lambda s: (s.last_run, s.oldest)).group
             choice = least_work([s for s in owed if s.group == group])
             self.last_reason = "owed"
         else:
             choice, self.last_reason = least_work(sets), "least-work"
         self.picks[self.last_reason] += 1
-        self.charge(choice.group, {s.group for s in sets})
+        self.charge(choice.group, choice.cost, cost)
         return choice
 
-    def charge(self, ran: Hashable, active: set) -> None:
-        """`ran` got a call while the groups in `active` had work: the others earn min_share of a call."""
+    def charge(self, ran: Hashable, seconds: float, active: dict[Hashable, float]) -> None:
+        """`ran` got a call costing `seconds` while the groups in `active` (-> their cost per call) had work: the
+        others earn min_share of it, `ran` pays the rest (never below 0: a group SRPT favours banks no debt)."""
         for group in [g for g in self.credit if g not in active]:
             del self.credit[group]  # no active samples: no banking while idle
         if not self.min_share:
             return
-        for group in active:
+        for group, per_call in active.items():
             credit = self.credit.get(group, 0.0)
             if group == ran:
-                self.credit[group] = max(0.0, credit - (1.0 - self.min_share))
+                credit = max(0.0, credit - (1.0 - self.min_share) * seconds)
             else:
-                self.credit[group] = min(MAX_CREDIT, credit + self.min_share)
+                credit += self.min_share * seconds
+            # capped in the group's own calls (also when its cost estimate has just dropped: measured at last)
+            self.credit[group] = min(MAX_CREDIT * per_call, credit)
+
+
+def group_costs(sets: list[CallSet]) -> dict[Hashable, float]:
+    """Each group's cost per call: its cheapest set's (a group has a full and a shallow set with the step cache)."""
+    cost: dict[Hashable, float] = {}
+    for s in sets:
+        cost[s.group] = min(cost.get(s.group, s.cost), s.cost)
+    return cost
 
 
 def least_work(sets: list[CallSet]) -> CallSet:

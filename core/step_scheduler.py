@@ -14,8 +14,9 @@ every UNet call it:
    cache phase: full or shallow step, from each sample's own step index). Policy (core/scheduling_policy.py):
    the set with the least remaining work - fewest UNet calls until one of its samples finishes x latent pixels x
    rows per call - so a small or nearly finished request does not wait for a large one (shortest remaining
-   processing time); but every group with work gets at least scheduling.min_share of the calls (credit: a group
-   passed over earns min_share of a call, one owed a whole call runs next), so a large request finishes within
+   processing time); but every group with work gets at least scheduling.min_share of the calls, or of the GPU
+   time (scheduling.share_unit; costs measured per call with CUDA events, core/call_timer.py) (credit: a group
+   passed over earns min_share of each call, one owed a whole call runs next), so a large request finishes within
    about its calls / min_share calls while small ones keep arriving, and a set that has not run for
    scheduling.starvation_s seconds runs first (the hard time bound). Ties go to the set with the oldest request.
    A set larger than the group's current cap (after an OOM) runs in chunks, fewest remaining steps first;
@@ -36,6 +37,7 @@ import threading
 import time
 from typing import Callable, Hashable
 
+from core.call_timer import CallTimer
 from core.denoise_state import DenoiseSample, Job, encode_text, samples_of, start_sample, uses_cfg
 from core.img2img import encode_images
 from core.prompt_length import prompt_note
@@ -63,6 +65,7 @@ class StepScheduler:
         self.cancelled_requests = 0  # requests stopped early: cancelled (caller gone) or past their deadline
         self._graphs = None
         self.policy = FairShare(self.cfg.min_share, self.cfg.starvation_s)  # which group's set runs next
+        self.timer = CallTimer()  # measured seconds per call by (group, phase): the share's costs in time
 
     # ------------------------------------------------------------------ submission (any thread)
     def submit(self, jobs: list[Job]) -> None:
@@ -102,6 +105,7 @@ class StepScheduler:
                 if empty:
                     self._fresh_start()
                 self._prepare(admitted)
+                self.timer.poll()  # completed calls' GPU times (non-blocking)
                 choice = self._pick(time.perf_counter())
                 if choice is not None:
                     self._run(*choice)
@@ -222,8 +226,14 @@ class StepScheduler:
             job.stopped_early = True
             self.cancelled_requests += 1
 
+    def share_unit(self) -> str:
+        """calls or time (scheduling.share_unit; auto: time for a compiled UNet, whose calls are GPU-bound)."""
+        unit = self.cfg.share_unit
+        return unit if unit != "auto" else ("time" if getattr(self.engine, "compiled", False) else "calls")
+
     def _pick(self, now: float):
         hook = self.engine.step_cache
+        in_time = self.share_unit() == "time"
         sets = []
         for key, active in self._active.items():
             if not active:
@@ -236,10 +246,11 @@ class StepScheduler:
                 parts = [(True, full), (False, shallow)]
             for phase, members in parts:
                 if members:
-                    rows = len(members) + sum(1 for s in members if s.cfg)
-                    sets.append(CallSet(key, min(s.remaining for s in members) * key[1] * key[2] * rows,
+                    units = key[1] * key[2] * (len(members) + sum(1 for s in members if s.cfg))  # pixels x rows
+                    cost = self.timer.estimate((key, phase), units) if in_time else 1.0
+                    sets.append(CallSet(key, min(s.remaining for s in members) * units,
                                         min(s.job.submitted for s in members), min(s.last_run for s in members),
-                                        (key, phase, members)))
+                                        (key, phase, members), cost))
         if not sets:
             return None
         key, phase, members = self.policy.pick(sets, now).payload
@@ -288,7 +299,9 @@ class StepScheduler:
             eng.lora.prepare_call(samples, rows)  # each sample's adapter set -> its rows' slot
         # ControlNet residuals change the compiled UNet's inputs: their calls run eagerly (never recompile)
         part = "unet-control" if eng.controlnets and any(s.controls for s in samples) else "unet"
-        with eng.monitor.track(), shape_context(eng, part, key[1], key[2], rows):
+        units = key[1] * key[2] * (len(samples) + sum(1 for s in samples if s.cfg))
+        with eng.monitor.track(), shape_context(eng, part, key[1], key[2], rows), self.timer.measure((key, phase),
+                                                                                                    units):
             denoise_step(eng, samples, inputs, rows, phase)
         self._after_call(key, samples)
 

@@ -15,6 +15,7 @@ import argparse
 import math
 import random
 
+from core.call_timer import CallTimer
 from core.scheduling_policy import CallSet, FairShare
 
 SIZES = (((512, 512), 3), ((768, 512), 2), ((512, 768), 2), ((1024, 1024), 1))
@@ -35,7 +36,12 @@ def unloaded_s(size, mode: str) -> float:
     return STEPS * call_s(size, 1, mode) + decode_s(size, 1)
 
 
-def simulate(policy: FairShare, mode: str, rate: float, horizon_s: float, seed: int) -> dict:
+def simulate(policy: FairShare, mode: str, rate: float, horizon_s: float, seed: int, unit: str = "calls",
+             srpt: str = "pixels") -> dict:
+    """unit: what the share counts, "calls" (every set costs 1.0) or "time" (the engine's way: each call's
+    simulated seconds folded into a CallTimer, its estimates the sets' costs); srpt: the least-work measure,
+    "pixels" (remaining calls x latent pixels x rows) or "time" (remaining calls x estimated seconds per call)."""
+    timer = CallTimer(use_cuda=False)
     rng = random.Random(seed)
     sizes, weights = [s for s, _ in SIZES], [w for _, w in SIZES]
     arrivals, t = [], 0.0
@@ -56,9 +62,14 @@ def simulate(policy: FairShare, mode: str, rate: float, horizon_s: float, seed: 
                 sample = waiting[size].pop(0)
                 sample["last_run"] = now
                 active[size].append(sample)
-        sets = [CallSet(size, min(s["left"] for s in m) * size[0] * size[1] * 2 * len(m),
-                        min(s["submitted"] for s in m), min(s["last_run"] for s in m))
-                for size, m in active.items() if m]
+        sets = []
+        for size, m in active.items():
+            if m:
+                units = size[0] * size[1] * 2 * len(m)
+                cost = timer.estimate(size, units) if unit == "time" or srpt == "time" else 1.0
+                work = min(s["left"] for s in m) * (units if srpt == "pixels" else cost)
+                sets.append(CallSet(size, work, min(s["submitted"] for s in m), min(s["last_run"] for s in m),
+                                    cost=cost if unit == "time" else 1.0))
         if not sets:
             if i == len(arrivals):
                 return latency
@@ -66,7 +77,9 @@ def simulate(policy: FairShare, mode: str, rate: float, horizon_s: float, seed: 
             continue
         size = policy.pick(sets, now).group
         members = active[size]
-        now += call_s(size, len(members), mode)
+        took = call_s(size, len(members), mode)
+        timer.fold(size, size[0] * size[1] * 2 * len(members), took)
+        now += took
         for s in members:
             s["left"] -= 1
             s["last_run"] = now
@@ -83,11 +96,19 @@ def percentile(values: list, q: float) -> float:
     return values[max(0, math.ceil(q * len(values)) - 1)]
 
 
+POLICIES = {  # label -> (min_share, unit, srpt); min_share 0 with starvation_s 2: the policy before min_share
+    "least-work": (0.0, "calls", "pixels"),
+    "calls 0.1": (0.1, "calls", "pixels"), "calls 0.25": (0.25, "calls", "pixels"),
+    "time 0.1": (0.1, "time", "pixels"), "time 0.25": (0.25, "time", "pixels"), "time 0.33": (0.33, "time", "pixels"),
+    "time 0.25 srpt-t": (0.25, "time", "time"), "time 0.33 srpt-t": (0.33, "time", "time"),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mode", choices=["eager", "compile"], default="eager")
-    p.add_argument("--rates", default="0.546,0.7", help="arrivals per second (0.546: 0.7 x the measured capacity)")
-    p.add_argument("--shares", default="0,0.1,0.2,0.25,0.33,0.5")
+    p.add_argument("--rates", default="0.546", help="arrivals per second (0.546: 0.7 x the measured eager capacity)")
+    p.add_argument("--policies", default=",".join(POLICIES), help="labels of POLICIES, comma-separated")
     p.add_argument("--starvation-s", type=float, default=2.0)
     p.add_argument("--horizon-s", type=float, default=2000.0)
     p.add_argument("--seeds", type=int, default=4)
@@ -95,15 +116,16 @@ def main() -> None:
     for rate in [float(r) for r in args.rates.split(",")]:
         print(f"== {args.mode}, {rate} req/s; p50 / p99 over unloaded: "
               + ", ".join(f"{w}x{h} {unloaded_s((w, h), args.mode):.2f} s" for (w, h), _ in SIZES))
-        for share in [float(s) for s in args.shares.split(",")]:
+        for label in args.policies.split(","):
+            share, unit, srpt = POLICIES[label]
             merged: dict = {}
             for seed in range(args.seeds):
-                out = simulate(FairShare(share, args.starvation_s), args.mode, rate, args.horizon_s, seed)
+                out = simulate(FairShare(share, args.starvation_s), args.mode, rate, args.horizon_s, seed, unit, srpt)
                 for size, values in out.items():
                     merged.setdefault(size, []).extend(values)
             cells = [f"{w}x{h} {percentile(v, 0.5) / unloaded_s((w, h), args.mode):5.2f} "
                      f"{percentile(v, 0.99) / unloaded_s((w, h), args.mode):5.2f}" for (w, h), v in merged.items()]
-            print(f"min_share {share:4.2f} | " + " | ".join(cells))
+            print(f"{label:17s}| " + " | ".join(cells))
 
 
 if __name__ == "__main__":
