@@ -100,7 +100,8 @@ POLICIES = {  # label -> (min_share, unit, srpt); min_share 0 with starvation_s 
     "least-work": (0.0, "calls", "pixels"),
     "calls 0.1": (0.1, "calls", "pixels"), "calls 0.25": (0.25, "calls", "pixels"),
     "time 0.1": (0.1, "time", "pixels"), "time 0.25": (0.25, "time", "pixels"), "time 0.33": (0.33, "time", "pixels"),
-    "time 0.25 srpt-t": (0.25, "time", "time"), "time 0.33 srpt-t": (0.33, "time", "time"),
+    "time 0.5": (0.5, "time", "pixels"),
+    "calls 0.25 srpt-t": (0.25, "calls", "time"), "time 0.25 srpt-t": (0.25, "time", "time"),
 }
 
 

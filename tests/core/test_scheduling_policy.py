@@ -5,6 +5,7 @@ within the share's bound of calls (and the old policy, min_share 0, holds it bac
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -14,12 +15,12 @@ from core.scheduling_policy import MAX_CREDIT, CallSet, FairShare
 LARGE_CALLS = 6
 
 
-def small(work=1.0, last_run=0.0, oldest=1.0, group="small", payload=None):
-    return CallSet(group, work, oldest, last_run, payload)
+def small(work=1.0, last_run=0.0, oldest=1.0, group="small", payload=None, cost=1.0):
+    return CallSet(group, work, oldest, last_run, payload, cost)
 
 
-def large(work=100.0, last_run=0.0, oldest=0.0, group="large", payload=None):
-    return CallSet(group, work, oldest, last_run, payload)
+def large(work=100.0, last_run=0.0, oldest=0.0, group="large", payload=None, cost=1.0):
+    return CallSet(group, work, oldest, last_run, payload, cost)
 
 
 def stream(policy: FairShare, large_calls: int, limit: int = 1000) -> list[str]:
@@ -51,10 +52,58 @@ def test_a_large_group_gets_its_share_of_the_calls_under_a_stream_of_small_work(
     assert order.count("small") >= (1 - share) * len(order) - 1, order
 
 
+def timed_stream(policy: FairShare, large_calls: int, large_cost: float) -> tuple[list[str], float, float]:
+    """stream() with costs per call (seconds; a large call costs large_cost small ones): the order, and the time
+    each group ran until the large one is done."""
+    order, left, spent = [], large_calls, {"small": 0.0, "large": 0.0}
+    while left:
+        now = sum(spent.values())
+        picked = policy.pick([small(last_run=now), large(work=100.0 * left, last_run=now, cost=large_cost)], now)
+        order.append(picked.group)
+        spent[picked.group] += picked.cost
+        left -= picked.group == "large"
+    return order, spent["small"], spent["large"]
+
+
+@pytest.mark.parametrize("share", [0.1, 0.25, 1 / 3, 0.5])
+def test_with_costs_in_time_a_large_group_gets_its_share_of_the_time_not_of_the_calls(share):
+    """A large call costs 4 small ones: the large group gets ~min_share of the GPU time (within one of its calls),
+    so it gets far fewer than min_share of the calls - small work gives up min_share of the time, no more."""
+    order, small_s, large_s = timed_stream(FairShare(share, starvation_s=1e9), 4 * LARGE_CALLS, large_cost=4.0)
+    total = small_s + large_s
+    assert share - 4.0 / total <= large_s / total <= share + 4.0 / total, order
+    # calls: each large call waits for 4 x (1 - share) / share small ones (the share counted in calls: 1/share)
+    calls = order.count("large") / len(order)
+    assert calls == pytest.approx(1 / (1 + 4 * (1 - share) / share), abs=1.0 / len(order) + 0.01), order
+    assert calls < share
+
+
+def test_the_share_in_time_is_bounded_per_call_of_the_waiting_group():
+    """Its credit is capped at MAX_CREDIT of its own calls; earnings in seconds of other calls (up to a big
+    estimate change: the credit of a set first costed at 1.0, then measured at 10 ms) never exceed it."""
+    policy = FairShare(0.25, starvation_s=1e9)
+    policy.credit["large"] = MAX_CREDIT * 1.0  # the most it can hold while nothing is measured (all cost 1.0)
+    picked = policy.pick([small(cost=0.005), large(cost=0.010)], 0.0)
+    assert (picked.group, policy.last_reason) == ("large", "owed")
+    assert policy.credit["large"] <= MAX_CREDIT * 0.010  # not 200 more calls owed: capped at its measured cost
+    order = [policy.pick([small(cost=0.005), large(cost=0.010)], 0.0).group for _ in range(100)]
+    assert order.count("large") <= 100 * 0.25 / (2 - 0.25) + 2, order  # its share of the time, no more
+    assert max(policy.credit.values()) <= MAX_CREDIT * 0.010
+
+
 def test_without_a_share_the_large_group_waits_for_the_small_work():
     """min_share 0 is the old policy: least work only, so (time bound aside) the large group never runs."""
     order = stream(FairShare(0.0, starvation_s=1e9), LARGE_CALLS, limit=200)
     assert order == ["small"] * 200
+
+
+def test_without_a_share_costs_change_nothing():
+    """min_share 0 with costs in time is still least work only: no credit, the large group never runs."""
+    policy = FairShare(0.0, starvation_s=1e9)
+    for n in range(100):
+        picked = policy.pick([small(cost=0.01), large(cost=0.04)], float(n))
+        assert (picked.group, policy.last_reason) == ("small", "least-work")
+    assert policy.credit == {}
 
 
 def test_the_time_bound_still_runs_a_starved_set_first():
@@ -80,6 +129,16 @@ def test_credit_is_charged_and_dropped_when_a_group_is_idle():
     assert "large" not in policy.credit
     policy.pick([small(), large()], 0.0)
     assert policy.credit["large"] == 0.25
+
+
+def test_credit_in_seconds_is_charged_and_dropped_when_a_group_is_idle():
+    policy = FairShare(0.25, starvation_s=1e9)
+    sets = [small(cost=0.010), large(cost=0.040)]
+    for _ in range(3):
+        policy.pick(sets, 0.0)
+    assert policy.credit == {"small": 0.0, "large": pytest.approx(0.0075)}  # 3 x 0.25 x 10 ms
+    policy.pick(sets[:1], 0.0)  # the large group idle: its credit goes
+    assert "large" not in policy.credit
 
 
 def test_an_owed_group_runs_its_least_work_set():
@@ -120,15 +179,19 @@ def test_min_share_is_validated_by_name(make_config):
         FairShare(1.5, 2.0)
 
 
-def run_large_in_a_small_stream(eng, req, ok, monkeypatch, smalls: int) -> list[int]:
+def run_large_in_a_small_stream(eng, req, ok, monkeypatch, smalls: int, seconds: list | None = None) -> list[int]:
     """A stream of small requests (64x64, 2 steps; each submits the next at its first step, so small work never
     runs out until `smalls` were sent) and, right after the first, a large one (128x128). The latent width of
-    every UNet call, in order."""
+    every UNet call, in order (and its seconds appended to `seconds`)."""
+    seconds = [] if seconds is None else seconds
     unet, forward, widths = eng.pipe.unet, eng.pipe.unet.forward, []
 
     def spy(sample, *args, **kwargs):
         widths.append(sample.shape[-1])
-        return forward(sample, *args, **kwargs)
+        t0 = time.perf_counter()
+        out = forward(sample, *args, **kwargs)
+        seconds.append(time.perf_counter() - t0)
+        return out
 
     monkeypatch.setattr(unet, "forward", spy)
     state = {"left": smalls, "jobs": []}
@@ -162,6 +225,7 @@ def test_a_large_request_in_a_stream_of_small_ones_finishes_within_its_share(mak
     assert len(widths) > positions[-1] + 10, "the small stream outlasted the large request"
     picks = eng.info()["scheduling"]["picks"]  # the large request's calls were owed ones (the time bound: never)
     assert picks["owed"] >= LARGE_CALLS - 1 and "starved" not in picks and sum(picks.values()) == len(widths), picks
+    assert eng.info()["scheduling"]["share_unit"] == "calls"  # auto, not compiled: the share counts calls
     small_calls = positions[-1] - LARGE_CALLS
     assert small_calls >= (1 - share) * positions[-1] - 1, widths  # the small ones kept 3/4 of the calls
 
@@ -171,3 +235,27 @@ def test_a_large_request_in_a_stream_of_small_ones_finishes_within_its_share(mak
     positions = [n for n, w in enumerate(widths, 1) if w == 16]
     assert len(positions) == LARGE_CALLS and positions[0] > bound(LARGE_CALLS, share) + 1, widths
     assert positions == list(range(len(widths) - LARGE_CALLS + 1, len(widths) + 1)), widths  # all at the end
+
+
+def test_with_the_share_in_time_the_large_request_gets_its_share_of_the_measured_time(make_config, req, ok,
+                                                                                        monkeypatch):
+    """share_unit time on CPU: each call's perf_counter time is its cost. The large request's calls are owed ones
+    spread through the stream (it finishes while small ones still run), and it gets about min_share of the UNet
+    time until then - checked loosely (half the share), as the tiny model's CPU timings are noisy."""
+    from core.engine import Engine
+
+    share = 0.25
+    eng = Engine(make_config(scheduling={"starvation_s": 600, "share_unit": "time"})).load()
+    seconds: list[float] = []
+    widths = run_large_in_a_small_stream(eng, req, ok, monkeypatch, smalls=150, seconds=seconds)
+    positions = [n for n, w in enumerate(widths, 1) if w == 16]
+    assert len(positions) == LARGE_CALLS
+    assert len(widths) > positions[-1] + 10, "the large request ran only after the small stream"
+    info = eng.info()["scheduling"]
+    assert info["share_unit"] == "time" and info["picks"]["owed"] >= LARGE_CALLS - 1, info
+    assert "starved" not in info["picks"], info
+    ms = info["call_ms"]  # measured per group: both sizes, a positive cost each
+    assert {k.split()[-1] for k in ms} == {"64x64", "128x128"} and min(ms.values()) > 0, ms
+    window = seconds[:positions[-1]]
+    large_s = sum(t for t, w in zip(window, widths) if w == 16)
+    assert large_s >= share / 2 * sum(window), (large_s, sum(window), widths)

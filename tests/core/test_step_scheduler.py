@@ -217,6 +217,7 @@ def test_info_reports_scheduling(engine, req, ok):
     assert info["admission"] == "step" and info["unet_calls"] >= 2 and info["recompiles"] == 0
     assert sum(info["batch_size_histogram"].values()) == info["unet_calls"]
     assert info["min_share"] == 0.25 and sum(info["picks"].values()) == info["unet_calls"]  # one pick per call
+    assert info["share_unit"] == "calls" and info["call_ms"]["tiny-sd 64x64"] > 0, info  # auto: not compiled
 
 
 def test_sdxl_pooled_embeddings_and_time_ids_follow_each_sample(make_config, req, ok, decode):
