@@ -202,10 +202,11 @@ class SchedulingConfig(Strict):
         "(request-level batching; the baseline the load benchmark compares against).")
     min_share: float = Field(0.25, ge=0, le=0.5, description="Across shapes the scheduler runs the group with the "
                              "least remaining work first, but every group with work gets at least this share of the "
-                             "UNet calls or GPU time (share_unit; a group passed over earns min_share of each call; one owed a whole call runs "
-                             "next): a large request finishes within about its steps / min_share calls while small "
-                             "ones keep arriving, and small ones give up at most this share (0.5: two busy groups "
-                             "alternate). 0: least work only, starvation_s alone bounds the wait (the old policy).")
+                             "UNet calls or of the GPU time (share_unit; a group passed over earns min_share of each "
+                             "call; one owed a whole call runs next): a large request finishes within about its "
+                             "steps / min_share calls' worth while small ones keep arriving, and small ones give up "
+                             "at most this share (0.5: two busy groups alternate). 0: least work only, starvation_s "
+                             "alone bounds the wait (the old policy).")
     share_unit: Literal["auto", "calls", "time"] = Field(
         "auto", description="What min_share counts. calls: UNet calls (best where the small sizes' calls are "
         "host-bound: eager). time: measured GPU time per call (CUDA events, no host wait; best where a large call "

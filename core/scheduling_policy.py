@@ -1,6 +1,6 @@
 """Which call set the step scheduler runs next across groups (shapes): least remaining work first, with a
-guaranteed minimum share of UNet calls per group. Pure Python (no torch): core/step_scheduler.py builds the
-candidate sets and hands them here; tests drive it with synthetic sets.
+guaranteed minimum share of UNet calls (or of GPU time) per group. Pure Python (no torch):
+core/step_scheduler.py builds the candidate sets and hands them here; tests drive it with synthetic sets.
 
 Why a share and not only a time bound. Least remaining work first (SRPT) keeps small and nearly finished requests
 fast, but under continuous small traffic a large shape is never the least work: before this policy only
@@ -8,30 +8,36 @@ fast, but under continuous small traffic a large shape is never the least work: 
 p50 18.6 s vs 2.35 s unloaded, p95 57 s at saturation). In eager SDXL a call is host-bound (~70 ms at 512², ~78 ms
 at 1024²), so SRPT's preference bought the small requests little and cost the large one everything.
 
-The policy (stride/credit scheduling on top of SRPT), before every call:
+The policy (stride/credit scheduling on top of SRPT), before every call; each set carries its cost per call
+(`CallSet.cost`, seconds: core/call_timer.py measures them; all 1.0 when the share counts calls):
 1. a set that has not run for `starvation_s` seconds runs first, the longest-waiting one: the hard time bound;
-2. else a group that is owed a call (credit >= 1) runs, the highest credit first (ties: the one waiting longest,
-   then the oldest request), its set with the least work (with the step cache a group has a full and a shallow
-   set);
+2. else a group that is owed a call (credit >= its set's cost) runs, the most calls owed first (ties: the one
+   waiting longest, then the oldest request), its set with the least work (with the step cache a group has a
+   full and a shallow set);
 3. else the set with the least remaining work (ties: the oldest request).
-Then every other group with active samples earns `min_share` of a call, and the group that ran pays
-1 - min_share (never below 0: a group that SRPT favours banks no debt). So a group that waits gets at least
-min_share of the calls (credit = min_share x calls since it became active - its calls, owed at 1): a large
-request of N calls competing with a stream of small ones finishes within about N / min_share calls, and the
-others give up at most min_share of the calls to it. The credit of a group without active samples is dropped (no
-banking while idle), and a credit is capped at MAX_CREDIT: when more than 1 / min_share groups compete they are
-all owed and take turns (round robin: equal credits go to the longest-waiting) instead of the credits growing
-without end.
+Then, the call costing c, every other group with active samples earns min_share x c and the group that ran pays
+(1 - min_share) x c (never below 0: a group that SRPT favours banks no debt). So a group that waits gets at least
+min_share of the calls (costs 1.0) or of the GPU time (measured costs): a large request of N calls competing with
+a stream of small ones finishes within about N / min_share calls' worth, and the others give up at most
+min_share to it. The credit of a group without active samples is dropped (no banking while idle), and a credit is
+capped at MAX_CREDIT of the group's own calls: when more than 1 / min_share groups compete they are all owed and
+take turns (round robin: equal credits go to the longest-waiting) instead of the credits growing without end.
 
-The share is counted in calls, not seconds: deterministic and testable, and what matters where calls are
-host-bound (eager; the measured case). Where a large call costs several small ones on the GPU (compiled UNets:
-~4x at 1024² vs 512²) the large group's share of the GPU time is larger than min_share; lower min_share there.
-The default, 0.25, from experiments/scheduling_sim.py (this class on the mixed-shapes profile, eager H100 costs,
-0.546 req/s = 0.7 x capacity; p99 over unloaded, least work only -> 0.25): 512² 7.5 -> 5.8, 768x512 19.5 -> 6.1,
-512x768 14.5 -> 6.1, 1024² 26.6 -> 6.2 (p50 512² 1.2 -> 2.0, 1024² 6.6 -> 3.6); 0.2 or 0.33 are close, 0.1 leaves
-1024² at 12.6. With compiled (GPU-bound) costs the same shares lengthen the small sizes' tail (512² p99 4.7 ->
-11.3 at 0.25, 6.5 at 0.1): there set 0.1, or 0. Weighting the credit by measured GPU time per call (CUDA events)
-is the next step if one default must serve both.
+Calls or time (scheduling.share_unit; experiments/scheduling_sim.py, mixed-shapes profile at ~0.7 x capacity:
+eager 0.546 req/s, compiled 0.73 req/s; p50 / p99 over unloaded for 512² | 768x512 | 1024²):
+    eager     least-work 1.2/7.5 | 1.8/19.5 | 6.6/26.6   calls 0.25 2.0/5.8 | 2.4/6.1 | 3.6/6.2
+              time 0.25  2.0/4.9 | 2.5/8.4  | 4.0/15.8  time 0.33  2.2/5.0 | 2.5/6.5 | 3.6/11.6
+    compiled  least-work 1.2/8.8 | 1.3/10.1 | 2.2/9.5    calls 0.25 2.2/19.0 | 2.0/13.0 | 2.0/5.6
+              time 0.25  1.6/8.7 | 1.7/10.0 | 2.3/9.3    calls 0.1  1.7/12.0 | 1.7/13.2 | 2.2/7.2
+Neither unit is best in both modes. Eager, the small calls are host-bound (~70 ms whatever the batch) while a
+batched 1024² call is GPU-bound (the sim's cost model: ~0.6 s at 8 images): in time the large group's calls cost ~8
+small ones and a time share leaves it starved (p99 15.8x); a call share gives it what it needs. Compiled, every
+call is GPU-bound and a call share hands the large group most of the GPU time (512² p99 19x); a time share keeps
+the small sizes near least-work while still bounding the large one under continuous small traffic (at 0.9 req/s
+least-work's 768x512 p99 is 37x, time 0.25: 19.5x). Hence share_unit auto: calls for an eager UNet, time for a
+compiled one, with min_share 0.25 for both. Least work measured in seconds instead of pixels x rows changed p50
+slightly in eager (1024² 3.6 -> 3.1 with calls 0.25) and nothing compiled: not adopted (pixels x rows needs no
+measurement).
 """
 from __future__ import annotations
 

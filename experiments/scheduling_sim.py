@@ -3,11 +3,16 @@
 30 steps with CFG, continuous batching per size (at most 8 images a call), one UNet call at a time. Per-call
 seconds come from a cost model calibrated to the H100 eager record of issue #18 (~70 ms host-bound floor, a
 1024x1024 image ~78 ms; GPU time ~ latent pixels x rows above that: the model's saturation throughput, 0.77 req/s,
-matches the measured 0.78) or, with --mode compile, a GPU-bound one (costs ~ pixels x rows, 12 ms floor). It prints
-p50/p99 latency over the unloaded (batch 1) latency per size: the figure issue #18 asks about.
+matches the measured 0.78) or, with --mode compile, a GPU-bound one (costs ~ pixels x rows, 12 ms floor). The
+policy gets its costs as the engine does: each simulated call's seconds fold into a core/call_timer.CallTimer, whose
+estimates are the call sets' costs when the share counts time ("time x"; "calls x": every call costs 1.0). It
+prints p50/p99 latency over the unloaded (batch 1) latency per size: the figure issue #18 asks about.
 
-    python3 experiments/scheduling_sim.py --mode eager --rates 0.546,0.7 --shares 0,0.1,0.25,0.33
-(min_share 0 with starvation_s 2 is the policy before min_share.)  Not product code; tests do not cover it.
+    PYTHONPATH=. python3 experiments/scheduling_sim.py --mode eager --rates 0.546,0.7
+    PYTHONPATH=. python3 experiments/scheduling_sim.py --mode compile --rates 0.546,0.73,0.9
+(0.546 and 0.73 req/s: ~0.7 x capacity eager / compiled; the table is in docs/serving.md, step 3.) "least-work"
+(min_share 0 with starvation_s 2) is the policy before min_share; "srpt-t" measures least work in estimated
+seconds instead of pixels x rows. Not product code; tests do not cover it.
 """
 from __future__ import annotations
 
