@@ -22,6 +22,7 @@ import time
 from typing import Hashable, Iterator
 
 ALPHA = 0.3  # EWMA weight of a new measurement: follows a batch size change within a few calls
+MIN_SECONDS = 1e-6  # a cost never reads 0 (a group costing nothing would be owed at every call)
 MAX_PENDING = 64  # event pairs in flight at most (the oldest is dropped unmeasured beyond: never a host wait)
 
 
@@ -29,7 +30,7 @@ class CallTimer:
     """Per-set EWMA of seconds per call (one instance per step scheduler; used by its GPU thread only)."""
 
     def __init__(self, use_cuda: bool | None = None):
-        self.use_cuda = use_cuda
+        self.use_cuda = use_cuda  # None: CUDA if available (the step scheduler sets it from the engine's device)
         self.seconds: dict[Hashable, float] = {}  # EWMA of seconds per call
         self.per_unit: dict[Hashable, float] = {}  # the same over the call's work units (for the estimate)
         self.pending: collections.deque = collections.deque()  # (key, units, start, end) events not yet read
@@ -76,9 +77,9 @@ class CallTimer:
         """Seconds per call of `key`: its EWMA, else the measured sets' mean seconds per unit x its units, else
         1.0 (nothing measured: every set costs the same, the call-count share)."""
         if key in self.seconds:
-            return self.seconds[key]
+            return max(MIN_SECONDS, self.seconds[key])
         if self.per_unit:
-            return units * sum(self.per_unit.values()) / len(self.per_unit)
+            return max(MIN_SECONDS, units * sum(self.per_unit.values()) / len(self.per_unit))
         return 1.0
 
     def report_ms(self) -> dict[str, float]:

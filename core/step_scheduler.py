@@ -122,6 +122,7 @@ class StepScheduler:
 
     def _busy_start(self) -> None:
         self.device = self.engine.pipe._execution_device  # (a property that walks the components: once)
+        self.timer.use_cuda = self.device.type == "cuda"  # CUDA events on the engine's device, else perf_counter
 
     def _fresh_start(self) -> None:
         """Admitting into an empty batch starts a new run: step-cache counters, OOM caps and cached inputs start

@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE=1 SDSERVE_CACHE_DIR=${SDSERVE_CACHE_DIR:-/tmp/sdserve-cach
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 step() {
   case "$1" in
-    gputests-loop) python3 -m pytest -q -rA -m gpu tests/core/test_device_copy.py tests/core/test_step_scheduler_gpu.py -p no:cacheprovider -o addopts="" ;;
+    gputests-loop) python3 -m pytest -q -rA -m gpu tests/core/test_device_copy.py tests/core/test_step_scheduler_gpu.py tests/core/test_call_timer.py -p no:cacheprovider -o addopts="" ;;
     gputests) python3 -m pytest -q -rA -m gpu tests/core -p no:cacheprovider -o addopts="" ;;
     lora-sd15) python3 -m benchmarks.lora_bench --model sd15 --steps 30 --rank 32 --rounds 2 --compile reduce-overhead -o "$OUT/lora-sd15.json" ;;
     lora-sdxl) python3 -m benchmarks.lora_bench --model sdxl --steps 30 --rank 32 --rounds 2 -o "$OUT/lora-sdxl-eager.json" ;;

@@ -74,3 +74,25 @@ def test_an_unmeasured_set_is_estimated_from_the_measured_ones_by_work_units():
     timer.fold("mid", 4.0, 0.040)  # 10 ms per unit
     assert timer.estimate("small", 100.0) == pytest.approx(0.010)  # its own measurement, whatever the units
     assert timer.estimate("new", 8.0) == pytest.approx(8.0 * 0.0075)
+
+
+@pytest.mark.gpu
+def test_cuda_events_time_a_call_once_it_has_completed():
+    """Real events: nothing is folded before poll() sees the end event done; then the GPU time of the block."""
+    import torch
+
+    timer = CallTimer()
+    x = torch.randn(4096, 4096, device="cuda")
+    with timer.measure("matmul", 1.0):
+        for _ in range(20):
+            x = x @ x / 64
+    assert timer.use_cuda and len(timer.pending) == 1 and "matmul" not in timer.seconds
+    torch.cuda.synchronize()  # the test waits; the engine never does (it polls at its next step)
+    timer.poll()
+    assert not timer.pending and timer.seconds["matmul"] > 0
+
+
+def test_a_cost_never_reads_zero():
+    timer = CallTimer(use_cuda=False)
+    timer.fold("instant", 1.0, 0.0)
+    assert timer.estimate("instant", 1.0) > 0 and timer.estimate("other", 1.0) > 0

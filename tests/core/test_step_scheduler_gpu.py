@@ -43,3 +43,17 @@ def test_fp16_alone_batched_and_joined_later_agree(gpu_engine, req, ok, decode, 
     for other in (decode(batched[1].images[0].data), decode(late.images[0].data)):
         diff = np.abs(alone - other)
         assert diff.mean() < MEAN_TOLERANCE and (diff > OUTLIER_PX).mean() < OUTLIER_SHARE, (diff.mean(), diff.max())
+
+
+def test_call_times_are_measured_with_cuda_events_and_the_share_in_time(make_config, req, ok):
+    """share_unit time on CUDA: the loop reads each call's event pair once done; info() reports ms per call."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from core.engine import Engine
+
+    eng = Engine(make_config(device="cuda", dtype="fp16", scheduling={"share_unit": "time"})).load()
+    ok(eng.generate([req(seed=5, steps=12), req(seed=6, steps=12, width=128, height=128)])[0])
+    info = eng.info()["scheduling"]
+    assert info["share_unit"] == "time" and eng.scheduler.timer.use_cuda, info
+    assert {k.split()[-1] for k in info["call_ms"]} == {"64x64", "128x128"} and min(info["call_ms"].values()) > 0
