@@ -177,6 +177,9 @@ def test_min_share_is_validated_by_name(make_config):
             make_config(scheduling={"min_share": bad})
     with pytest.raises(ValueError, match="min_share"):
         FairShare(1.5, 2.0)
+    assert SchedulingConfig().share_unit == "auto"
+    with pytest.raises(ValidationError, match="share_unit"):
+        make_config(scheduling={"share_unit": "seconds"})
 
 
 def run_large_in_a_small_stream(eng, req, ok, monkeypatch, smalls: int, seconds: list | None = None) -> list[int]:
