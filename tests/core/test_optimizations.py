@@ -50,13 +50,16 @@ def test_presigned_unet_gives_the_same_output_and_still_drops_unknown_kwargs(tin
         assert presign_attention_processors(tiny_unet) == 0  # once per processor
         after = tiny_unet(lat, t, encoder_hidden_states=hidden, return_dict=False)[0]
         # a kwarg the processor does not take is still dropped with diffusers' warning (not passed on: no TypeError)
-        library = logging.getLogger("diffusers")  # (its records do not propagate to the root logger)
+        library = logging.getLogger("diffusers")  # (its records do not propagate to the root logger, and an
+        level = library.level  # engine's load turns its warnings off)
         library.addHandler(caplog.handler)
+        library.setLevel(logging.WARNING)
         try:
             extra = tiny_unet(lat, t, encoder_hidden_states=hidden, cross_attention_kwargs={"bogus": 1},
                               return_dict=False)[0]
         finally:
             library.removeHandler(caplog.handler)
+            library.setLevel(level)
     assert torch.equal(before, after) and torch.equal(before, extra)
     assert "['bogus'] are not expected" in caplog.text
 
