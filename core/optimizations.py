@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import types
 
 from core.config import MemoryLevel, OptimizationConfig
 
@@ -71,38 +72,60 @@ def apply_pre_placement(pipe, opt: OptimizationConfig, device: str) -> dict:
     return applied
 
 
-class PresignedCall:
-    """What an attention processor's `__call__` attribute reads after presign_attention_processors.
+# Presigned attention processors. diffusers' Attention.forward runs `inspect.signature(self.processor.__call__)` on
+# every call, to drop the cross-attention kwargs its processor does not take: ~15 us of host time per attention call
+# on a 2-core CPU box, 140 calls per SDXL UNet forward (experiments/host_overhead.py). inspect.signature returns a
+# function's `__signature__` as it is, so a processor whose class's `__call__` carries the signature computed once
+# answers at once. The processor's class becomes a subclass of its own whose `__call__` is a copy of the class's
+# function (same code, globals, defaults and closure) with `__signature__` set: every computation stays the same, and
+# diffusers' own classes are left untouched (a plain diffusers pipeline in the same process is not changed). Dynamo
+# traces the copy like the original (compiled engines are not presigned anyway: no host cost per call there).
+_PRESIGNED: dict[type, type] = {}
 
-    diffusers' Attention.forward runs `inspect.signature(self.processor.__call__)` on every call, to drop the
-    cross-attention kwargs its processor does not take: ~25-60 us of host time per attention call, 140 calls per
-    SDXL UNet forward (~10 % of an eager UNet's host time, experiments/host_overhead.py). inspect.signature returns a
-    callable's `__signature__` as it is, so an instance attribute `__call__` holding the signature computed once
-    answers it at once. Only that explicit attribute lookup sees it: calling the processor, `processor(...)`, goes
-    through its class's `__call__` as before, so every computation and every image stay the same."""
 
-    def __init__(self, processor):
-        self.__signature__ = inspect.signature(processor.__call__)  # (the bound method's: `self` left out)
-        self.processor = processor
+def _presigned_class(cls: type) -> type | None:
+    sub = _PRESIGNED.get(cls)
+    if sub is None and cls not in _PRESIGNED.values():
+        call = cls.__call__
+        if not isinstance(call, types.FunctionType) or getattr(call, "__wrapped__", None) is not None:
+            return None  # (a decorated or built-in __call__: left alone)
+        copy = types.FunctionType(call.__code__, call.__globals__, call.__name__, call.__defaults__,
+                                  call.__closure__)
+        copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = call.__kwdefaults__, call.__qualname__, call.__doc__
+        copy.__signature__ = inspect.signature(call)
+        sub = _PRESIGNED[cls] = type(cls.__name__, (cls,), {
+            "__call__": copy, "__reduce_ex__": _reduce_presigned, "__module__": cls.__module__,
+            "__doc__": f"{cls.__name__} with its __call__ signature computed once (core/optimizations.py)."})
+    return sub
 
-    def __call__(self, *args, **kwargs):
-        return type(self.processor).__call__(self.processor, *args, **kwargs)
+
+def _reduce_presigned(self, protocol):  # pickled and copied as the diffusers class, presigned again when loaded
+    return _unpickle_presigned, (type(self).__mro__[1], self.__dict__)
+
+
+def _unpickle_presigned(cls: type, state: dict):
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    obj.__class__ = _presigned_class(cls) or cls
+    return obj
 
 
 def presign_attention_processors(*models) -> int:
-    """Give the attention processors of `models` a PresignedCall (eager models only: compiled ones pay no host
-    cost per call, and Dynamo traces inspect.signature on its own). Returns how many processors got one."""
+    """Presign the attention processors of `models` (eager engines: see _PRESIGNED's comment). Returns how many
+    processors changed class (a processor can be shared by modules; nn.Module processors are left alone)."""
+    import torch
     from diffusers.models.attention_processor import Attention
 
     done = 0
     for model in models:
         for module in model.modules():
             processor = getattr(module, "processor", None) if isinstance(module, Attention) else None
-            # (a processor can be shared by modules; an object without __dict__ is left alone)
-            if processor is None or "__call__" in getattr(processor, "__dict__", {"__call__": None}):
+            if processor is None or isinstance(processor, torch.nn.Module) or type(processor) in _PRESIGNED.values():
                 continue
-            processor.__call__ = PresignedCall(processor)
-            done += 1
+            sub = _presigned_class(type(processor))
+            if sub is not None:
+                processor.__class__ = sub
+                done += 1
     return done
 
 
