@@ -123,9 +123,13 @@ def presign_attention_processors(*models) -> int:
             if processor is None or isinstance(processor, torch.nn.Module) or type(processor) in _PRESIGNED.values():
                 continue
             sub = _presigned_class(type(processor))
-            if sub is not None:
+            if sub is None:
+                continue
+            try:
                 processor.__class__ = sub
-                done += 1
+            except TypeError:  # (a class with __slots__: another layout than its subclass's)
+                continue
+            done += 1
     return done
 
 
