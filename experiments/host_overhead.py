@@ -1,19 +1,25 @@
-"""Host (Python) time per denoising step: sdserve's engine vs diffusers' own pipeline, on the CPU.
+"""Host (Python) time per denoising step: sdserve's engine vs diffusers' own pipeline.
 
-    PYTHONPATH=$PWD python experiments/host_overhead.py --model tiny-sdxl --out benchmarks/results/host_overhead/x.json
+    PYTHONPATH=$PWD python experiments/host_overhead.py --model sdxl-shaped --steps 10 20 \
+        --out benchmarks/results/host_overhead/<date>-cpu-sdxl-shaped.json
     PYTHONPATH=$PWD python experiments/host_overhead.py --model tiny-sd --profile 25   # cProfile of our loop
+    # on a GPU host: real architectures, host CPU time of each side's steps
+    PYTHONPATH=$PWD python experiments/host_overhead.py --model sdxl --device cuda --size 512 --steps 10 20 \
+        --opt '{"fuse_qkv": true, "channels_last": true, "sdpa_backend": "cudnn"}'
 
-A CPU proxy for the step loop's host cost on a GPU: with an embedded tiny model at 64x64 on one thread, a UNet call
-is a few ms and everything around it is Python. Both sides generate one image (b1, euler, guidance 7.5, the same
-saved model folder) with `--steps` N1 and N2; the per-step cost is the slope (T(N2) - T(N1)) / (N2 - N1), which
-removes what runs once per image (text encoding, scheduler set-up, VAE decode, PNG). Forward pre/post hooks on the
-UNet module time its calls (both sides get the same hooks), so each side's step splits into UNet and outside it.
-`unet_bare_ms` times the two UNet modules called directly with the same inputs (do our load-time optimizations
-make the forward itself slower?). Medians over --repeats runs; the box is shared and noisy.
+Both sides generate one image (b1, euler, guidance 7.5, the same weights), taking turns, `--repeats` rounds of
+N1 and N2 steps. Forward pre/post hooks on each UNet record every call's start and end; per step, "UNet" is a call's
+duration and "outside" the time from its end to the next call's start (CFG combine, scheduler step, the loop, the
+next call's inputs): medians over every step, in the loop thread's CPU time (headline) and in wall time. Also the
+wall slope (T(N2) - T(N1)) / (N2 - N1), which counts everything per step, and `unet_bare_ms`: each UNet module
+called directly with the same inputs (do our load-time optimizations change the forward's own cost?).
 
-What it does not say: device time, kernel launch costs, host-device syncs (no GPU here), or how the host cost of a
-real SDXL UNet forward (many more modules than the tiny one) compares; only where the Python time around the UNet
-goes. See docs/benchmarks.md.
+On the CPU (the default) with one torch thread, a tiny or narrow model's UNet call is mostly Python, so this is a
+proxy for the host cost of the step loop on a GPU: `-shaped` models have the real SD1.5/SDXL UNet's blocks, layers
+and attention modules (as many Python calls per forward) with narrow channels. It does not show kernel launch costs,
+GPU-only code paths (cuDNN attention, channels_last copies) or host-device waits. With --device cuda, thread CPU
+time is the host's work of queueing the step (kernels run asynchronously), plus any time spent spinning in a
+host-device wait (a blocking copy or .item()): compare with the wall figures. See docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -95,22 +101,33 @@ def model_folder(model: str, cache_dir: str) -> str:
     return target
 
 
-def build_ours(model: str, cache_dir: str, optimization: dict):
+FULL = ("sd15", "sdxl")  # the embedded real architectures (random weights): for a GPU run (--device cuda)
+
+
+def build_ours(model: str, cache_dir: str, optimization: dict, device: str = "cpu", dtype: str = "fp32"):
     from core.config import EngineConfig
     from core.engine import Engine
 
-    cfg = EngineConfig(name=model.replace("-shaped", ""), source=model_folder(model, cache_dir), device="cpu",
+    source = f"embedded:{model}" if model in FULL else model_folder(model, cache_dir)
+    cfg = EngineConfig(name=model.replace("-shaped", ""), source=source, device=device, dtype=dtype,
                        cache_dir=cache_dir, optimization={"warmup_steps": 0, **optimization})
     return Engine(cfg).load()
 
 
-def build_diffusers(model: str, cache_dir: str):
+def build_diffusers(model: str, cache_dir: str, device: str = "cpu", dtype: str = "fp32"):
+    import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    folder = model_folder(model, cache_dir)
-    cls = StableDiffusionXLPipeline if "xl" in model else StableDiffusionPipeline
-    kw = {} if "xl" in model else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(folder, **kw)
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    if model in FULL:  # built as the engine builds it (same seed: same weights)
+        from core.embedded import build_pipeline
+
+        pipe = build_pipeline(model, 0, device=device, dtype=torch_dtype).to(device)
+    else:
+        folder = model_folder(model, cache_dir)
+        cls = StableDiffusionXLPipeline if "xl" in model else StableDiffusionPipeline
+        kw = {} if "xl" in model else {"safety_checker": None, "requires_safety_checker": False}
+        pipe = cls.from_pretrained(folder, torch_dtype=torch_dtype, **kw).to(device)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -178,13 +195,15 @@ def bare_unet_ms(unets: dict, pipe, size: int, repeats: int, sdxl: bool) -> dict
     import torch
 
     unet = next(iter(unets.values()))
-    lat = torch.randn(2, 4, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
-    t = torch.tensor([500.0, 500.0])
-    hidden = torch.randn(2, 77, unet.config.cross_attention_dim)
+    on = {"device": unet.device, "dtype": unet.dtype}
+    lat = torch.randn(2, 4, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor, **on)
+    t = torch.tensor([500.0, 500.0], device=unet.device)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, **on)
     kw = {}
     if sdxl:
         dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, dim), "time_ids": torch.full((2, 6), float(size))}
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, dim, **on),
+                                   "time_ids": torch.full((2, 6), float(size), **on)}
     out = {name: [] for name in unets}
     with torch.no_grad():
         for _ in range(repeats):
@@ -193,6 +212,8 @@ def bare_unet_ms(unets: dict, pipe, size: int, repeats: int, sdxl: bool) -> dict
                 for _ in range(20):
                     module(lat, t, encoder_hidden_states=hidden, return_dict=False, **kw)
                 out[name].append((time.thread_time() - t0) / 20)
+                if unet.device.type == "cuda":  # (after the timing: on CUDA the host time of the launches)
+                    torch.cuda.synchronize()
     return {name: round(statistics.median(v) * 1e3, 3) for name, v in out.items()}
 
 
@@ -220,7 +241,9 @@ def profile_ours(engine, steps: int, size: int, top: int) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny-sdxl", choices=["tiny-sdxl", "tiny-sd", *SHAPED])
+    p.add_argument("--model", default="tiny-sdxl", choices=["tiny-sdxl", "tiny-sd", *SHAPED, *FULL])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on cuda, else fp32")
     p.add_argument("--opt", default="{}", help="our engine's optimization fields, JSON (e.g. fuse_qkv)")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, nargs=2, default=(30, 60))
@@ -241,19 +264,22 @@ def main(argv=None) -> int:
 
     cache_dir = args.cache_dir or default_cache_dir()
     sdxl = "xl" in args.model
-    engine = build_ours(args.model, cache_dir, json.loads(args.opt))
+    dtype = args.dtype or ("fp16" if args.device == "cuda" else "fp32")
+    engine = build_ours(args.model, cache_dir, json.loads(args.opt), args.device, dtype)
     if args.profile:
         print(profile_ours(engine, args.profile, args.size, 40))
         return 0
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     record = {"model": args.model, "optimization": json.loads(args.opt), "size": args.size,
-              "steps": list(args.steps), "threads": args.threads, "repeats": args.repeats, "scheduler": "euler", "guidance": 7.5, "device": "cpu",
+              "steps": list(args.steps), "threads": args.threads, "repeats": args.repeats, "scheduler": "euler",
+              "guidance": 7.5, "device": device, "dtype": dtype,
               "torch": torch.__version__, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "commit": args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                       text=True).stdout.strip()}
     import diffusers
 
     record["diffusers_version"] = diffusers.__version__
-    pipe = build_diffusers(args.model, cache_dir)
+    pipe = build_diffusers(args.model, cache_dir, args.device, dtype)
     sides = {}
     if args.only != "diffusers":
         sides["ours"] = (lambda n: run_ours(engine, n, args.size), UnetTimer(engine.pipe.unet))
