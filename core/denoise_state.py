@@ -98,14 +98,16 @@ class Job:
 
     def stop_reason(self, now: float) -> GenerationError | None:
         """Why this job must stop now (cancelled, past its deadline), or None."""
+        if self.cancel.is_set():
+            what = "cancelled"
+        elif self.deadline is not None and now > self.deadline:
+            what = "deadline exceeded"
+        else:
+            return None  # (the common case, for every sample before every step: nothing formatted)
         from core.schemas import GenerationCancelled
 
-        progress = f"{self.reported}/{self.calls_total or self.request.steps}"  # UNet calls (heun: 2 per step)
-        if self.cancel.is_set():
-            return GenerationCancelled(f"cancelled at step {progress}")
-        if self.deadline is not None and now > self.deadline:
-            return GenerationCancelled(f"deadline exceeded at step {progress}")
-        return None
+        # UNet calls (heun: 2 per step)
+        return GenerationCancelled(f"{what} at step {self.reported}/{self.calls_total or self.request.steps}")
 
 
 @dataclass(eq=False)

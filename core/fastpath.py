@@ -40,6 +40,10 @@ def install_fastpath(engine) -> dict:
         applied["lora_slots"] = engine.config.loras.gpu_slots
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
+    if not engine.compiled:
+        from core.optimizations import presign_attention_processors
+
+        presign_attention_processors(engine.pipe.unet, *getattr(engine, "controlnets", {}).values())
     engine.step_cache = install_step_cache(engine, applied)
     from core import captured_step
 

@@ -164,6 +164,8 @@ class StepScheduler:
         return admitted
 
     def _prepare(self, admitted: list[DenoiseSample]) -> None:
+        if not admitted:  # (most steps)
+            return
         eng = self.engine
         with_images = {id(s.job): s.job for s in admitted if s.job.images is not None and not s.job.finished}
         if with_images:  # init images of every admitted request: one VAE encoder call per size (or cache hits)
@@ -295,7 +297,7 @@ class StepScheduler:
 
         eng = self.engine
         inputs = self._inputs[(key, phase)] = build_inputs(samples, self.device, self._inputs.get((key, phase)))
-        rows = padded(eng, unet_rows(samples), row_buckets(eng))
+        rows = padded(eng, unet_rows(samples), row_buckets(eng) if getattr(eng, "compiled", False) else None)
         if eng.lora is not None:
             eng.lora.prepare_call(samples, rows)  # each sample's adapter set -> its rows' slot
         # ControlNet residuals change the compiled UNet's inputs: their calls run eagerly (never recompile)

@@ -120,10 +120,14 @@ def denoise_step(engine, samples: list[DenoiseSample], inputs: CallInputs, padde
         noise = out[:n]
         if cfg:
             uncond = out[n:]
-            text = noise.index_select(0, inputs.cfg_index)
+            every = len(cfg) == n  # (cfg lists positions in order: then it is 0..n-1)
+            text = noise if every else noise.index_select(0, inputs.cfg_index)
             guided = uncond + inputs.guidance * (text - uncond)  # float32, as the pipeline's Python float scale
-            noise = noise.clone()
-            noise.index_copy_(0, inputs.cfg_index, guided.to(noise.dtype))
+            if every:  # every row guided: no gather/scatter (3 kernels fewer, the same values)
+                noise = guided.to(noise.dtype)
+            else:
+                noise = noise.clone()
+                noise.index_copy_(0, inputs.cfg_index, guided.to(noise.dtype))
         for i, s in enumerate(samples):
             t = s.scheduler.timesteps[s.step]
             s.latents = s.scheduler.step(noise[i:i + 1], t, s.latents, **s.step_kwargs, return_dict=False)[0]
