@@ -31,16 +31,14 @@ what still fails gets an `oom` error. Any other exception fails only the request
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
 from typing import Callable, Hashable
 
+from core.admission import prepare_admitted
 from core.call_timer import CallTimer
-from core.denoise_state import DenoiseSample, Job, encode_text, samples_of, start_sample, uses_cfg
-from core.img2img import encode_images
-from core.prompt_length import prompt_note
+from core.denoise_state import DenoiseSample, Job, samples_of
 from core.scheduling_policy import CallSet, FairShare
 from core.schemas import GenerationError
 
@@ -164,51 +162,8 @@ class StepScheduler:
         return admitted
 
     def _prepare(self, admitted: list[DenoiseSample]) -> None:
-        if not admitted:  # (most steps)
-            return
-        eng = self.engine
-        with_images = {id(s.job): s.job for s in admitted if s.job.images is not None and not s.job.finished}
-        if with_images:  # init images of every admitted request: one VAE encoder call per size (or cache hits)
-            try:
-                encode_images(eng, [j.images for j in with_images.values()], self.device)
-            except Exception as err:  # noqa: BLE001 - fails these requests only
-                self._fail([s for s in admitted if id(s.job) in with_images], self._error(err, 0, 0, 1))
-        from core.device_copy import uploads_without_host_wait
-
-        for s in admitted:
-            job = s.job
-            if job.finished:
-                continue
-            try:
-                # diffusers' text encoding and SDXL's time ids copy host tensors to the GPU from pageable memory,
-                # which makes the host wait for the running batch's queued steps: queued from pinned memory here
-                with uploads_without_host_wait(self.device):
-                    self._prepare_sample(s)
-            except Exception as err:  # noqa: BLE001 - fails this request only
-                job.fail(self._error(err, job.request.width, job.request.height, 1))
-
-    def _prepare_sample(self, s: DenoiseSample) -> None:
-        """The job's text conditioning (at its first admitted image), then the image's own start."""
-        eng, job = self.engine, s.job
-        if job.conditioning is None:
-            job.admitted = time.perf_counter()
-            # with the job's text-encoder LoRAs, if any (their embeddings skip the prompt cache)
-            with eng.lora.text_encoding(job) if eng.lora is not None else contextlib.nullcontext():
-                if eng.prompt_encoder is not None:  # opt-in weighting + long prompts (compel)
-                    job.conditioning, job.prompt_note = eng.prompt_encoder.encode(
-                        job.request, self.device, uses_cfg(eng.pipe, job.request.guidance_scale))
-                else:
-                    cache = eng.caches.prompt_embeddings
-                    if eng.lora is not None and eng.lora.text_adapters(job):
-                        cache = None
-                    job.conditioning = encode_text(eng.pipe, eng.family, job.request, self.device, cache)
-                    # Here, on the GPU thread: a fast tokenizer is not thread-safe (each call sets its
-                    # padding and truncation on the shared backend), so it is only ever called from here.
-                    job.prompt_note = prompt_note(eng.pipe, job.request, eng.config.name)
-        start_sample(s, eng.pipe, eng.family, eng.base_scheduler_config, self.device,
-                     job.conditioning.cond.dtype, eng)
-        if not job.calls_total:
-            job.calls_total = s.calls
+        if admitted:  # (most steps admit nothing)
+            prepare_admitted(self, admitted)
 
     def _drop_stopped(self, now: float) -> None:
         for key, active in self._active.items():
