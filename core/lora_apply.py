@@ -14,7 +14,8 @@ hotswap keeps one adapter set per *model*, so different sets could never share a
 CUDA graphs re-record when adapters change (the slots are written in place).
 
 Cost without LoRAs: eager, a call whose samples have none skips every hook body (`enabled` False); compiled, the
-hooks always run (a flag that flipped would retrace), adding rank-`max_rank` matmuls against slot 0.
+hooks always run (a flag that flipped would retrace), adding rank-`max_rank` matmuls against slot 0. Eager, a call
+whose samples all use one adapter set skips the per-row gather: the slot's weights at the set's own rank (`single`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class UnetSlots:
         self.unet, self.max_rank, self.slots = unet, max_rank, gpu_slots
         self.enabled = always_on
         self.always_on = always_on
+        self.single: int | None = None  # eager: the one slot every row of this call uses (no per-row gather)
         self.modules = {}
         unet.register_buffer("lora_rows", torch.zeros(max_rows, dtype=torch.long, device=device), persistent=False)
         for name in names:
@@ -48,6 +50,7 @@ class UnetSlots:
                                                                device=device, dtype=dtype), persistent=False)
             hook = _conv_delta if shape.kind == "conv" else _linear_delta
             module.register_forward_hook(functools.partial(hook, self))
+            module.lora_name = name
             self.modules[name] = module
         self._slot_of: collections.OrderedDict[AdapterSet, int] = collections.OrderedDict()
         self._used: dict[int, dict[str, int]] = {s: {} for s in range(1, gpu_slots + 1)}  # written rank per layer
@@ -113,9 +116,16 @@ class UnetSlots:
 
         distinct = {k for k in keys if k}
         self.enabled = self.always_on or bool(distinct)
+        self.single = None
         if not self.enabled:
             return
         slot = {k: self.assign(k, adapters[k], distinct) for k in distinct}
+        if not self.always_on and len(distinct) == 1 and all(keys):
+            # eager, one adapter set for every sample (the common case): the hooks use the slot's own weights at
+            # the set's rank, 2 matmuls per layer instead of 2 gathers + 2 batched matmuls at max_rank + an add.
+            # (Compiled, the hooks keep one path: a branch that flipped would retrace.)
+            self.single = slot[next(iter(distinct))]
+            return
         rows = [slot.get(k, 0) for k in keys] + [slot.get(k, 0) for k, c in zip(keys, cfg) if c]
         rows += [0] * (padded - len(rows))
         host = torch.tensor(rows, dtype=torch.long)
@@ -136,8 +146,17 @@ def _linear_delta(slots: UnetSlots, module, args, output):
     if not slots.enabled:
         return None
     import torch
+    import torch.nn.functional as F
 
     x = args[0]
+    if slots.single is not None:
+        rank = slots._used[slots.single].get(module.lora_name, 0)
+        if not rank:
+            return None  # the set has no delta on this layer
+        hidden = F.linear(x, module.lora_slot_down[slots.single, :rank])  # [..., rank]
+        up = module.lora_slot_up[slots.single, :, :rank]  # [out, rank]
+        out2d = output.reshape(-1, output.shape[-1])
+        return torch.addmm(out2d, hidden.reshape(-1, rank), up.t()).view(output.shape)  # output + hidden @ up^T
     rows = x.shape[0]
     index = slots.unet.lora_rows[:rows]
     down = module.lora_slot_down.index_select(0, index)  # [rows, R, in]
@@ -153,6 +172,14 @@ def _conv_delta(slots: UnetSlots, module, args, output):
     import torch.nn.functional as F
 
     x = args[0]
+    if slots.single is not None:  # one set for every row (see UnetSlots.prepare_call)
+        rank = slots._used[slots.single].get(module.lora_name, 0)
+        if not rank:
+            return None
+        hidden = F.conv2d(x, module.lora_slot_down[slots.single, :rank], stride=module.stride,
+                          padding=module.padding, dilation=module.dilation)  # [rows, rank, h, w]
+        up = module.lora_slot_up[slots.single, :, :rank]  # [out, rank]
+        return output + torch.matmul(up, hidden.flatten(2)).view(output.shape)
     rows, channels = x.shape[0], x.shape[1]
     index = slots.unet.lora_rows[:rows]
     down = module.lora_slot_down.index_select(0, index)  # [rows, R, in, kh, kw]
