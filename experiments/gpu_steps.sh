@@ -11,6 +11,8 @@ step() {
     gputests-loop) python3 -m pytest -q -rA -m gpu tests/core/test_device_copy.py tests/core/test_step_scheduler_gpu.py tests/core/test_call_timer.py -p no:cacheprovider -o addopts="" ;;
     gputests) python3 -m pytest -q -rA -m gpu tests/core -p no:cacheprovider -o addopts="" ;;
     lora-sd15) python3 -m benchmarks.lora_bench --model sd15 --steps 30 --rank 32 --rounds 2 --compile reduce-overhead -o "$OUT/lora-sd15.json" ;;
+    lora-sd15-eager) python3 -m benchmarks.lora_bench --model sd15 --steps 30 --rank 32 --rounds 3 -o "$OUT/lora-sd15-eager.json" ;;
+    host-sdxl) python3 experiments/host_overhead.py --model sdxl --device cuda --size 512 --steps 10 20 --out "$OUT/host-sdxl.json" && python3 experiments/host_overhead.py --model sdxl --device cuda --size 512 --steps 10 20 --opt '{"fuse_qkv":true,"channels_last":true,"sdpa_backend":"cudnn"}' --out "$OUT/host-sdxl-opt.json" ;;
     lora-sdxl) python3 -m benchmarks.lora_bench --model sdxl --steps 30 --rank 32 --rounds 2 -o "$OUT/lora-sdxl-eager.json" ;;
     lora-sdxl-compiled) python3 -m benchmarks.lora_bench --model sdxl --steps 30 --rank 32 --compile reduce-overhead -o "$OUT/lora-sdxl.json" ;;
     cold-sdxl) python3 -m benchmarks.cold_start --family sdxl --out "$OUT/cold" ;;
