@@ -21,17 +21,17 @@ def prepare_admitted(scheduler, admitted: list[DenoiseSample]) -> None:
             encode_images(eng, [j.images for j in with_images.values()], scheduler.device)
         except Exception as err:  # noqa: BLE001 - fails these requests only
             scheduler._fail([s for s in admitted if id(s.job) in with_images], scheduler._error(err, 0, 0, 1))
-    for s in admitted:
-        job = s.job
-        if job.finished:
-            continue
-        try:
-            # diffusers' text encoding and SDXL's time ids copy host tensors to the GPU from pageable memory,
-            # which makes the host wait for the running batch's queued steps: queued from pinned memory here
-            with uploads_without_host_wait(scheduler.device):
+    # diffusers' text encoding and SDXL's time ids copy host tensors to the GPU from pageable memory, which makes
+    # the host wait for the running batch's queued steps: queued from pinned memory here
+    with uploads_without_host_wait(scheduler.device):
+        for s in admitted:
+            job = s.job
+            if job.finished:
+                continue
+            try:
                 _prepare_sample(eng, s, scheduler.device)
-        except Exception as err:  # noqa: BLE001 - fails this request only
-            job.fail(scheduler._error(err, job.request.width, job.request.height, 1))
+            except Exception as err:  # noqa: BLE001 - fails this request only
+                job.fail(scheduler._error(err, job.request.width, job.request.height, 1))
 
 
 def _prepare_sample(eng, s: DenoiseSample, device) -> None:

@@ -6,6 +6,8 @@ non_blocking=True the copy is just queued (torch keeps the pinned block until th
 """
 from __future__ import annotations
 
+import functools
+
 
 def to_device(tensor, device):
     """`tensor` (on the CPU) on `device`, without a host wait when that is a GPU."""
@@ -89,6 +91,13 @@ def uploads_without_host_wait(device):
 
     if torch.device(device).type != "cuda":
         return contextlib.nullcontext()
+    return _queued_uploads_mode()()
+
+
+@functools.lru_cache(maxsize=None)
+def _queued_uploads_mode():
+    """The TorchFunctionMode class (made once: admission enters it for every admitted image)."""
+    import torch
     from torch.overrides import TorchFunctionMode
 
     to, cuda, factory = torch.Tensor.to, torch.Tensor.cuda, torch.tensor
@@ -104,7 +113,7 @@ def uploads_without_host_wait(device):
                     return func(src.pin_memory(), *args[1:], **kwargs, non_blocking=True)
             elif func is factory and "device" in kwargs and _cuda_target((None, kwargs["device"]), {}) is not None:
                 target = kwargs.pop("device")
-                return func(*args, **kwargs).pin_memory().to(target, non_blocking=True)
+                return to_device(func(*args, **kwargs), target)
             return func(*args, **kwargs)
 
-    return QueuedUploads()
+    return QueuedUploads
