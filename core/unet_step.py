@@ -53,7 +53,8 @@ def build_inputs(samples: list[DenoiseSample], device, previous: CallInputs | No
     tcond = _cat([c.timestep_cond for c in rows]) if conds[0].timestep_cond is not None else None
     from core.device_copy import to_device
 
-    guidance = to_device(torch.tensor([samples[i].guidance for i in cfg], dtype=torch.float32), device).view(-1, 1, 1, 1)
+    scales = torch.tensor([samples[i].guidance for i in cfg], dtype=torch.float32)
+    guidance = to_device(scales, device).view(-1, 1, 1, 1)
     return CallInputs(key, cfg, to_device(torch.tensor(cfg, dtype=torch.long), device), guidance, hidden, added, tcond)
 
 
