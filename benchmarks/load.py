@@ -261,8 +261,12 @@ async def run(args, argv: list[str]) -> list[dict]:
         capacity, capacity_from = capacity_from_records(args.capacity_from, model, args.capacity_profile)
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     written: list[dict] = []
-    for admission in args.admission:
-        target = build_target(args, admission)
+    target = None
+    for n, admission in enumerate(args.admission):
+        if target is None:
+            target = build_target(args, admission)
+        else:  # --one-engine: the same compiled engine, the other admission
+            target.switch_admission(admission)
         try:
             await warm_up(target, profiles + [cap_profile], args)
             base = {p.name: await unloaded(target, p, args) for p in profiles}
@@ -306,8 +310,10 @@ async def run(args, argv: list[str]) -> list[dict]:
                           f"{rec['throughput_rps']} req/s, p99 {rec['p99_s']} s -> {path}", file=sys.stderr,
                           flush=True)
         finally:
-            await target.aclose()
-            release(target)
+            if not args.one_engine or n == len(args.admission) - 1:
+                await target.aclose()
+                release(target)
+                target = None
     return written
 
 
@@ -323,6 +329,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profiles", default="uniform,mixed", help=f"comma list of {', '.join(PROFILES)}")
     p.add_argument("--admission", default="default", help="comma list of scheduling.admission values (step, "
                    "batch), each a fresh engine; default: the config's. HTTP: one label naming the server's")
+    p.add_argument("--one-engine", action="store_true", help="in-process: load the engine once and switch its "
+                   "admission between passes (warm-up paid once: a compiled replica's takes minutes)")
     p.add_argument("--rates", default="0.5,0.7,0.9,1.1", help="comma list of fractions of the capacity")
     p.add_argument("--capacity-rps", type=float, help="the capacity in req/s (skips its measurement)")
     p.add_argument("--capacity-from", help="reuse the capacity of the newest record in this folder (or file) of "
@@ -361,6 +369,8 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> arg
         p.error("--rates: positive fractions, e.g. 0.5,0.7,0.9,1.1")
     if not args.admission or (args.url and len(args.admission) > 1):
         p.error("--admission: one label with --url (the server's admission is its config's), else a comma list")
+    if args.one_engine and args.url:
+        p.error("--one-engine: in-process only (an HTTP server's admission is its config's)")
     if args.capacity_rps is not None and args.capacity_rps <= 0:
         p.error("--capacity-rps must be > 0")
     if args.capacity_rps and args.capacity_from:

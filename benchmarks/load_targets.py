@@ -97,6 +97,13 @@ class EngineTarget:
         return {"target": self.kind, "engine_api": self.engine_api, "model": cfg.name, "model_source": cfg.source,
                 "admission": admission_of(cfg), "max_batch_size": cfg.limits.max_batch_size, "engine": info}
 
+    def switch_admission(self, admission: str) -> None:
+        """Serve the next pass under another `scheduling.admission` with the same loaded (compiled) engine: the
+        step scheduler reads the value at every admission, so between passes (nothing in flight) the switch is
+        exact, and both admissions run the same compiled graphs without paying warm-up twice."""
+        self.engine.config = set_admission(self.engine.config, admission)
+        self.engine.scheduler.cfg = self.engine.config.scheduling
+
     async def aclose(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

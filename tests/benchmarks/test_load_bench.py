@@ -312,6 +312,29 @@ def test_in_process_run_writes_one_complete_record_per_profile_and_rate(tmp_path
     assert "| tiny-sd | uniform | step | t | 2 |" in text and "| saturation req/s |" in text
 
 
+def test_one_engine_serves_both_admissions_from_one_load(tmp_path, sdserve_cache_dir, one_torch_thread,
+                                                        monkeypatch):
+    import benchmarks.load as load
+
+    built = []
+    real = load.build_target
+    monkeypatch.setattr(load, "build_target", lambda args, adm: built.append(adm) or real(args, adm))
+    argv = ["--profiles", "uniform", "--admission", "step,batch", "--one-engine", "--scale", "0.125", "--steps", "2",
+            "--rates", "1.5", "--duration-s", "1", "--drain-timeout-s", "300", "--capacity-requests", "4",
+            "--concurrency", "2", "--unloaded-requests", "1", "--out", str(tmp_path)]
+    assert load.main(argv) == 0
+    assert built == ["step"]  # loaded once; the batch pass switched the same engine
+    records = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    by_admission = {r["admission"]: r for r in records}
+    assert set(by_admission) == {"step", "batch"}
+    for name, r in by_admission.items():
+        assert r["engine"]["scheduling"]["admission"] == name and r["admission_requested"] == name
+        assert r["counts"]["ok"] == r["counts"]["sent"] > 0
+    assert by_admission["batch"]["capacity_rps"] == by_admission["step"]["capacity_rps"]
+    with pytest.raises(SystemExit):
+        load.main(["--url", "http://127.0.0.1:1", "--one-engine", "--capacity-rps", "1"])
+
+
 def test_sdserve_bench_load_takes_the_benchmarks_own_arguments():
     from sdserve.cli import build_parser
 
