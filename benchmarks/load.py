@@ -6,8 +6,9 @@ and admission policy, in-process or over HTTP.
     python -m benchmarks.load --url http://127.0.0.1:8000 --profiles mixed --capacity-rps 6.5
     python -m benchmarks.load --sizes 64x64 --steps 2 --duration-s 3   (CPU smoke run, embedded tiny-sd)
 
-Per admission (in-process: a fresh engine built from the config with `scheduling.admission` set; `default`
-leaves the config as it is), in this order: untimed warm-up requests (one per size), the unloaded latency (requests
+Per admission (in-process: a fresh engine built from the config with `scheduling.admission` set, or with
+`--one-engine` the first admission's engine switched to the next admission between passes; `default` leaves the
+config as it is), in this order: untimed warm-up requests (one per size), the unloaded latency (requests
 one at a time, per profile and size), the capacity (closed-loop saturation: `--concurrency` requests outstanding,
 with `--capacity-profile`, under the first admission; skipped with `--capacity-rps`, or with `--capacity-from` an
 earlier call's records), each profile's own saturation throughput, then for every profile and rate fraction an
