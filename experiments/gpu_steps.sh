@@ -23,7 +23,7 @@ step() {
     load) python3 -m benchmarks.load configs/serve-sd15-bench.yaml --profiles uniform,mixed --admission step,batch --rates 0.7,1.1 --duration-s 15 --capacity-requests 96 --out "$OUT/load" --tag s10 ;;
     load-s12) python3 -m benchmarks.load configs/serve-sd15-bench.yaml --profiles uniform,mixed --admission step,batch --one-engine --rates 1.1 --duration-s 15 --capacity-requests 96 --out "$OUT/load" --tag s12 ;;
     load-batch) python3 -m benchmarks.load configs/serve-sd15-bench.yaml --profiles uniform,mixed --admission batch --rates 0.7,1.1 --duration-s 15 --capacity-requests 96 --capacity-from benchmarks/results/load/2026-12-07-NVIDIA-H100-80GB-HBM3-sd15-uniform-step-r0.7-s10.json --out "$OUT/load" --tag s10 ;;
-    load-sdxl-shapes-fair) python3 -m benchmarks.load configs/serve-sdxl-bench.yaml --profiles mixed-shapes --capacity-profile mixed-shapes --admission step --rates 0.7 --duration-s 60 --capacity-requests 48 --out "$OUT/load" --tag s11 ;;
+    load-sdxl-shapes-fair) python3 -m benchmarks.load configs/serve-sdxl-bench.yaml --profiles mixed-shapes --capacity-profile mixed-shapes --admission step --rates 0.5,0.7 --duration-s 60 --capacity-requests 48 --out "$OUT/load" --tag s12 ;;
     load-sdxl-shapes) python3 -m benchmarks.load configs/serve-sdxl-bench.yaml --profiles mixed-shapes --capacity-profile mixed-shapes --admission step,batch --rates 0.7 --duration-s 20 --capacity-requests 48 --out "$OUT/load" --tag s10 ;;
     syncs) python3 experiments/sync_probe.py --source embedded:sd15 --out "$OUT/syncs-sd15.json" ;;
     syncs-before) python3 experiments/sync_probe.py --source embedded:sd15 --before --out "$OUT/syncs-before-sd15.json" ;;
