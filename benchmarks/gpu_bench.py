@@ -24,6 +24,7 @@ GiB = 1024**3
 WORKLOADS = {  # name: (family, width, height, steps, throughput batches)
     "sd15-512-50": ("sd15", 512, 512, 50, (1, 8, 16)),
     "sdxl-1024-30": ("sdxl", 1024, 1024, 30, (1, 4, 8)),
+    "sdxl-512-30": ("sdxl", 512, 512, 30, (1, 4, 8)),  # the small shape of the mixed-shapes load (host-bound eager)
     "tiny-64-4": ("tiny-sd", 64, 64, 4, (1, 4)),  # CPU smoke test of the harness itself
 }
 PROMPT = "a photo of an astronaut riding a horse on mars, highly detailed"

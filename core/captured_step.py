@@ -49,8 +49,10 @@ class CapturedStep:
     def __init__(self, engine, mode: str | None):
         import torch
 
+        from core.optimizations import compile_kwargs
+
         self.engine = engine
-        self.fn = fused_step if mode is None else torch.compile(fused_step, mode=mode, fullgraph=True,
+        self.fn = fused_step if mode is None else torch.compile(fused_step, **compile_kwargs(mode), fullgraph=True,
                                                                  dynamic=False)
         self.rows: set[tuple] = set()  # (width, height, P) compiled during warm-up
         self.calls = 0

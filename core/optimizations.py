@@ -154,6 +154,13 @@ def configure_compile_cache(cache_dir: str) -> str:
     return path
 
 
+def compile_kwargs(mode: str) -> dict:
+    """torch.compile's arguments for an `optimization.compile` value: a mode of the Inductor backend, or the
+    cudagraphs backend (Dynamo's graph replayed as CUDA graphs through the same cudagraph trees as
+    reduce-overhead, but with eager kernels: no Inductor/Triton compile at warm-up)."""
+    return {"backend": "cudagraphs"} if mode == "cudagraphs" else {"mode": mode}
+
+
 def apply_compile(pipe, opt: OptimizationConfig, level: MemoryLevel, cache_dir: str) -> dict:
     """Step 8: torch.compile in place (nn.Module.compile keeps the module object, hooks and attributes)."""
     if opt.compile == "none":
@@ -176,8 +183,11 @@ def apply_compile(pipe, opt: OptimizationConfig, level: MemoryLevel, cache_dir: 
     applied = {"compile": opt.compile}
     # dynamic=False: one static graph per batch bucket. Automatic dynamic shapes would turn the second bucket
     # into a batch-symbolic graph: slower kernels, and cache keys that vary with warm-up order.
-    pipe.unet.compile(mode=opt.compile, fullgraph=True, dynamic=False)
-    if opt.compile_vae:
-        pipe.vae.decoder.compile(mode=opt.compile, fullgraph=True, dynamic=False)
+    pipe.unet.compile(**compile_kwargs(opt.compile), fullgraph=True, dynamic=False)
+    # cudagraphs leaves the VAE decoder eager: it runs once per image and is GPU-bound (graph replay saves it
+    # nothing), and its AOT graph called native_group_norm on a non-contiguous tensor on CPU (eager group_norm
+    # makes it contiguous first).
+    if opt.compile_vae and opt.compile != "cudagraphs":
+        pipe.vae.decoder.compile(**compile_kwargs(opt.compile), fullgraph=True, dynamic=False)
         applied["compile_vae"] = True
     return applied

@@ -214,12 +214,15 @@ def apply_step_cache(unet, interval: int, first_full_steps: int, compile_mode: s
     HookRegistry.check_if_exists_or_initialize(unet.up_blocks[-1]).register_hook(CaptureDeepFeature(hook),
                                                                                   CAPTURE_HOOK)
     if compile_mode:
+        from core.optimizations import compile_kwargs
+
         # nn.Module.compile() keeps torch.compile(self._call_impl) here; None restores the eager __call__ (see the
         # module docstring for why the step functions are compiled instead).
         unet._compiled_call_impl = None
         # dynamic=False as apply_compile: one static graph per shape and batch bucket.
-        hook.full_fn = torch.compile(hook.full_step, mode=compile_mode, fullgraph=True, dynamic=False)
-        hook.shallow_fn = torch.compile(hook.shallow_step, mode=compile_mode, fullgraph=True, dynamic=False)
+        kwargs = compile_kwargs(compile_mode)
+        hook.full_fn = torch.compile(hook.full_step, **kwargs, fullgraph=True, dynamic=False)
+        hook.shallow_fn = torch.compile(hook.shallow_step, **kwargs, fullgraph=True, dynamic=False)
     log.info("step cache: full UNet on the first %d steps and every %d-th, shallow otherwise%s", first_full_steps,
              interval, f" (step functions compiled, {compile_mode})" if compile_mode else "")
     return hook

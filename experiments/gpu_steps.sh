@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE=1 SDSERVE_CACHE_DIR=${SDSERVE_CACHE_DIR:-/tmp/sdserve-cach
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 step() {
   case "$1" in
-    gputests-loop) python3 -m pytest -q -rA -m gpu tests/core/test_device_copy.py tests/core/test_step_scheduler_gpu.py tests/core/test_call_timer.py -p no:cacheprovider -o addopts="" ;;
+    gputests-loop) python3 -m pytest -q -rA -m gpu tests/core/test_device_copy.py tests/core/test_step_scheduler_gpu.py tests/core/test_call_timer.py tests/core/test_compile_cudagraphs.py -p no:cacheprovider -o addopts="" ;;
     gputests) python3 -m pytest -q -rA -m gpu tests/core -p no:cacheprovider -o addopts="" ;;
     lora-sd15) python3 -m benchmarks.lora_bench --model sd15 --steps 30 --rank 32 --rounds 2 --compile reduce-overhead -o "$OUT/lora-sd15.json" ;;
     lora-sd15-eager) python3 -m benchmarks.lora_bench --model sd15 --steps 30 --rank 32 --rounds 3 -o "$OUT/lora-sd15-eager.json" ;;
@@ -22,6 +22,7 @@ step() {
     b1-sd15) python3 -m benchmarks.gpu_bench --workloads sd15-512-50 --batches 1 --variants diffusers-eager,diffusers-compile,sdserve --repeats 3 --no-flops --extra-sdserve '{"sdserve-capture-step": {"capture_step": true}}' --out "$OUT/b1-sd15.json" ;;
     load) python3 -m benchmarks.load configs/serve-sd15-bench.yaml --profiles uniform,mixed --admission step,batch --rates 0.7,1.1 --duration-s 15 --capacity-requests 96 --out "$OUT/load" --tag s10 ;;
     load-s12) python3 -m benchmarks.load configs/serve-sd15-bench.yaml --profiles uniform,mixed --admission step,batch --one-engine --rates 1.1 --duration-s 15 --capacity-requests 96 --out "$OUT/load" --tag s12 ;;
+    cg-sdxl) python3 -m benchmarks.gpu_bench --workloads sdxl-512-30,sdxl-1024-30 --batches 1 --variants diffusers-eager --extra-sdserve '{"sdserve-eager": {"compile": "none"}, "sdserve-cudagraphs": {"compile": "cudagraphs"}}' --repeats 3 --no-flops --out "$OUT/cg-sdxl" ;;
     load-batch) python3 -m benchmarks.load configs/serve-sd15-bench.yaml --profiles uniform,mixed --admission batch --rates 0.7,1.1 --duration-s 15 --capacity-requests 96 --capacity-from benchmarks/results/load/2026-12-07-NVIDIA-H100-80GB-HBM3-sd15-uniform-step-r0.7-s10.json --out "$OUT/load" --tag s10 ;;
     load-sdxl-shapes-fair) python3 -m benchmarks.load configs/serve-sdxl-bench.yaml --profiles mixed-shapes --capacity-profile mixed-shapes --admission step --rates 0.5,0.7 --duration-s 60 --capacity-requests 48 --out "$OUT/load" --tag s12 ;;
     load-sdxl-shapes) python3 -m benchmarks.load configs/serve-sdxl-bench.yaml --profiles mixed-shapes --capacity-profile mixed-shapes --admission step,batch --rates 0.7 --duration-s 20 --capacity-requests 48 --out "$OUT/load" --tag s10 ;;
