@@ -30,12 +30,17 @@ def _mixed(req):
 def test_cpu_engine_with_the_backend_warms_its_buckets_and_matches_eager(make_config, engine, req, ok, decode):
     from core.engine import Engine
 
+    before = unique_graphs()
     eng = Engine(make_config(limits={"max_batch_size": 2},
                              optimization={"compile": "cudagraphs", "warmup_steps": 1,
-                                           "warmup_shapes": [(64, 64, 2)]})).load()
+                                           "warmup_shapes": [(64, 64, 2), (96, 64, 2)]})).load()
     assert eng.compiled and eng.applied["compile"] == "cudagraphs"
-    assert {s for s in eng.warmed if s[0] == "unet"} == {("unet", 64, 64, r) for r in (2, 4)}
+    assert {s for s in eng.warmed if s[0] == "unet"} == {("unet", w, h, r) for w, h in ((64, 64), (96, 64))
+                                                         for r in (2, 4)}
     graphs = unique_graphs()
+    # automatic dynamic shapes: the first static graph, then one more each time another input dimension turns
+    # out to vary (rows, then width): 3 graphs for 2 sizes x 2 buckets, at most 4 however many sizes and buckets
+    assert graphs - before <= 3, graphs - before
     outs = [ok(o) for o in eng.generate(_mixed(req))]
     assert unique_graphs() == graphs and eng.info()["scheduling"]["recompiles"] == 0
     assert max(o.batch_size for o in outs) == 2  # the calls were shared (max_batch_size 2)
