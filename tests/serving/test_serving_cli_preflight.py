@@ -31,9 +31,10 @@ def _free_port() -> int:
 def env() -> dict[str, str]:
     # Serve states why a replica is pending once it has waited RAY_SERVE_SLOW_STARTUP_WARNING_S, checked every
     # RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S (30 s each by default); 1 s here, so the test waits for the message,
-    # not for Serve's default patience.
+    # not for Serve's default patience; `sdserve serve` asks Serve about pending replicas every second (10 s by
+    # default, serving/cli.py _pending_check_s).
     return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_SERVE_SLOW_STARTUP_WARNING_S": "1",
-            "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "1"}
+            "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "1", "SDSERVE_PENDING_CHECK_S": "1"}
 
 
 def test_gpu_config_on_cpu_fails_fast_naming_the_key():
