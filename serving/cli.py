@@ -95,6 +95,15 @@ def pending_messages(app_name: str) -> list[str]:
     return out
 
 
+def _pending_check_s() -> float:
+    """How often `sdserve serve` asks Serve about replicas still pending: 10 s, or SDSERVE_PENDING_CHECK_S (the
+    pending-replicas test sets 1 s: Serve states the reason after RAY_SERVE_SLOW_STARTUP_WARNING_S, and the test
+    then only waited for this poll)."""
+    import os
+
+    return float(os.environ.get("SDSERVE_PENDING_CHECK_S", "10"))
+
+
 def ray_connection_info(app_name: str) -> list[str]:
     """How other Ray code reaches this app, and where Ray exports the app's metrics (printed at start)."""
     import os
@@ -181,7 +190,8 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: interrupted.set())  # Ctrl-C while deploying: see _deploy
     serve.start(http_options={"host": args.host, "port": args.port})
     watcher = PendingWatcher(lambda: pending_messages(app),
-                             lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True)).start()
+                             lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True),
+                             every_s=_pending_check_s()).start()
     try:
         with StartupReporter(config):  # per-model replica states, load stages, warm-up and compile results
             _deploy(build_app(config), app, config.route_prefix, interrupted)

@@ -16,15 +16,6 @@ JOB = {"engine": {"name": "tiny-sd", "source": "embedded:tiny-sd", "device": "cp
        "defaults": {"steps": 1}, "batch_size": 4}
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(sdserve_cache_dir):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
 def prompts(tmp_path, n: int = 3) -> str:
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(n)], "prompt": [f"a fox {i}" for i in range(n)]}), path)

@@ -92,9 +92,10 @@ def test_sigterm_drains_in_flight_requests_and_requeues_jobs(tmp_path):
     proc = _start(config, port, tmp_path, "first")
     try:
         _wait_ready(url, proc, tmp_path, "first")
-        # 300 steps at 256x256 (~6 s on 2 free cores) outlast the ~1 s from here to the drain's requeue several
-        # times over; finished_at > restarted below fails loudly should a drained job ever have finished early.
-        job = httpx.post(f"{url}/v1/jobs", json={"prompt": "long job", "steps": 300, "seed": 4, "width": 256,
+        # 150 steps at 256x256 (~5 s on a busy 2-core box) outlast the ~1 s from here to the drain's requeue
+        # several times over, and are run again in full after the restart; finished_at > restarted below fails
+        # loudly should a drained job ever have finished early.
+        job = httpx.post(f"{url}/v1/jobs", json={"prompt": "long job", "steps": 150, "seed": 4, "width": 256,
                                                  "height": 256, "model": "tiny-b"}).json()["id"]
         deadline = time.time() + 120
         while not (rec := httpx.get(f"{url}/v1/jobs/{job}").json())["progress"] and time.time() < deadline:

@@ -30,10 +30,11 @@ def _free_port() -> int:
 
 def env() -> dict[str, str]:
     # Serve states why a replica is pending once it has waited RAY_SERVE_SLOW_STARTUP_WARNING_S, checked every
-    # RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S (30 s each by default); 3 s here, so the test waits for the message,
-    # not for Serve's default patience.
-    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_SERVE_SLOW_STARTUP_WARNING_S": "3",
-            "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "3"}
+    # RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S (30 s each by default); 1 s here, so the test waits for the message,
+    # not for Serve's default patience; `sdserve serve` asks Serve about pending replicas every second (10 s by
+    # default, serving/cli.py _pending_check_s).
+    return {**os.environ, "PYTHONPATH": str(ROOT), "RAY_SERVE_SLOW_STARTUP_WARNING_S": "1",
+            "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S": "1", "SDSERVE_PENDING_CHECK_S": "1"}
 
 
 def test_gpu_config_on_cpu_fails_fast_naming_the_key():
@@ -55,7 +56,7 @@ def test_pending_replicas_are_reported_and_ctrl_c_stops(tmp_path):
             deadline = time.time() + 240
             while "warning: model-" not in log.read_text():
                 assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-                time.sleep(2)
+                time.sleep(0.2)  # poll interval: the log line is the event
             warning = next(ln for ln in log.read_text().splitlines() if ln.startswith("warning: model-"))
             assert "GPU" in warning or "resources" in warning.lower(), warning
         finally:

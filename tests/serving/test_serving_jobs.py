@@ -151,8 +151,9 @@ def test_killed_model_replica_job_is_retried_to_success(client, ray_cluster):
     import ray
 
     max_retries = main_config()["jobs"]["max_retries"]
-    # 256² x 300 steps runs for seconds on CPU (the kill follows its first step), and its retry costs no more.
-    body = {"prompt": "survive", "steps": 300, "width": 256, "height": 256, "model": "tiny-b", "seed": 9}
+    # 256² x 150 steps runs for seconds on CPU (the kill follows its first step; attempts >= 2 below fails should
+    # it ever finish first), and its retry runs them all again.
+    body = {"prompt": "survive", "steps": 150, "width": 256, "height": 256, "model": "tiny-b", "seed": 9}
     j = client.post("/v1/jobs", json=body).json()["id"]
     wait_for(client, j, lambda r: r["status"] == "running" and r["progress"])
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
