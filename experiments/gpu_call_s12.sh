@@ -4,10 +4,10 @@
 # b1 latency beside eager (experiments/gpu_steps.sh steps).
 set -u
 S=experiments/gpu_steps.sh
-bash $S gputests-loop:60
-t=$(date +%s); bash $S load-sdxl-shapes-cg:330
+bash $S gputests-loop:50
+t=$(date +%s); bash $S load-sdxl-shapes-cg:290
 if ! ls "${OUT:-/tmp/out}"/load/*s12-cg.json >/dev/null 2>&1 && [ $(( $(date +%s) - t )) -lt 120 ]; then
-  bash $S load-sdxl-shapes-fair:300
+  bash $S load-sdxl-shapes-fair:260
 else
-  bash $S cg-sdxl:100
+  bash $S cg-sdxl:70
 fi
