@@ -35,9 +35,10 @@ def _config(tmp_path) -> str:
 
 
 def _start(config: str, port: int, tmp_path, name: str) -> subprocess.Popen:
+    # SDSERVE_CACHE_DIR: the session's (tests/conftest.py), where the embedded model is already written; the job
+    # records (SQLite) and results are in tmp_path/results (the config's result_store), this test's own.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    env["SDSERVE_CACHE_DIR"] = str(tmp_path / "cache")
     log = open(tmp_path / f"{name}.log", "w")
     # Its own session: the signal goes to the sdserve process alone, as `kill <pid>` / a container stop does.
     return subprocess.Popen([sys.executable, "-m", "sdserve", "serve", config, "--port", str(port)], env=env,
@@ -86,7 +87,7 @@ class InFlight(threading.Thread):
             self.sent.set()
 
 
-def test_sigterm_drains_in_flight_requests_and_requeues_jobs(tmp_path):
+def test_sigterm_drains_in_flight_requests_and_requeues_jobs(tmp_path, sdserve_cache_dir):
     config, port = _config(tmp_path), free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _start(config, port, tmp_path, "first")
