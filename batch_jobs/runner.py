@@ -179,8 +179,7 @@ def run_batch(input: str, output: str, config: str | BatchJobConfig | None = Non
               progress: bool = True, resource_check: bool = True) -> dict[str, Any]:
     """Run (or resume) a batch job and return its summary (also written to OUTPUT/summary.json).
 
-    Connects to a running Ray (RAY_ADDRESS, `address`, or an already initialized one) or starts a local one;
-    neither when every input row is already written (a rerun of a finished job: nothing to run).
+    Connects to a running Ray (RAY_ADDRESS, `address`, or an already initialized one) or starts a local one.
     Raises InputError/ValueError for an unusable prompt set or config, ModelLoadError for a model source that
     cannot load here, ResourceError for actors the cluster cannot place (unless resource_check=False), all
     before any GPU time is spent.
@@ -199,14 +198,6 @@ def run_batch(input: str, output: str, config: str | BatchJobConfig | None = Non
     _clean_temporaries(layout)
     input_ids = set(prompts.ids.to_pylist())
     done_before = committed_ids(output) & input_ids
-
-    if not input_ids - done_before:
-        # Every row is already written: nothing to place or run, so no Ray to start or join (a rerun of a
-        # finished job answers in about a second instead of a Ray start's several). The summary reports the
-        # job's resources as configured: no actor was fitted to a cluster.
-        write_empty_errors(layout, prompts.ids.type)
-        return _write_summary(input, output, layout, job, prompts.num_rows, input_ids, done_before, started,
-                              "complete", None)
 
     import os
 
@@ -230,8 +221,9 @@ def run_batch(input: str, output: str, config: str | BatchJobConfig | None = Non
         _warn_if_cpus_short(job, resuming=bool(committed_ids(output)))
         status, error = "complete", None
         try:
-            with PendingWatcher(lambda: pending_actor_messages(job), log.warning, every_s=30.0):
-                _execute(prompts, layout, ckpt, job, progress, input_ids - done_before)
+            if input_ids - done_before:  # all done already: do not load a model for nothing
+                with PendingWatcher(lambda: pending_actor_messages(job), log.warning, every_s=30.0):
+                    _execute(prompts, layout, ckpt, job, progress, input_ids - done_before)
         except BaseException as err:  # still report what was written; a rerun resumes
             status, error = "interrupted", f"{type(err).__name__}: {err}"
             _write_summary(input, output, layout, job, prompts.num_rows, input_ids, done_before, started, status,

@@ -144,26 +144,6 @@ def test_rerun_on_finished_output_skips_everything(first_run):
         run_batch(src, out, BatchJobConfig.model_validate({**JOB, "job_seed": 8}), progress=False)
 
 
-
-def test_rerun_on_finished_output_needs_no_ray(first_run, tmp_path):
-    """Nothing left to run: the CLI neither starts nor joins a Ray (here an address where none listens), and the
-    summary still accounts for every row."""
-    import json
-
-    import yaml
-
-    src, out, _ = first_run
-    cfg = tmp_path / "job.yaml"
-    cfg.write_text(yaml.safe_dump(JOB))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-m", "batch_jobs", src, out, "--config", str(cfg), "--address",
-                           "127.0.0.1:9", "--no-progress"], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(open(os.path.join(out, "summary.json")).read())
-    assert (summary["ok_rows"], summary["skipped_rows"], summary["total_ok_rows"]) == (0, 50, 40)
-    assert summary["status"] == "complete" and summary["missing_rows"] == 0
-
-
 def test_files_mode_with_file_uris_and_a_directory_input(ray_cluster, tmp_path):
     (tmp_path / "in").mkdir()
     rows = [{"id": f"f/{i}", "prompt": f"a fox {i}", "num_images": 2 if i == 0 else None} for i in range(6)]
