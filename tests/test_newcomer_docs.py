@@ -12,13 +12,14 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.free_ports import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -78,12 +79,6 @@ def test_readme_blocks_with_bare_programs_activate_first():
 def test_makefile_serves_the_default_config():
     assert serve_recipe() == [".venv/bin/sdserve", "serve", "configs/serve-default.yaml", "--host", "127.0.0.1",
                               "--port", "8000"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

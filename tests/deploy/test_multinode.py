@@ -32,6 +32,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.free_ports import free_ports as _free_ports
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,19 +43,6 @@ APP = "sdserve"
 MODEL = "tiny-sd"
 MODEL_DEPLOYMENT = f"model-{MODEL}"
 REQUEST = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class RayNode:

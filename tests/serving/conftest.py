@@ -10,21 +10,16 @@ folders without __init__.py), so other packages' tests can start their own Ray.
 """
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
+
+from tests.free_ports import free_port
 
 HERE = Path(__file__).parent
 KEYS = ["test-key-alpha", "test-key-beta"]
 STRICT_KEYS = ["strict-rl", "strict-bp", "strict-misc"]
 _cleanups: list = []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main_config() -> dict:

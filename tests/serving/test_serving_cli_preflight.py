@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.free_ports import free_port as _free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "serve-two-models-h100.yaml")
 pytestmark = pytest.mark.integration
@@ -18,14 +20,6 @@ pytestmark = pytest.mark.integration
 
 def sdserve(*args: str) -> list[str]:
     return [sys.executable, "-m", "sdserve", "serve", CONFIG, "--port", str(_free_port()), *args]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict[str, str]:
