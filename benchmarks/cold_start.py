@@ -55,12 +55,12 @@ def child(args) -> dict:
     from core.schemas import GenerationRequest
 
     w, h, steps = SIZES[args.family]
-    opt = {**BEST, "warmup_shapes": [(w, h, args.batch)], "batch_buckets": [args.batch],
+    opt = {**BEST, "compile": args.compile, "warmup_shapes": [(w, h, args.batch)], "batch_buckets": [args.batch],
            # none uploads (the first replica's job, inside its ready time); local and store only read or not at all
            "compile_artifacts": {"store": args.store, "read": args.phase == "store", "write": args.phase == "none"}}
     if args.eager:
         opt["compile"] = "none"
-    if args.device == "cpu":
+    if args.device == "cpu" and args.compile != "aoti":
         opt["compile"] = "none" if args.eager else "default"  # no CUDA graphs on CPU
     cfg = EngineConfig(name=args.family, source=args.folder, cache_dir=args.cache_dir, scheduler="euler",
                        dtype="fp16" if args.device != "cpu" else "fp32", device=args.device, optimization=opt,
@@ -98,7 +98,7 @@ def child(args) -> dict:
             "imports_s": round(t0 - t_proc, 2), "engine_load_s": info["load_s"], "load_times": info["load_times"],
             "warmup_s": info["warmup_s"], "warmup_times": info["warmup_times"],
             "compile_cache_hit": opts.get("compile_cache_hit"), "artifacts": opts.get("compile_artifacts"),
-            "artifacts_saved": opts.get("compile_artifacts_saved"), "counters": counters(),
+            "artifacts_saved": opts.get("compile_artifacts_saved"), "aoti": opts.get("aoti"), "counters": counters(),
             "latency_s": round(latency, 4), "ok": all(hasattr(o, "images") for o in out), "compile_times": phases,
             "load_profile": profile, "python_start_to_import_s": round(t_import - t_proc, 2)}
 
@@ -109,7 +109,7 @@ def run_child(args, phase: str, cache_dir: str) -> dict:
                TRITON_CACHE_DIR=os.path.join(cache_dir, "triton"))
     cmd = [sys.executable, "-m", "benchmarks.cold_start", "--child", "--phase", phase, "--family", args.family,
            "--folder", args.folder, "--cache-dir", cache_dir, "--store", args.store, "--batch", str(args.batch),
-           "--device", args.device] + (["--eager"] if args.eager else []) \
+           "--device", args.device, "--compile", args.compile] + (["--eager"] if args.eager else []) \
         + (["--profile-load"] if args.profile_load else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -129,6 +129,8 @@ def main(argv=None) -> int:
                    "WORKDIR/store)")
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated, in order: " + ", ".join(PHASES))
     p.add_argument("--eager", action="store_true", help="no compile (CPU smoke test of the harness)")
+    p.add_argument("--compile", default=BEST["compile"], choices=["reduce-overhead", "default", "cudagraphs", "aoti"],
+                   help="optimization.compile of the replica (aoti: AOTInductor packages, core/aoti_unet.py)")
     p.add_argument("--profile-load", action="store_true", help="cProfile the engine load (top 60, cumulative)")
     p.add_argument("--out", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
         p.error(f"unknown phases {sorted(unknown)}; valid: {', '.join(PHASES)}")
     workdir = args.workdir or tempfile.mkdtemp(prefix="sdserve-coldstart-")
     args.store = args.store or os.path.join(workdir, "store")
-    report = {"family": args.family, "batch": args.batch, "settings": BEST, "store": args.store,
+    report = {"family": args.family, "batch": args.batch, "settings": {**BEST, "compile": args.compile}, "store": args.store,
               "save_model_s": save_model(args.family, args.folder), "runs": []}
     node = os.path.join(workdir, "node-a")  # none and local share it; store gets a fresh one
     for phase in phases:
@@ -156,7 +158,8 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in report["runs"][-1].items() if k != "load_profile"}), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"cold-start-{args.family}{'' if args.batch == 1 else f'-b{args.batch}'}.json")
+        path = os.path.join(args.out, f"cold-start-{args.family}{'' if args.batch == 1 else f'-b{args.batch}'}"
+                            f"{'' if args.compile == BEST['compile'] else '-' + args.compile}.json")
         with open(path, "w") as fh:
             json.dump(report, fh, indent=1)
     return 0 if all("error" not in r for r in report["runs"]) else 1

@@ -12,6 +12,8 @@ Python versions, model identity (source, revision, family, dtype), the optimizat
 shapes and buckets. Flow (Engine._load): before warm-up `load` looks the key up (hit: artifacts loaded); after it
 `after_warmup` uploads on a miss (or when a hit still compiled some graphs). A store that is unreachable, slow past
 timeout_s or holds unusable bytes only costs a warning and a normal compile: never a failed replica.
+With `compile: aoti` the blob is instead a zip of the UNet's AOTInductor packages (core/aoti_unet.py), also kept
+unpacked in cache_dir/aoti/KEY/ (a restart on the same node opens them without reading the store).
 """
 from __future__ import annotations
 
@@ -110,13 +112,20 @@ def _bounded(fn, timeout_s: float):
 
 
 def load(engine) -> dict:
-    """Before warm-up: the key's artifacts into this process's compile caches. Returns what happened (key, store,
-    hit, bytes; error where the store failed): a failure is a warning and a miss."""
+    """Before warm-up: the key's artifacts into this process's compile caches (aoti: its packages opened).
+    Returns what happened (key, store, hit, bytes; error where the store failed): a failure is a warning and a
+    miss."""
     settings = engine.config.optimization.compile_artifacts
     fields = key_fields(engine)
     out = {"key": cache_key(engine, fields), "store": store_uri(engine.config), "hit": False}
     engine._compile_key = (out["key"], fields)
     engine._misses_before = counters().get("fxgraph_cache_miss", 0)
+    aoti = getattr(engine, "aoti", None)
+    if aoti is not None:
+        aoti.folder = os.path.join(engine.config.cache_dir, "aoti", out["key"])
+    if aoti is not None and aoti.open_folder():  # a restart on the node that built them: no store read
+        out.update(hit=True, local=True, packages=len(aoti.models))
+        return out
     if not settings.read:
         return out
     import torch
@@ -126,7 +135,9 @@ def load(engine) -> dict:
         if blob is None:
             log.info("compile artifacts: %s not in %s; warm-up compiles", out["key"], out["store"])
             return out
-        if torch.compiler.load_cache_artifacts(blob) is None:  # torch warns why (un-pickling failed)
+        if aoti is not None:
+            out["packages"] = aoti.unpack(blob)
+        elif torch.compiler.load_cache_artifacts(blob) is None:  # torch warns why (un-pickling failed)
             raise ValueError("torch could not read them (written by another torch?)")
     except Exception as err:  # noqa: BLE001 - any store or format problem: compile normally
         out["error"] = f"{type(err).__name__}: {err}"
@@ -147,10 +158,16 @@ def save(engine, force: bool = False) -> dict | None:
     import torch
 
     key, fields = getattr(engine, "_compile_key", None) or (cache_key(engine), key_fields(engine))
-    artifacts = torch.compiler.save_cache_artifacts()
-    if not artifacts:
-        return None
-    blob = artifacts[0]
+    aoti = getattr(engine, "aoti", None)
+    if aoti is not None:
+        if not aoti.models:
+            return None
+        blob = aoti.pack()
+    else:
+        artifacts = torch.compiler.save_cache_artifacts()
+        if not artifacts:
+            return None
+        blob = artifacts[0]
     uri = store_uri(engine.config)
     try:
         path = _bounded(lambda: ArtifactStore(uri).put(key, blob, fields), settings.timeout_s)
@@ -165,12 +182,22 @@ def after_warmup(engine) -> dict:
     """After warm-up: the compile counters, and an upload when the warm-up compiled anything (a miss, or a hit
     whose blob lacked some graphs: the new blob holds every graph this process used)."""
     result = {"compile_counters": counters()}
-    compiled = result["compile_counters"].get("fxgraph_cache_miss", 0) > getattr(engine, "_misses_before", 0)
-    if compiled or not engine.applied.get("compile_cache_hit"):
+    aoti = getattr(engine, "aoti", None)
+    if aoti is not None:
+        result["aoti"] = aoti.report()
+    if compiled_now(engine) or not engine.applied.get("compile_cache_hit"):
         saved = save(engine)
         if saved:
             result["compile_artifacts_saved"] = saved
     return result
+
+
+def compiled_now(engine) -> bool:
+    """Whether this process compiled anything since `load` (Inductor FX graph misses; aoti: packages built)."""
+    aoti = getattr(engine, "aoti", None)
+    if aoti is not None:
+        return aoti.built > 0
+    return counters().get("fxgraph_cache_miss", 0) > getattr(engine, "_misses_before", 0)
 
 
 def counters() -> dict:

@@ -96,11 +96,14 @@ class OptimizationConfig(Strict):
     vae_tiling: bool = Field(False, description="Decode the latent in tiles (large images, less VRAM).")
     attention_slicing: bool = Field(False, description="Compute attention in slices (less VRAM, slower).")
     compile: Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
-                     "cudagraphs"] = Field(
+                     "cudagraphs", "aoti"] = Field(
         "none", description="torch.compile mode for the UNet (and the VAE decoder when compile_vae). cudagraphs: "
         "torch.compile's cudagraphs backend, Dynamo capture replayed as CUDA graphs with eager kernels and no "
         "Inductor code generation: no per-launch host cost, warm-up in seconds instead of minutes, slower "
-        "kernels than reduce-overhead; the UNet only (compile_vae does not apply).")
+        "kernels than reduce-overhead; the UNet only (compile_vae does not apply). aoti: AOTInductor packages "
+        "of the UNet, one per warmed shape, opened at start with no Dynamo trace (core/aoti_unet.py): compiled "
+        "replicas ready in seconds from the artifact store; the UNet only, no CUDA graphs; not with loras, "
+        "step_cache, capture_step or fp8.")
     compile_vae: bool = Field(True, description="Also compile the VAE decoder when compile is not 'none'.")
     compile_artifacts: CompileArtifactsConfig = Field(
         default_factory=CompileArtifactsConfig, description="Where compiled code is shared between "
@@ -339,6 +342,21 @@ class EngineConfig(Strict):
             raise ValueError(f"defaults.height {d.height} exceeds limits.max_height {lim.max_height}")
         if d.steps and d.steps > lim.max_steps:
             raise ValueError(f"defaults.steps {d.steps} exceeds limits.max_steps {lim.max_steps}")
+        return self
+
+    @model_validator(mode="after")
+    def _aoti_scope(self) -> "EngineConfig":
+        # An AOTInductor package holds the UNet's graph as exported at warm-up: LoRA layers, step-cache hooks,
+        # the captured step and FP8 layers change that graph or run beside it, so they would be left out silently.
+        opt = self.optimization
+        if opt.compile != "aoti":
+            return self
+        clashes = [name for name, on in (("loras", self.loras is not None), ("optimization.step_cache",
+                   opt.step_cache is not None), ("optimization.capture_step", opt.capture_step),
+                   ("optimization.fp8", bool(opt.fp8))) if on]
+        if clashes:
+            raise ValueError(f"optimization.compile 'aoti' does not combine with {', '.join(clashes)} (use "
+                             "compile: reduce-overhead for them)")
         return self
 
     @model_validator(mode="after")

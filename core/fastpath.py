@@ -40,6 +40,11 @@ def install_fastpath(engine) -> dict:
         applied["lora_slots"] = engine.config.loras.gpu_slots
     applied.update(apply_compile(engine.pipe, opt, engine.level, engine.config.cache_dir))
     engine.compiled = "compile" in applied
+    engine.aoti = None
+    if applied.get("compile") == "aoti":  # its folder is set by core/compile_cache.load (named by the key)
+        from core import aoti_unet
+
+        engine.aoti = aoti_unet.install(engine)
     if not engine.compiled:
         from core.optimizations import presign_attention_processors
 

@@ -181,6 +181,8 @@ def apply_compile(pipe, opt: OptimizationConfig, level: MemoryLevel, cache_dir: 
     torch._inductor.config.conv_1x1_as_mm = True
     torch._inductor.config.epilogue_fusion = False
     applied = {"compile": opt.compile}
+    if opt.compile == "aoti":  # packages built at warm-up by core/aoti_unet.py (installed by core/fastpath.py)
+        return applied
     # dynamic=False: one static graph per batch bucket. Automatic dynamic shapes would turn the second bucket
     # into a batch-symbolic graph: slower kernels, and cache keys that vary with warm-up order.
     # The cudagraphs backend runs eager kernels, so symbolic shapes cost it nothing: automatic dynamic shapes

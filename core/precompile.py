@@ -29,7 +29,7 @@ def precompile(config: EngineConfig, force: bool = False) -> dict:
     out = {"model": config.name, "key": loaded.get("key"), "store": loaded.get("store"),
            "hit": bool(loaded.get("hit")), "seconds": round(time.perf_counter() - t0, 1),
            "counters": engine.applied.get("compile_counters")}
-    compiled = (out["counters"] or {}).get("fxgraph_cache_miss", 0) > 0
+    compiled = compile_cache.compiled_now(engine)
     if out["hit"] and not compiled:
         out["bytes"] = loaded.get("bytes")
         out["path"] = None  # already complete in the store: nothing written

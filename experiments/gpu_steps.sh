@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE=1 SDSERVE_CACHE_DIR=${SDSERVE_CACHE_DIR:-/tmp/sdserve-cach
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 step() {
   case "$1" in
-    gputests-loop) python3 -m pytest -q -rA -m gpu tests/core/test_device_copy.py tests/core/test_step_scheduler_gpu.py tests/core/test_call_timer.py tests/core/test_compile_cudagraphs.py -p no:cacheprovider -o addopts="" ;;
+    gputests-loop) python3 -m pytest -q -rA -m gpu tests/core/test_device_copy.py tests/core/test_step_scheduler_gpu.py tests/core/test_call_timer.py tests/core/test_compile_cudagraphs.py tests/core/test_compile_aoti.py -p no:cacheprovider -o addopts="" ;;
     gputests) python3 -m pytest -q -rA -m gpu tests/core -p no:cacheprovider -o addopts="" ;;
     lora-sd15) python3 -m benchmarks.lora_bench --model sd15 --steps 30 --rank 32 --rounds 2 --compile reduce-overhead -o "$OUT/lora-sd15.json" ;;
     lora-sd15-eager) python3 -m benchmarks.lora_bench --model sd15 --steps 30 --rank 32 --rounds 3 -o "$OUT/lora-sd15-eager.json" ;;
@@ -16,6 +16,9 @@ step() {
     lora-sdxl) python3 -m benchmarks.lora_bench --model sdxl --steps 30 --rank 32 --rounds 2 -o "$OUT/lora-sdxl-eager.json" ;;
     lora-sdxl-compiled) python3 -m benchmarks.lora_bench --model sdxl --steps 30 --rank 32 --compile reduce-overhead -o "$OUT/lora-sdxl.json" ;;
     cold-sdxl) python3 -m benchmarks.cold_start --family sdxl --out "$OUT/cold" ;;
+    cold-sdxl-aoti) python3 -m benchmarks.cold_start --family sdxl --compile aoti --out "$OUT/cold" ;;
+    cold-sd15-aoti) python3 -m benchmarks.cold_start --family sd15 --compile aoti --out "$OUT/cold" ;;
+    aoti-b1) python3 -m benchmarks.gpu_bench --workloads sd15-512-50,sdxl-1024-30 --batches 1 --variants diffusers-compile,sdserve --extra-sdserve '{"sdserve-aoti": {"compile": "aoti"}}' --repeats 3 --no-flops --out "$OUT/aoti-b1" ;;
     cold-sd15) python3 -m benchmarks.cold_start --family sd15 --out "$OUT/cold" ;;
     presets-sdxl) python3 -m benchmarks.preset_quality --workload sdxl-1024-30 --presets fast --cache-dir /tmp/pq-cache --out "$OUT/presets" ;;
     presets-sd15) python3 -m benchmarks.preset_quality --workload sd15-512-50 --presets fast,fastest --cache-dir /tmp/pq-cache --out "$OUT/presets" ;;
