@@ -385,7 +385,8 @@ class Engine:
                 "load_s": round(self.load_s, 3), "warmup_s": round(self.warmup_s, 3), "load_times": self.load_times,
                 "warmup_times": self.warmup_times, "scheduling": self.scheduling_stats(),
                 "caches": self.caches.stats(), "controlnets": self.list_controlnets(),
-                "loras": self.lora.stats() if self.lora is not None else None}
+                "loras": self.lora.stats() if self.lora is not None else None,
+                "aoti": self.aoti.report() if getattr(self, "aoti", None) is not None else None}
 
     def list_controlnets(self) -> list[dict]:
         """The ControlNets this model serves (GET /v1/controlnets): [{name, family, source}]; family is the

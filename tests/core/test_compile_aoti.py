@@ -69,6 +69,7 @@ def test_a_shape_not_warmed_runs_eagerly_while_serving(built, engine, req, ok, d
     eager_calls, packages = built.aoti.eager_calls, len(built.aoti.models)
     out = ok(built.generate([r])[0])
     assert built.aoti.eager_calls == eager_calls + r.steps and len(built.aoti.models) == packages  # nothing built
+    assert built.info()["aoti"]["eager_calls"] == built.aoti.eager_calls  # reported live (Engine.info, the deployment info())
     diff = np.abs(decode(out.images[0].data) - decode(ok(engine.generate([r])[0]).images[0].data))
     assert diff.max() <= 2, diff.max()
 
