@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import time
 import zipfile
 from collections.abc import Callable
 
@@ -87,6 +88,8 @@ class AotiUNet:
         self.built = 0  # packages compiled by this process
         self.eager_calls = 0  # plain calls of shapes without a package while serving
         self.package_calls = 0
+        self.open_times: dict[str, float] = {}  # seconds spent opening packages, by part
+        self.build_times: dict[str, float] = {}  # seconds spent building them: torch.export, AOTInductor
         unet.forward = self  # instance attribute: nn.Module.__call__ runs it instead of the class's forward
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, **kwargs):
@@ -115,8 +118,10 @@ class AotiUNet:
     def _build(self, name: str, shape: str, sample, timestep, hidden, added) -> None:
         import torch
 
+        t0 = time.perf_counter()
         args = (sample, timestep.to(torch.float32), hidden, added)
         program = torch.export.export(self.module, args, strict=False)
+        t1 = time.perf_counter()
         os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, name)
         tmp = os.path.join(self.folder, f"tmp-{os.getpid()}-{name}")  # (torch wants the .pt2 ending)
@@ -124,14 +129,20 @@ class AotiUNet:
                                                  inductor_configs={"aot_inductor.package_constants_in_so": False})
         os.replace(tmp, path)  # whole or absent: a concurrent reader never opens half a package
         self.built += 1
+        for key, seconds in (("export_s", t1 - t0), ("compile_s", time.perf_counter() - t1)):
+            self.build_times[key] = round(self.build_times.get(key, 0.0) + seconds, 3)
         self._open(name, shape)
         self._write_index()
         log.info("aoti: built %s for %s", name, shape)
 
     def _open(self, name: str, shape: str) -> None:
+        t0 = time.perf_counter()
         import torch
+        import torch._inductor.package  # (its first import is seconds: timed apart from the package's open)
 
+        t1 = time.perf_counter()
         model = torch._inductor.aoti_load_package(os.path.join(self.folder, name))
+        t2 = time.perf_counter()
         tensors = dict(self.module.named_parameters())
         tensors.update(self.module.named_buffers())
         fqns = model.get_constant_fqns()
@@ -140,6 +151,10 @@ class AotiUNet:
             raise RuntimeError(f"aoti package {name} needs constants the UNet does not hold: {missing[:5]}")
         model.load_constants({f: tensors[f] for f in fqns}, check_full_update=True, user_managed=True)
         self.models[name], self.shapes[name] = model, shape
+        # where a start's seconds go (the first SDXL run on an H100 spent 39 s opening one package)
+        for key, seconds in (("import_s", t1 - t0), ("load_package_s", t2 - t1),
+                             ("load_constants_s", time.perf_counter() - t2)):
+            self.open_times[key] = round(self.open_times.get(key, 0.0) + seconds, 3)
 
     def _write_index(self) -> None:
         tmp = os.path.join(self.folder, f"{INDEX}.tmp-{os.getpid()}")
@@ -189,7 +204,8 @@ class AotiUNet:
 
     def report(self) -> dict:
         return {"packages": len(self.models), "built": self.built, "package_calls": self.package_calls,
-                "eager_calls": self.eager_calls}
+                "eager_calls": self.eager_calls, "open_times": self.open_times,
+                "build_times": self.build_times}
 
 
 def install(engine) -> AotiUNet:

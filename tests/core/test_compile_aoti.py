@@ -39,6 +39,7 @@ def _requests(req):
 def test_warm_up_builds_a_package_whose_images_match_eager(built, engine, req, ok, decode):
     assert built.compiled and built.applied["compile"] == "aoti"
     assert built.applied["aoti"]["built"] == 1 and built.applied["compile_artifacts_saved"]["bytes"] > 0
+    assert set(built.applied["aoti"]["build_times"]) == {"export_s", "compile_s"}
     calls = built.aoti.package_calls
     outs = [ok(o) for o in built.generate(_requests(req))]
     assert built.aoti.package_calls > calls and built.aoti.eager_calls == 0  # the package ran every step
@@ -61,6 +62,7 @@ def test_a_fresh_node_opens_the_store_packages_without_building(built, aoti_conf
 
     restarted = Engine(aoti_config).load()  # the same node again: the unpacked folder, no store read
     assert restarted.applied["compile_artifacts"].get("local") and restarted.aoti.built == 0
+    assert set(restarted.aoti.report()["open_times"]) == {"import_s", "load_package_s", "load_constants_s"}
     assert [ok(o).images[0].data for o in restarted.generate(_requests(req))] == expected
 
 
