@@ -56,6 +56,7 @@ def test_admitting_requests_does_not_wait_for_the_gpu(sdserve_cache_dir, model):
         job = Job(request=req)
         job.samples = samples_of(job)
         jobs.append(job)
+    eng.scheduler._busy_start()  # what the step loop does before its first admission (the scheduler's device)
     busy = torch.randn(4096, 4096, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
