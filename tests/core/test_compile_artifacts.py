@@ -130,7 +130,7 @@ def test_a_fresh_process_starts_from_the_stores_artifacts_without_compiling(tmp_
 
     # `sdserve precompile` with the same config on the node that compiled (its Inductor dir), while the second
     # process starts: the key is in the store, nothing is compiled or written (asserted below). It runs beside the
-    # second start (that one mostly waits for the C++ compiler) instead of after it: neither writes the store.
+    # second start instead of after it (each one mostly imports torch and loads the model): neither writes the store.
     log = open(tmp_path / "precompile.log", "w+")
     cli = subprocess.Popen([sys.executable, "-m", "sdserve", "precompile", _config(tmp_path, store, "c")], cwd=ROOT,
                            env=_env(tmp_path, "a"), stdout=log, stderr=subprocess.STDOUT, text=True)
