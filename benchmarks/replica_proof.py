@@ -159,12 +159,17 @@ def run_proof(config, *, requests: int = 160, concurrency: int = 16, duration_s:
     finally:
         if logs_dir:
             copy_serve_logs(logs_dir)
-        if started_serve:
+        if started_ray:
+            # Our own Ray: ray.shutdown() ends Serve and every replica with it. The load is over (nothing in
+            # flight), so a graceful serve.shutdown() first would only wait out the replicas' shutdown loops.
+            ray.shutdown()
+            from ray.serve.context import _set_global_client
+
+            _set_global_client(None)  # the dead cluster's Serve client must not outlive it in this process
+        elif started_serve:
             serve.shutdown()
         elif ray.is_initialized():
             serve.delete(config.app_name)
-        if started_ray:
-            ray.shutdown()
     return report
 
 

@@ -96,10 +96,16 @@ def test_console_script_matches_in_process(tmp_path):
     if exe is None:
         pytest.skip("sdserve console script not installed")
     sub = tmp_path / "sub.png"
-    proc = subprocess.run([exe, "generate", "a fox in the snow", "-o", str(sub), "--seed", "13", *FAST],
-                          capture_output=True, text=True, timeout=300, env=os.environ.copy())
-    assert proc.returncode == 0, proc.stderr
-    rc, here = generate(tmp_path, "--seed", "13", name="here.png")
+    # the console script runs while the in-process one generates (it mostly imports torch meanwhile)
+    proc = subprocess.Popen([exe, "generate", "a fox in the snow", "-o", str(sub), "--seed", "13", *FAST],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    try:
+        rc, here = generate(tmp_path, "--seed", "13", name="here.png")
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
     assert rc == 0 and sub.read_bytes() == here.read_bytes()
     with Image.open(io.BytesIO(sub.read_bytes())) as img:
         assert img.size == (64, 64)

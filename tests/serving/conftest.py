@@ -5,6 +5,10 @@ Ray gets 3 logical GPUs (no CUDA: Ray only assigns ids and sets CUDA_VISIBLE_DEV
   tiny ControlNet ("tiny-pose"). Together they fill one logical GPU.
 - "strict" at /strict: one model with a 1-deep queue, a rate limit, a small body limit and a blocklist.
 
+A module's own app is deleted with serve.delete(name, _blocking=False) when the module ends: Serve removes its
+app and stops its replicas in the background (each one's graceful shutdown waits at least one 2 s wait
+loop) while the next module runs; waiting for that cost every such module ~3 s and no test reads it.
+
 Ray is shut down as soon as the last test of this directory ran (pytest has no per-directory scope for
 folders without __init__.py), so other packages' tests can start their own Ray.
 """

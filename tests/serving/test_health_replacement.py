@@ -79,7 +79,7 @@ def fault_app(serve_url):
     import ray
 
     if ray.is_initialized():  # conftest may already have stopped Ray when this is the directory's last test
-        serve.delete(APP)
+        serve.delete(APP, _blocking=False)  # (not waiting for the replicas to stop: conftest.py)
 
 
 def generate(url: str, prompt: str, seed: int) -> httpx.Response:

@@ -64,7 +64,7 @@ def contract_url(serve_url):
               route_prefix="/contract")
     yield f"{serve_url}/contract"
     try:
-        serve.delete("contract")
+        serve.delete("contract", _blocking=False)  # (not waiting for the replicas to stop: conftest.py)
     except Exception:  # noqa: BLE001 - the directory's last test may already have shut Serve down
         pass
 

@@ -29,7 +29,7 @@ def handle(serve_url):
     serve.run(build_app(ServingConfig.model_validate(cfg)), name="continuous", route_prefix="/continuous")
     yield serve.get_deployment_handle("model-tiny-sd", app_name="continuous")
     try:
-        serve.delete("continuous")
+        serve.delete("continuous", _blocking=False)  # (not waiting for the replicas to stop: conftest.py)
     except Exception:  # noqa: BLE001 - Serve is already down when this was the directory's last test
         pass
 

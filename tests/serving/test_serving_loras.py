@@ -34,7 +34,8 @@ def lora_app(serve_url, tmp_path_factory):
                           "deployment": {"num_replicas": 2, "num_gpus": 1, "num_cpus": 0.25}}]}
     serve.run(build_app(ServingConfig.model_validate(config)), name="loras", route_prefix="/loras")
     yield serve_url + "/loras"
-    serve.delete("loras")  # its two GPUs go back to the shared cluster for the modules after this one
+    # its two GPUs go back to the shared cluster for the modules after this one (not waiting: conftest.py)
+    serve.delete("loras", _blocking=False)
 
 
 def replica_reports(handle, tries: int = 40) -> dict[str, dict]:

@@ -38,7 +38,7 @@ def test_reports_while_serve_run_waits(serve_url):
         with StartupReporter(config, out=lines.append, poll_s=0.2):
             serve.run(build_app(config), name="startup", route_prefix="/startup")
     finally:
-        serve.delete("startup")
+        serve.delete("startup", _blocking=False)  # (not waiting for the replicas to stop: conftest.py)
     states = [line for line in lines if line.startswith("model tiny-start: ")]
     assert states and not states[0].startswith("model tiny-start: healthy"), lines  # seen while starting
     assert states[-1].startswith("model tiny-start: healthy, 1/1 replicas running"), lines
