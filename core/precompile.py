@@ -30,7 +30,8 @@ def precompile(config: EngineConfig, force: bool = False) -> dict:
            "hit": bool(loaded.get("hit")), "seconds": round(time.perf_counter() - t0, 1),
            "counters": engine.applied.get("compile_counters")}
     compiled = compile_cache.compiled_now(engine)
-    if out["hit"] and not compiled:
+    # a local hit (aoti packages already on this node) says nothing about the store: write them there
+    if out["hit"] and not compiled and not loaded.get("local"):
         out["bytes"] = loaded.get("bytes")
         out["path"] = None  # already complete in the store: nothing written
         return out

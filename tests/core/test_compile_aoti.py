@@ -66,6 +66,18 @@ def test_a_fresh_node_opens_the_store_packages_without_building(built, aoti_conf
     assert [ok(o).images[0].data for o in restarted.generate(_requests(req))] == expected
 
 
+def test_precompile_writes_the_packages_this_node_holds_to_an_empty_store(built, aoti_config, tmp_path):
+    from core.precompile import precompile
+
+    store = tmp_path / "other-store"
+    artifacts = aoti_config.optimization.compile_artifacts.model_copy(update={"store": str(store)})
+    config = aoti_config.model_copy(update={"optimization": aoti_config.optimization.model_copy(
+        update={"compile_artifacts": artifacts})})
+    out = precompile(config)  # the packages are in this node's folder (opened, not built): still written
+    assert out["hit"] and out["bytes"] > 0 and out["path"].startswith(str(store)), out
+    assert (store / (out["key"] + ".bin")).stat().st_size == out["bytes"]
+
+
 def test_a_shape_not_warmed_runs_eagerly_while_serving(built, engine, req, ok, decode):
     r = req(seed=23, width=96, height=64)
     eager_calls, packages = built.aoti.eager_calls, len(built.aoti.models)
