@@ -41,39 +41,48 @@ def plain_call(kwargs: dict) -> bool:
                for k, v in kwargs.items() if k not in PACKAGED_KWARGS)
 
 
-def call_shape(sample, timestep, hidden, added) -> str | None:
-    """The call's shape key (what a package is specialised to), or None when the call cannot use a package."""
+def call_shape(sample, timestep, hidden, added) -> tuple | None:
+    """The call's shape key (what a package is specialised to: a hashable tuple of (input, shape, dtype)), or None
+    when the call cannot use a package. Computed on every UNet call: plain tuples, no hashing or JSON."""
     import torch
 
     if not (torch.is_tensor(timestep) and timestep.ndim == 1 and timestep.shape[0] == sample.shape[0]):
         return None
     if hidden is None or (added is not None and not all(torch.is_tensor(v) for v in added.values())):
         return None
-    parts = [("sample", list(sample.shape), str(sample.dtype)), ("hidden", list(hidden.shape), str(hidden.dtype))]
-    parts += [(k, list(v.shape), str(v.dtype)) for k, v in sorted((added or {}).items())]
-    return json.dumps(parts)
+    parts = [("sample", tuple(sample.shape), str(sample.dtype)), ("hidden", tuple(hidden.shape), str(hidden.dtype))]
+    parts += [(k, tuple(v.shape), str(v.dtype)) for k, v in sorted((added or {}).items())]
+    return tuple(parts)
 
 
-def package_name(shape: str) -> str:
-    return "unet-" + hashlib.sha256(shape.encode()).hexdigest()[:16] + ".pt2"
+def shape_from_json(text: str) -> tuple:
+    """A shape key back from the index's JSON (lists -> tuples)."""
+    return tuple((name, tuple(dims), dtype) for name, dims, dtype in json.loads(text))
 
 
-class _PlainCall:
+def package_name(shape: tuple) -> str:
+    return "unet-" + hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16] + ".pt2"
+
+
+def _plain_call_module(unet):
     """The UNet's original forward as a module for torch.export (the installed dispatcher is bypassed)."""
+    import torch
 
-    def __new__(cls, unet):
-        import torch
+    class PlainCall(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
 
-        class PlainCall(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.unet = unet
+        def forward(self, sample, timestep, hidden, added):
+            return type(self.unet).forward(self.unet, sample, timestep, encoder_hidden_states=hidden,
+                                           added_cond_kwargs=added, return_dict=False)[0]
 
-            def forward(self, sample, timestep, hidden, added):
-                return type(self.unet).forward(self.unet, sample, timestep, encoder_hidden_states=hidden,
-                                               added_cond_kwargs=added, return_dict=False)[0]
+    return PlainCall().eval()
 
-        return PlainCall().eval()
+
+def _add_seconds(totals: dict[str, float], parts) -> None:
+    for key, seconds in parts:
+        totals[key] = round(totals.get(key, 0.0) + seconds, 3)
 
 
 class AotiUNet:
@@ -82,9 +91,9 @@ class AotiUNet:
 
     def __init__(self, unet, folder: str | None, warming: Callable[[], bool]):
         self.unet, self.folder, self.warming = unet, folder, warming
-        self.module = _PlainCall(unet)
-        self.models: dict[str, object] = {}  # package name -> loaded AOTICompiledModel
-        self.shapes: dict[str, str] = {}  # package name -> shape key
+        self.module = _plain_call_module(unet)
+        self.models: dict[tuple, object] = {}  # shape key -> loaded AOTICompiledModel
+        self.names: dict[tuple, str] = {}  # shape key -> its package file
         self.built = 0  # packages compiled by this process
         self.eager_calls = 0  # plain calls of shapes without a package while serving
         self.package_calls = 0
@@ -97,27 +106,27 @@ class AotiUNet:
 
         shape = call_shape(sample, timestep, encoder_hidden_states, kwargs.get("added_cond_kwargs")) \
             if plain_call(kwargs) and not torch.is_grad_enabled() else None
-        name = package_name(shape) if shape else None
-        if name and name not in self.models:
+        if shape is not None and shape not in self.models:
             if self.warming():
-                self._build(name, shape, sample, timestep, encoder_hidden_states, kwargs.get("added_cond_kwargs"))
+                self._build(shape, sample, timestep, encoder_hidden_states, kwargs.get("added_cond_kwargs"))
             else:
                 self.eager_calls += 1
-                name = None
-        if name is None:
+                shape = None
+        if shape is None:
             return type(self.unet).forward(self.unet, sample, timestep, encoder_hidden_states, **kwargs)
         self.package_calls += 1
-        out = self.models[name](sample, timestep.to(torch.float32), encoder_hidden_states,
-                                kwargs.get("added_cond_kwargs"))
+        out = self.models[shape](sample, timestep.to(torch.float32), encoder_hidden_states,
+                                 kwargs.get("added_cond_kwargs"))
         if kwargs.get("return_dict", True):
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
             return UNet2DConditionOutput(sample=out)
         return (out,)
 
-    def _build(self, name: str, shape: str, sample, timestep, hidden, added) -> None:
+    def _build(self, shape: tuple, sample, timestep, hidden, added) -> None:
         import torch
 
+        name = package_name(shape)
         t0 = time.perf_counter()
         args = (sample, timestep.to(torch.float32), hidden, added)
         program = torch.export.export(self.module, args, strict=False)
@@ -129,13 +138,12 @@ class AotiUNet:
                                                  inductor_configs={"aot_inductor.package_constants_in_so": False})
         os.replace(tmp, path)  # whole or absent: a concurrent reader never opens half a package
         self.built += 1
-        for key, seconds in (("export_s", t1 - t0), ("compile_s", time.perf_counter() - t1)):
-            self.build_times[key] = round(self.build_times.get(key, 0.0) + seconds, 3)
+        _add_seconds(self.build_times, (("export_s", t1 - t0), ("compile_s", time.perf_counter() - t1)))
         self._open(name, shape)
         self._write_index()
         log.info("aoti: built %s for %s", name, shape)
 
-    def _open(self, name: str, shape: str) -> None:
+    def _open(self, name: str, shape: tuple) -> None:
         t0 = time.perf_counter()
         import torch
         import torch._inductor.package  # (its first import is seconds: timed apart from the package's open)
@@ -150,16 +158,15 @@ class AotiUNet:
         if missing:  # a constant the trace created (not a weight): the package cannot run without its own copy
             raise RuntimeError(f"aoti package {name} needs constants the UNet does not hold: {missing[:5]}")
         model.load_constants({f: tensors[f] for f in fqns}, check_full_update=True, user_managed=True)
-        self.models[name], self.shapes[name] = model, shape
+        self.models[shape], self.names[shape] = model, name
         # where a start's seconds go (the first SDXL run on an H100 spent 39 s opening one package)
-        for key, seconds in (("import_s", t1 - t0), ("load_package_s", t2 - t1),
-                             ("load_constants_s", time.perf_counter() - t2)):
-            self.open_times[key] = round(self.open_times.get(key, 0.0) + seconds, 3)
+        _add_seconds(self.open_times, (("import_s", t1 - t0), ("load_package_s", t2 - t1),
+                                       ("load_constants_s", time.perf_counter() - t2)))
 
     def _write_index(self) -> None:
         tmp = os.path.join(self.folder, f"{INDEX}.tmp-{os.getpid()}")
         with open(tmp, "w") as f:
-            json.dump(self.shapes, f, indent=1, sort_keys=True)
+            json.dump({name: json.dumps(shape) for shape, name in self.names.items()}, f, indent=1, sort_keys=True)
         os.replace(tmp, os.path.join(self.folder, INDEX))
 
     def open_folder(self) -> int:
@@ -170,11 +177,11 @@ class AotiUNet:
                 index = json.load(f)
         except (OSError, ValueError):
             return 0
-        for name, shape in index.items():
-            if name in self.models:
-                continue
+        for name, text in index.items():
             try:
-                self._open(name, shape)
+                shape = shape_from_json(text)
+                if shape not in self.models:
+                    self._open(name, shape)
             except Exception as err:  # noqa: BLE001 - a stale or foreign package: rebuilt at warm-up
                 log.warning("aoti: package %s unusable (%s: %s); built again at warm-up", name, type(err).__name__,
                             err)
@@ -184,7 +191,7 @@ class AotiUNet:
         """Every package and the index as one zip (stored, not deflated: the libraries barely shrink)."""
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-            for name in [*sorted(self.shapes), INDEX]:
+            for name in [*sorted(self.names.values()), INDEX]:
                 z.write(os.path.join(self.folder, name), name)
         return buf.getvalue()
 

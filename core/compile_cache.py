@@ -123,9 +123,9 @@ def load(engine) -> dict:
     aoti = getattr(engine, "aoti", None)
     if aoti is not None:
         aoti.folder = os.path.join(engine.config.cache_dir, "aoti", out["key"])
-    if aoti is not None and aoti.open_folder():  # a restart on the node that built them: no store read
-        out.update(hit=True, local=True, packages=len(aoti.models))
-        return out
+        if aoti.open_folder():  # a restart on the node that built them: no store read
+            out.update(hit=True, local=True, packages=len(aoti.models))
+            return out
     if not settings.read:
         return out
     import torch

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.serving.conftest import free_port
+from tests.free_ports import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ import pytest
 from benchmarks.replica_load import classify, request_plan, size_menu
 from benchmarks.replica_proof import verdict
 from serving.config import load_serving_config
-from tests.serving.conftest import free_port
+from tests.free_ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "serve-four-replicas-tiny.yaml"
